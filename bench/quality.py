@@ -43,6 +43,15 @@ VARIANTS = {
     "wide": ("depth 3, width 192, 3 heads (2.1M params) instead of depth 2 / 128",
              dict(tiny=dict(depth=3, n_embd=192, n_head=3))),
     "v4096": ("vocabulary 4096 instead of 2048", dict(tiny=dict(vocab_size=4096))),
+    "textfirst": ("answers written option first, 'The correct answer is <option> (B).', scored by choice",
+                  dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64)),
+    "textfirst_h4": ("as textfirst, 4 heads of 32 instead of 2 of 64",
+                     dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64, tiny=dict(n_head=4))),
+    "textfirst_d3": ("as textfirst, depth 3 with 4 heads (1.1M params)",
+                     dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64,
+                          tiny=dict(depth=3, n_head=4))),
+    "d3": ("depth 3 with 4 heads (1.1M params), answers letter first", dict(tiny=dict(depth=3, n_head=4))),
+    "steps3000": ("3,000 fine-tuning steps instead of 2,200", dict(train=dict(num_iterations=3000))),
 }
 
 
@@ -80,9 +89,11 @@ def run_one(name, args):
         "minutes": round((summary["timings"]["total_s"] + (base_s if summary["base_reused"] else 0)) / 60, 1),
         "sft_steps": summary["finetune"]["steps_done"], "sft_status": summary["finetune"]["status"],
         "train_conversations": summary["finetune"]["train_conversations"],
-        "count": val["count"], "letter_acc": val["letter_acc"], "generated_acc": val["generated_acc"],
+        "count": val["count"], "scoring": val["scoring"], "accuracy": val["accuracy"],
+        "letter_acc": val.get("letter_acc"), "generated_acc": val["generated_acc"],
         "agreement": val["agreement"], "invalid": val["invalid"], "choice_acc": val.get("choice_acc"),
         "choice_generated_agreement": val.get("choice_generated_agreement"), "threads": args.threads,
+        "names_an_option": val.get("names_an_option"), "letter_matches_text": val.get("letter_matches_text"),
         "timings": summary["timings"],
     }
     with open(Path(args.out_dir) / "study.jsonl", "a", encoding="utf-8") as f:
@@ -94,17 +105,27 @@ def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def _binding(row):
+    named = row.get("names_an_option")
+    if not named:
+        return "n/a"
+    return f"{100 * row['letter_matches_text'] / named:.1f} (of {named})"
+
+
 def markdown_table(rows):
-    lines = ["| variant | what changed | params | minutes | SFT steps | val letter acc % | val generated acc % | "
-             "agreement % | invalid % | val choice acc % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | what changed | params | minutes | SFT steps | val letter acc % | val choice acc % | "
+             "val generated acc % | agreement % | invalid % | letter matches named text % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['what']} | {r['params']:,} | {r['minutes']} | {r['sft_steps']} | "
-                     f"{_pct(r['letter_acc'])} | {_pct(r['generated_acc'])} | {_pct(r['agreement'])} | "
-                     f"{_pct(r['invalid'])} | {_pct(r.get('choice_acc'))} |")
+                     f"{_pct(r.get('letter_acc'))} | {_pct(r.get('choice_acc'))} | {_pct(r['generated_acc'])} | "
+                     f"{_pct(r['agreement'])} | {_pct(r['invalid'])} | {_binding(r)} |")
     count = rows[0]["count"] if rows else 0
-    lines.append(f"\n(val selection subset: {count} questions, seed 42; chance on them is about 40%. agreement = "
-                 f"greedy reply vs letter scoring; choice acc = --scoring choice, each option's whole answer line)")
+    lines.append(f"\n(val selection subset: {count} questions, seed 42; chance on them is about 40%. letter acc = "
+                 f"letter scoring (letter_first answers only); choice acc = each option's whole answer line scored; "
+                 f"agreement = greedy reply vs the variant's own scoring (letter for letter_first, choice for "
+                 f"text_first); letter matches named text = text_first replies that name an option's text and "
+                 f"give that option's own letter)")
     return "\n".join(lines)
 
 

@@ -16,13 +16,19 @@ Two ways to read a model's answer:
    Deterministic, and never an unparseable answer.
 
    --scoring choice reads the whole answer line instead: each option is scored by the
-   summed log-probability of " <L>. <option text>" after the prefix (the line training
-   teaches), so a model that knows the answer's text but not yet its letter still gets
-   credit. Letter scoring stays the headline; choice scoring is reported as such.
+   summed log-probability of its answer line after the prefix, exactly as training writes
+   it (" <L>. <option text>", or " <option text> (<L>)." in the text_first answer format),
+   so a model that knows the answer's text but not yet its letter still gets credit.
+
+   The answer format (sciassist.scienceqa.answer_line) decides the default: letter scoring
+   for letter_first data (the default format), choice scoring for text_first data, where
+   the letter only comes after the option text and letter scoring cannot apply. With
+   --answer_format auto it is read from the evaluated file's reference answers.
 
 2. Generated answers. Greedy decoding with the KV-cache engine, then a strict parse of
-   "The correct answer is X" (see parse_answer). An answer that does not parse counts as
-   wrong and is reported as invalid; the agreement with letter scoring is reported too.
+   "The correct answer is X" (text_first: "The correct answer is <option> (X)", the text
+   being that option's; see parse_answer). An answer that does not parse counts as wrong
+   and is reported as invalid; the agreement with the scored answer is reported too.
 
 --prompt_style nanochat asks the way nanochat's own multiple-choice evaluation does (the
 question, options as "- choice=A" lines, "Respond only with the letter of the correct
@@ -49,6 +55,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import default_base_dir
+from sciassist.scienceqa import ANSWER_FORMATS, answer_line
 
 LETTERS = "ABCDE"  # ScienceQA questions have 2 to 5 options
 ANSWER_PREFIX = "The correct answer is"
@@ -95,13 +102,14 @@ def question_pid(record, index):
     return str(pid) if pid is not None else str(index)
 
 
-def load_questions(data_path=None, scienceqa=None, split="val", limit=None, seed=42):
+def load_questions(data_path=None, scienceqa=None, split="val", limit=None, seed=42, answer_format="letter_first"):
     """The questions to evaluate, as JSONL-shaped records ({"messages", "meta"}).
 
     From a prepared JSONL file (data_path; --limit takes its first N lines, as the file is
     already a seeded subset) or straight from a ScienceQA source (scienceqa = sample | hf |
     DIR; --limit draws the same seeded subset that sciassist.scienceqa's prepare would;
-    formatted with the default FormatOptions). Returns (records, description dict).
+    formatted with the default FormatOptions and `answer_format`). Returns (records,
+    description dict).
     """
     if data_path is not None and scienceqa is not None:
         raise EvaluationError("give either --data_path or --scienceqa, not both")
@@ -115,7 +123,8 @@ def load_questions(data_path=None, scienceqa=None, split="val", limit=None, seed
             raw = sqa.select_subset(raw, limit, seed)
         skipped = Counter(sqa.skip_reason(r) for r in raw)
         skipped.pop(None, None)
-        records = [sqa.format_record(r, sqa.FormatOptions()) for r in raw if sqa.skip_reason(r) is None]
+        options = sqa.FormatOptions(answer_format=answer_format)
+        records = [sqa.format_record(r, options) for r in raw if sqa.skip_reason(r) is None]
         info = {"source": f"scienceqa:{scienceqa}", "split": split, "available": available,
                 "selected": len(raw), "skipped": dict(skipped), "count": len(records),
                 "selection": f"seeded subset (seed {seed})" if limit is not None else "whole split"}
@@ -139,6 +148,39 @@ def load_questions(data_path=None, scienceqa=None, split="val", limit=None, seed
     for i, record in enumerate(records):
         check_question(record, f"{info['source']}: record {i + 1}")
     return records, info
+
+
+def detect_answer_format(records):
+    """The answer format of the records' reference answers: "text_first" when some start with
+    the text_first answer line and none with the letter_first one, else "letter_first" (the
+    default, also for files whose answers follow neither, such as other chat data)."""
+    found = Counter()
+    for record in records:
+        messages = record.get("messages") or []
+        content = messages[-1].get("content") if messages and messages[-1].get("role") == "assistant" else None
+        if not isinstance(content, str):
+            continue
+        meta = record["meta"]
+        for answer_format in ANSWER_FORMATS:
+            if content.startswith(answer_line(meta["choices"], meta["answer"], answer_format)):
+                found[answer_format] += 1
+    return "text_first" if found["text_first"] and not found["letter_first"] else "letter_first"
+
+
+def resolve_scoring(scoring, answer_format, prompt_style="sciassist"):
+    """The scoring rule to use ("auto": letter for letter_first, choice for text_first);
+    an impossible combination is an EvaluationError."""
+    if scoring not in (*SCORING_MODES, "auto"):
+        raise EvaluationError(f"--scoring must be one of auto, {', '.join(SCORING_MODES)}, got {scoring!r}")
+    if answer_format not in ANSWER_FORMATS:
+        raise EvaluationError(f"--answer_format must be one of auto, {', '.join(ANSWER_FORMATS)}, "
+                              f"got {answer_format!r}")
+    if scoring == "auto":
+        scoring = "choice" if answer_format == "text_first" and prompt_style == "sciassist" else "letter"
+    if scoring == "letter" and answer_format == "text_first" and prompt_style == "sciassist":
+        raise EvaluationError("letter scoring reads the letter right after \"The correct answer is\"; in the "
+                              "text_first answer format the option text comes first: use --scoring choice")
+    return scoring
 
 
 def user_text(record):
@@ -278,24 +320,32 @@ def letter_scores(model, tokenizer, prompts, num_choices, answer_prefix=ANSWER_P
     return scores
 
 
-def choice_continuations(tokenizer, answer_prefix, choices):
-    """Tokens shared by every "<prefix> <L>. <choice>" answer line of a question, and each
-    option's remaining tokens. Each line is encoded whole, as the training answer is."""
-    texts = [f"{answer_prefix} {LETTERS[i]}. {choice}" for i, choice in enumerate(choices)]
-    return _shared_and_rest(tokenizer, texts, "one answer line is a prefix of another")
+def choice_lines(answer_prefix, choices, answer_format="letter_first"):
+    """Each option's answer line as training writes it (sciassist.scienceqa.answer_line),
+    with `answer_prefix` in place of "The correct answer is"."""
+    lines = [answer_line(choices, i, answer_format) for i in range(len(choices))]
+    return [answer_prefix + line[len(ANSWER_PREFIX):] for line in lines]
 
 
-def choice_scores(model, tokenizer, prompts, choices, answer_prefix=ANSWER_PREFIX, batch_size=32):
+def choice_continuations(tokenizer, answer_prefix, choices, answer_format="letter_first"):
+    """Tokens shared by every answer line of a question (choice_lines), and each option's
+    remaining tokens. Each line is encoded whole, as the training answer is."""
+    return _shared_and_rest(tokenizer, choice_lines(answer_prefix, choices, answer_format),
+                            "one answer line is a prefix of another")
+
+
+def choice_scores(model, tokenizer, prompts, choices, answer_prefix=ANSWER_PREFIX, batch_size=32,
+                  answer_format="letter_first"):
     """Per question, the summed log-probability of each option's whole answer line
-    " <L>. <choice>" after the prompt and the prefix (see the module doc). choices: the
-    option texts of each question."""
+    (" <L>. <choice>", or " <choice> (<L>)." for text_first) after the prompt and the
+    prefix (see the module doc). choices: the option texts of each question."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
     if not answer_prefix:
         raise EvaluationError("choice scoring needs the SciAssist answer prefix (prompt style sciassist)")
     rows, owners = [], []
     for q, (prompt, options) in enumerate(zip(prompts, choices, strict=True)):
-        shared, continuations = choice_continuations(tokenizer, answer_prefix, options)
+        shared, continuations = choice_continuations(tokenizer, answer_prefix, options, answer_format)
         context = tokenizer.render_for_completion(prompt) + shared
         for row in _scoring_rows(context, continuations):
             rows.append(row)
@@ -356,7 +406,32 @@ _LETTER_AFTER_PHRASE_RE = re.compile(r"[ \t]*:?[ \t]*(?:\(([A-Z])\)|\*\*([A-Z])\
 _LETTER_ALONE_RE = re.compile(r"\s*(?:\(([A-Z])\)|\*\*([A-Z])\*\*|([A-Z])(?=[.,:;)]|[ \t]*(?:\n|$)))")
 
 
-def parse_answer(text, num_choices, answer_prefix=ANSWER_PREFIX):
+_TEXT_FIRST_RE = re.compile(r"[ \t]*:?[ \t]*([^\n]*?)[ \t]*\(([A-Z])\)\.?[ \t]*(?:\n|$)")
+
+
+def _same_text(a, b):
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+def text_first_breakdown(texts, records, answer_prefix=ANSWER_PREFIX):
+    """Why text_first replies are invalid: how many name an option's text (spacing and case
+    aside) before "(X)", and of those how many give that option's own letter. A model that
+    knows the answer but cannot bind letters to options names texts with random letters."""
+    names_option = letter_matches = 0
+    for text, record in zip(texts, records, strict=True):
+        found = re.compile(re.escape(answer_prefix), re.IGNORECASE).search(text or "")
+        match = _TEXT_FIRST_RE.match(text, found.end()) if found else None
+        if match is None:
+            continue
+        choices = record["meta"]["choices"]
+        named = [i for i, choice in enumerate(choices) if _same_text(match.group(1), choice)]
+        if named:
+            names_option += 1
+            letter_matches += LETTERS[named[0]] == match.group(2)
+    return {"names_an_option": names_option, "letter_matches_text": letter_matches}
+
+
+def parse_answer(text, num_choices, answer_prefix=ANSWER_PREFIX, choices=None, answer_format="letter_first"):
     """The option index a reply states, or None when it does not state one strictly.
 
     With the SciAssist prefix: the FIRST "The correct answer is" (any case of the phrase),
@@ -367,9 +442,25 @@ def parse_answer(text, num_choices, answer_prefix=ANSWER_PREFIX):
     "the answer is B" (not the trained phrase), a letter beyond the question's options, and
     any letter found later in the text (e.g. "vitamin C." in an explanation).
     With answer_prefix "" (nanochat style): the reply must begin with such a lone letter.
+
+    answer_format "text_first" (needs `choices`): the first "The correct answer is" must be
+    followed, on the same line, by an option's text and then "(X)" ending the line (a final
+    "." allowed), and the text must be option X's (spacing and case aside). A reply that names
+    one option's text with another's letter, or a text that is no option, is invalid.
     """
     if text is None:
         return None
+    if answer_format == "text_first" and answer_prefix:
+        if choices is None:
+            raise ValueError("parse_answer: the text_first format needs the question's choices")
+        found = re.compile(re.escape(answer_prefix), re.IGNORECASE).search(text)
+        match = _TEXT_FIRST_RE.match(text, found.end()) if found else None
+        if match is None:
+            return None
+        index = LETTERS.find(match.group(2))
+        if not 0 <= index < min(num_choices, len(choices)) or not _same_text(match.group(1), choices[index]):
+            return None
+        return index
     if answer_prefix:
         if answer_prefix != ANSWER_PREFIX:
             phrase = re.compile(re.escape(answer_prefix), re.IGNORECASE)
@@ -673,10 +764,12 @@ def model_info(model, meta=None, spec=None, checkpoint_dir=None, step=None):
 
 
 def run_model(model, tokenizer, records, prompt_style="sciassist", batch_size=32, generate=True,
-              max_new_tokens=32, sample_indices=(), sample_max_tokens=128, scoring="letter"):
+              max_new_tokens=32, sample_indices=(), sample_max_tokens=128, scoring="letter",
+              answer_format="letter_first"):
     """Letter scoring (+ generation) of one model on the questions. Returns a dict of
     per-question lists (probabilities, prediction, generated, generated_prediction) and
-    timings. scoring "choice": probabilities and prediction come from choice scoring."""
+    timings. scoring "choice": probabilities and prediction come from choice scoring.
+    answer_format: how the answer line is written (choice scoring and the parse)."""
     prompts, prefix = prompts_for(records, prompt_style)
     num_choices = [len(r["meta"]["choices"]) for r in records]
     device = model.get_device()
@@ -684,7 +777,8 @@ def run_model(model, tokenizer, records, prompt_style="sciassist", batch_size=32
     _sync(device)
     t0 = time.perf_counter()
     if scoring == "choice":
-        scores = choice_scores(model, tokenizer, prompts, [r["meta"]["choices"] for r in records], prefix, batch_size)
+        scores = choice_scores(model, tokenizer, prompts, [r["meta"]["choices"] for r in records], prefix, batch_size,
+                               answer_format)
         probabilities = [softmax(s) for s in scores]
     elif scoring == "letter":
         probabilities = letter_probabilities(model, tokenizer, prompts, num_choices, prefix, batch_size)
@@ -708,7 +802,8 @@ def run_model(model, tokenizer, records, prompt_style="sciassist", batch_size=32
         _sync(device)
         generate_s = time.perf_counter() - t0
         run["generated"] = texts
-        run["generated_prediction"] = [parse_answer(t, k, prefix) for t, k in zip(texts, num_choices, strict=True)]
+        run["generated_prediction"] = [parse_answer(t, k, prefix, r["meta"]["choices"], answer_format)
+                                       for t, k, r in zip(texts, num_choices, records, strict=True)]
         run["timing"].update(generate_s=generate_s,
                              generate_questions_per_s=len(records) / generate_s if generate_s > 0 else None)
     if sample_indices:
@@ -726,7 +821,7 @@ def _sync(device):
 
 
 def generation_summary(records, run):
-    """Valid-answer rate, accuracy of generated answers and agreement with letter scoring."""
+    """Valid-answer rate, accuracy of generated answers and agreement with the scored answer."""
     if run["generated_prediction"] is None:
         return None
     golds = [r["meta"]["answer"] for r in records]
@@ -746,12 +841,25 @@ def generation_summary(records, run):
     }
 
 
-def answer_prefix_check(tokenizer, records, answer_prefix=ANSWER_PREFIX):
+def answer_prefix_check(tokenizer, records, answer_prefix=ANSWER_PREFIX, scoring="letter",
+                        answer_format="letter_first"):
     """How many reference answers start with "<prefix> <gold letter>" AND tokenize so that
     the prompt + scored tokens are a prefix of the training tokens (i.e. letter scoring
-    reads the exact position training taught). Returns (matching, checked)."""
+    reads the exact position training taught). Returns (matching, checked). For choice
+    scoring: how many start with the gold option's answer line, tokenized the same way."""
     matching = checked = 0
     cache = {}
+    if scoring == "choice":
+        for record in records:
+            content = record["messages"][-1].get("content")
+            if record["messages"][-1].get("role") != "assistant" or not isinstance(content, str):
+                continue
+            checked += 1
+            meta = record["meta"]
+            line = choice_lines(answer_prefix, meta["choices"], answer_format)[meta["answer"]]
+            expected = tokenizer.encode(line)
+            matching += content.startswith(line) and tokenizer.encode(content)[:len(expected)] == expected
+        return matching, checked
     for record in records:
         messages = record["messages"]
         if messages[-1].get("role") != "assistant" or not isinstance(messages[-1].get("content"), str):
@@ -787,10 +895,11 @@ class EvalSettings:
     limit: int | None = None
     seed: int = 42
     prompt_style: str = "sciassist"  # sciassist | nanochat
-    scoring: str = "letter"          # letter (the headline) | choice (the whole answer line, sciassist style only)
+    scoring: str = "auto"            # auto | letter | choice (the whole answer line, sciassist style only)
+    answer_format: str = "auto"      # auto (read from the data's answers) | letter_first | text_first
     batch_size: int = 32
     generate: bool = True
-    max_new_tokens: int = 32         # enough for "The correct answer is X. <choice>"
+    max_new_tokens: int = 32         # "The correct answer is X. <choice>" (text_first: more for long options)
     num_samples: int = 5             # questions shown side by side in samples.md
     sample_max_tokens: int = 128     # reply length for those (room for the explanation)
     train_path: str | None = None    # gold letters for the majority row (default: found beside the data)
@@ -846,8 +955,11 @@ def evaluate(settings, models=None):
     if settings.prompt_style not in PROMPT_STYLES:
         raise EvaluationError(f"--prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
                               f"got {settings.prompt_style!r}")
-    if settings.scoring not in SCORING_MODES:
-        raise EvaluationError(f"--scoring must be one of {', '.join(SCORING_MODES)}, got {settings.scoring!r}")
+    if settings.scoring not in (*SCORING_MODES, "auto"):
+        raise EvaluationError(f"--scoring must be one of auto, {', '.join(SCORING_MODES)}, got {settings.scoring!r}")
+    if settings.answer_format not in (*ANSWER_FORMATS, "auto"):
+        raise EvaluationError(f"--answer_format must be one of auto, {', '.join(ANSWER_FORMATS)}, "
+                              f"got {settings.answer_format!r}")
     if settings.scoring == "choice" and settings.prompt_style != "sciassist":
         raise EvaluationError("--scoring choice scores the SciAssist answer line; use it with --prompt_style sciassist")
     specs = {name: getattr(settings, name) for name in ("base", "finetuned")
@@ -871,8 +983,12 @@ def evaluate(settings, models=None):
         print(f"loss curve written to {out_dir / 'loss_curve.png'} (no models given, nothing else to evaluate)")
         return summary
 
+    source_format = "letter_first" if settings.answer_format == "auto" else settings.answer_format
     records, data_info = load_questions(settings.data_path, settings.scienceqa, settings.split,
-                                        settings.limit, settings.seed)
+                                        settings.limit, settings.seed, source_format)
+    answer_format = detect_answer_format(records) if settings.answer_format == "auto" else settings.answer_format
+    settings = dataclasses.replace(settings, answer_format=answer_format,
+                                   scoring=resolve_scoring(settings.scoring, answer_format, settings.prompt_style))
     device = resolve_device(settings.device)
     # samples.md shows longer replies (room for the explanation) unless the main
     # generation is already as long; then its texts are reused
@@ -892,11 +1008,13 @@ def evaluate(settings, models=None):
         print(f"[{name}] {info.get('checkpoint_dir') or info.get('spec')} step {info.get('step')}: "
               f"{settings.scoring} scoring {len(records)} questions", file=sys.stderr, flush=True)
         run = run_model(model, tokenizer, records, settings.prompt_style, settings.batch_size, settings.generate,
-                        settings.max_new_tokens, sample_indices, settings.sample_max_tokens, settings.scoring)
+                        settings.max_new_tokens, sample_indices, settings.sample_max_tokens, settings.scoring,
+                        settings.answer_format)
         run["timing"]["load_s"] = load_s
         matching, checked = None, None
         if settings.prompt_style == "sciassist":
-            matching, checked = answer_prefix_check(tokenizer, records)
+            matching, checked = answer_prefix_check(tokenizer, records, ANSWER_PREFIX, settings.scoring,
+                                                    settings.answer_format)
         info = dict(info, answer_prefix_matches=matching, answer_prefix_checked=checked)
         runs[name], infos[name] = run, info
         del model, tokenizer
@@ -915,6 +1033,10 @@ def evaluate(settings, models=None):
     table["majority_letter"] = letter_counts.most_common(1)[0][0] if letter_counts else None
     topics = topic_breakdown(records, predictions)
     generation = {name: generation_summary(records, run) for name, run in runs.items()}
+    if settings.answer_format == "text_first" and settings.prompt_style == "sciassist":
+        for name, run in runs.items():
+            if generation[name] is not None:
+                generation[name].update(text_first_breakdown(run["generated"], records))
 
     _write_outputs(out_dir, files, settings, records, runs, table)
     summary = {
@@ -1013,7 +1135,7 @@ def _write_outputs(out_dir, files, settings, records, runs, table):
         out_dir / "accuracy_by_category.png",
         chance=[chance_row["cells"][c]["accuracy"] for c in table["columns"]],
         counts=[table["counts"][c] for c in table["columns"]],
-        title=f"ScienceQA {settings.split}: accuracy by category (letter scoring)",
+        title=f"ScienceQA {settings.split}: accuracy by category ({settings.scoring} scoring)",
     )
     files["accuracy_chart"] = "accuracy_by_category.png"
 
@@ -1042,8 +1164,12 @@ def samples_markdown(records, runs, sample_indices, settings):
     names = list(runs)
     prompts, prefix = prompts_for(records, settings.prompt_style)
     lines = [f"# Sample answers ({settings.split}, prompt style {settings.prompt_style})", ""]
-    lines.append("Letter scoring: the most likely letter after the answer prefix (its probability among the "
-                 "question's letters). Generated: greedy reply; the answer is read by the strict parser.")
+    if settings.scoring == "choice":
+        lines.append("Choice scoring: the option whose whole answer line is most likely (its probability among the "
+                     "question's options). Generated: greedy reply; the answer is read by the strict parser.")
+    else:
+        lines.append("Letter scoring: the most likely letter after the answer prefix (its probability among the "
+                     "question's letters). Generated: greedy reply; the answer is read by the strict parser.")
     for i in sample_indices:
         record = records[i]
         meta = record["meta"]
@@ -1058,13 +1184,14 @@ def samples_markdown(records, runs, sample_indices, settings):
             p = runs[name]["prediction"][i]
             mark = "correct" if p == gold else "wrong"
             cells.append(f"{LETTERS[p]} (p={runs[name]['probabilities'][i][p]:.2f}, {mark})")
-        lines.append("| letter scoring | " + " | ".join(cells) + " |")
+        lines.append(f"| {settings.scoring} scoring | " + " | ".join(cells) + " |")
         cells = []
         for name in names:
             text = runs[name]["samples"].get(i)
             if text is None and runs[name]["generated"] is not None:
                 text = runs[name]["generated"][i]
-            parsed = parse_answer(text, len(meta["choices"]), prefix) if text is not None else None
+            parsed = (parse_answer(text, len(meta["choices"]), prefix, meta["choices"], settings.answer_format)
+                      if text is not None else None)
             cells.append("not generated" if text is None else
                          ("invalid (no strict answer)" if parsed is None else
                           f"{LETTERS[parsed]} ({'correct' if parsed == gold else 'wrong'})"))
@@ -1093,7 +1220,9 @@ def report_markdown(summary):
                      f"(width {config['n_embd']}, vocab {config['vocab_size']}), {info['params'] / 1e6:.1f}M params"
                      + (f"; {extra}" if extra else ""))
         if info.get("answer_prefix_checked"):
-            lines.append(f"  - reference answers that start with \"{ANSWER_PREFIX} <letter>\" and tokenize like "
+            what = ("the gold option's answer line" if s.get("scoring") == "choice"
+                    else f"\"{ANSWER_PREFIX} <letter>\"")
+            lines.append(f"  - reference answers that start with {what} and tokenize like "
                          f"the scored prompt: {info['answer_prefix_matches']}/{info['answer_prefix_checked']}")
     lines += ["", "## Data", ""]
     lines.append(f"- {data['count']} questions of the {data['split']} split from `{data['source']}` "
@@ -1113,27 +1242,33 @@ def report_markdown(summary):
     after = f'"{ANSWER_PREFIX}"'
     if s["prompt_style"] != "sciassist":
         after = "<|assistant_start|> (the letter is the first token)"
+    line = "\" <option> (<L>).\"" if s.get("answer_format") == "text_first" else "\" <L>. <option>\""
     how = ("letter scoring" if s.get("scoring", "letter") == "letter" else
-           "CHOICE scoring (each option's whole answer line \" <L>. <option>\")")
+           f"CHOICE scoring (each option's whole answer line {line})")
+    how += f"; answer format {s.get('answer_format', 'letter_first')}"
     lines.append(f"- prompt style `{s['prompt_style']}`; {how} after {after}; "
                  f"batch size {s['batch_size']}; device {summary['device']}")
     if s["generate"]:
         rule = ("the reply states \"The correct answer is X\" strictly (capital letter among the question's letters, "
                 "standing alone; first occurrence only)" if s["prompt_style"] == "sciassist" else
                 "the reply begins with a capital letter among the question's letters, standing alone")
+        if s["prompt_style"] == "sciassist" and s.get("answer_format") == "text_first":
+            rule = ("the reply's first \"The correct answer is\" is followed on its line by an option's text and "
+                    "that option's letter as \"(X)\"")
         lines.append(f"- generation: greedy, at most {s['max_new_tokens']} tokens; an answer is valid only when "
                      f"{rule}; invalid answers count as wrong")
     else:
         lines.append("- generation: off")
     lines += ["", "## Accuracy (%), 95% Wilson intervals", "", format_table_markdown(table), ""]
-    lines.append(f"Rows: letter scoring per model; \"(generated)\" = the strictly parsed greedy reply; majority = "
+    lines.append(f"Rows: {s.get('scoring', 'letter')} scoring per model; \"(generated)\" = the strictly parsed "
+                 f"greedy reply; majority = "
                  f"always the most common gold letter ({table.get('majority_letter')}) of "
                  f"{table.get('majority_source')}, among the letters a question has; chance = mean of 1/k on the "
                  f"same questions.")
     generation = {k: v for k, v in summary["generation"].items() if v is not None}
     if generation:
         lines += ["", "## Generated answers", "",
-                  "| model | valid | invalid | accuracy | agreement with letter scoring |",
+                  f"| model | valid | invalid | accuracy | agreement with {s.get('scoring', 'letter')} scoring |",
                   "|---|---:|---:|---:|---:|"]
         for name, g in generation.items():
             among = ""
@@ -1141,11 +1276,16 @@ def report_markdown(summary):
                 among = f" ({100 * g['agreement_among_valid']:.1f}% of valid)"
             lines.append(f"| {name} | {g['valid']} ({100 * g['valid_rate']:.1f}%) | {g['invalid']} | "
                          f"{100 * g['accuracy']:.2f} | {100 * g['agreement']:.1f}%{among} |")
+        for name, g in generation.items():
+            if "names_an_option" in g:
+                lines.append(f"\n{name}: {g['names_an_option']} of {g['count']} replies name an option's text; "
+                             f"{g['letter_matches_text']} of those give that option's own letter.")
     topics = summary["topics"]
     if topics:
         names = [row["name"] for row in table["rows"] if row["kind"] == "predictions"]
         lines += ["", "## By topic (accuracy %)", "", format_topics_markdown(topics, names)]
-    lines += ["", "## Timing", "", "| model | load s | letter scoring s | questions/s | generation s | questions/s |",
+    lines += ["", "## Timing", "", f"| model | load s | {s.get('scoring', 'letter')} scoring s | questions/s | "
+              "generation s | questions/s |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, t in summary["timing"].items():
         gen_s = f"{t['generate_s']:.1f}" if "generate_s" in t else "-"
@@ -1235,9 +1375,13 @@ def build_arg_parser():
     p.add_argument("--seed", type=int, default=d.seed, help=f"subset seed with --scienceqa (default {d.seed})")
     p.add_argument("--prompt_style", default=d.prompt_style, choices=PROMPT_STYLES,
                    help="sciassist = the training format; nanochat = nanochat's own multiple-choice prompt")
-    p.add_argument("--scoring", default=d.scoring, choices=SCORING_MODES,
-                   help="letter = the letter after the answer prefix (the headline); choice = each option's whole "
-                        "answer line ' <L>. <option>' (default letter)")
+    p.add_argument("--scoring", default=d.scoring, choices=("auto", *SCORING_MODES),
+                   help="letter = the letter after the answer prefix; choice = each option's whole answer line "
+                        "as training writes it; auto (default) = letter, or choice for text_first answers")
+    p.add_argument("--answer_format", default=d.answer_format, choices=("auto", *ANSWER_FORMATS),
+                   help="how the fine-tune's answers were written (python -m sciassist.scienceqa --answer_format); "
+                        "auto (default) reads it from the evaluated file's reference answers "
+                        "(letter_first with --scienceqa)")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--no_generate", dest="generate", action="store_false", help="skip generated answers")
     p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens,

@@ -256,7 +256,7 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
                                      max_new_tokens=recipe.eval_max_new_tokens, num_samples=3, sample_max_tokens=32)
         result = evaluate(eval_settings)
         evaluations[split] = headline(result)
-        if recipe.choice_scoring:
+        if recipe.choice_scoring and result["settings"]["scoring"] == "letter":
             choice_settings = replace(eval_settings, scoring="choice", generate=False, num_samples=0,
                                       out_dir=str(out_dir / f"eval_{split}_choice"))
             evaluations[split].update(choice_headline(evaluate(choice_settings), result))
@@ -281,16 +281,22 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
 
 
 def headline(result):
-    """The numbers a study row needs from an evaluate() summary: letter accuracy, generated
-    accuracy, agreement, invalid share (fractions) and the question count."""
+    """The numbers a study row needs from an evaluate() summary: the scoring rule and its
+    accuracy (also under "<rule>_acc"), generated accuracy, agreement with the scored answer,
+    invalid share (fractions) and the question count."""
     rows = {row["name"]: row for row in result["table"]["rows"]}
     generation = result["generation"]["finetuned"] or {}
+    scoring = result["settings"].get("scoring", "letter")
+    accuracy = rows["finetuned"]["cells"]["Avg"]["accuracy"] / 100
     return {
         "count": result["data"]["count"],
-        "letter_acc": rows["finetuned"]["cells"]["Avg"]["accuracy"] / 100,
+        "scoring": scoring,
+        "accuracy": accuracy,
+        f"{scoring}_acc": accuracy,
         "generated_acc": generation.get("accuracy"),
         "agreement": generation.get("agreement"),
         "invalid": (generation["invalid"] / generation["count"]) if generation else None,
+        **{key: generation[key] for key in ("names_an_option", "letter_matches_text") if key in generation},
         "out_dir": result["settings"]["out_dir"],
     }
 

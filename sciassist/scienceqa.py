@@ -30,9 +30,15 @@ Chat layout (FormatOptions; defaults in brackets):
              <blank line>
              A. <choice 0>
              B. <choice 1> ...
-  assistant  The correct answer is B. <choice 1>
+  assistant  The correct answer is B. <choice 1>      <- answer_format="letter_first" [default]
+             The correct answer is <choice 1> (B).    <- answer_format="text_first"
              \\n\\nExplanation: <solution>     <- include_explanation [on], solution non-empty
              \\n\\nBackground: <lecture>       <- include_background [on], lecture non-empty
+
+text_first names the option before its letter: a small model trained from scratch learns
+which option text is right long before it can name a letter it has to find first, and
+once the text is written the letter is a copy from the options above (measured in
+bench/RESULTS.md). letter_first is nanochat's own habit (a letter first) and the default.
 
 With include_hint off and image_mode "keep" (FormatOptions.original(), CLI
 --original_format) the strings are byte-for-byte the original project's. image_mode "drop"
@@ -64,6 +70,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 12000, "val": 4000, "test": 4000}
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 IMAGE_MODES = ("caption", "keep", "drop")
+ANSWER_FORMATS = ("letter_first", "text_first")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Fields a record needs before it can become a question; never filled in by guessing.
 TEXT_FIELDS = ("question", "choices", "answer")
@@ -243,10 +250,14 @@ class FormatOptions:
     image_mode: str = "caption"         # caption | keep | drop (see module docstring)
     include_explanation: bool = True    # "Explanation: <solution>"
     include_background: bool = True     # "Background: <lecture>"
+    answer_format: str = "letter_first"  # letter_first | text_first (see answer_line)
 
     def __post_init__(self):
         if self.image_mode not in IMAGE_MODES:
             raise ScienceQAError(f"image_mode must be one of {', '.join(IMAGE_MODES)}, got {self.image_mode!r}")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ScienceQAError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
+                                 f"got {self.answer_format!r}")
 
     @classmethod
     def original(cls, **overrides):
@@ -279,6 +290,15 @@ def caption_for(record, options):
     return None
 
 
+def answer_line(choices, answer, answer_format="letter_first"):
+    """The first line of the reference answer for option index `answer`."""
+    if answer_format == "text_first":
+        return f"The correct answer is {choices[answer]} ({LETTERS[answer]})."
+    if answer_format == "letter_first":
+        return f"The correct answer is {LETTERS[answer]}. {choices[answer]}"
+    raise ScienceQAError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+
+
 def format_record(record, options=None):
     """One raw record -> {"messages": [...], "meta": {...}} (the JSONL record).
 
@@ -305,7 +325,7 @@ def format_record(record, options=None):
         user = "\n".join(context) + "\n\n" + user
 
     # Truthiness (not `is not None`) on purpose: the original skipped empty strings too.
-    response = f"The correct answer is {letter}. {choices[answer]}"
+    response = answer_line(choices, answer, options.answer_format)
     if options.include_explanation and record.get("solution"):
         response += f"\n\nExplanation: {record['solution']}"
     if options.include_background and record.get("lecture"):
@@ -487,6 +507,9 @@ def build_parser():
     p.add_argument("--include_background", action=argparse.BooleanOptionalAction, default=None,
                    help="'Background: <lecture>' in the answer (default: on)")
     p.add_argument("--system_prompt", default=None, help="system message ('' for none; default: the tutor prompt)")
+    p.add_argument("--answer_format", choices=ANSWER_FORMATS, default=None,
+                   help="letter_first: 'The correct answer is B. <option>' (default); text_first: "
+                        "'The correct answer is <option> (B).' (what small models trained here learn best)")
     p.add_argument("--tokenizer_dir", default=None,
                    help="nanochat tokenizer dir (tokenizer.pkl): report lengths in tokens instead of characters")
     return p
@@ -495,7 +518,8 @@ def build_parser():
 def options_from_args(args):
     base = FormatOptions.original() if args.original_format else FormatOptions()
     given = {name: getattr(args, name) for name in
-             ("include_hint", "image_mode", "include_explanation", "include_background", "system_prompt")
+             ("include_hint", "image_mode", "include_explanation", "include_background", "system_prompt",
+              "answer_format")
              if getattr(args, name) is not None}
     return replace(base, **given)
 

@@ -485,4 +485,113 @@ def test_choice_scoring_in_run_model_and_its_errors():
     with pytest.raises(ev.EvaluationError, match="prompt_style sciassist"):
         ev.evaluate(ev.EvalSettings(finetuned="x", scoring="choice", prompt_style="nanochat"))
     assert ev.build_arg_parser().parse_args(["--scoring", "choice"]).scoring == "choice"
-    assert ev.EvalSettings().scoring == "letter"
+    assert ev.EvalSettings().scoring == "auto" and ev.EvalSettings().answer_format == "auto"
+
+
+# -----------------------------------------------------------------------------
+# the text_first answer format ("The correct answer is <option> (L).")
+
+
+def test_choice_lines_follow_the_training_answer_line():
+    assert ev.choice_lines(ev.ANSWER_PREFIX, ["ice", "steam"]) == ["The correct answer is A. ice",
+                                                                   "The correct answer is B. steam"]
+    assert ev.choice_lines(ev.ANSWER_PREFIX, ["ice", "steam"], "text_first") == [
+        "The correct answer is ice (A).", "The correct answer is steam (B)."]
+
+
+def test_choice_scoring_text_first_scores_text_then_letter():
+    tok, model = make_stub({}, {"A": 2.0, "B": 1.0, "C": 4.0}, merged_letters=())
+    ids = tok.ids
+    shared, continuations = ev.choice_continuations(tok, ev.ANSWER_PREFIX, ["B", "C"], "text_first")
+    assert shared == [ids["The correct answer is"], ids[" "]]
+    # " B (A)." -> B, " ", "?" for "(", A, "?" for ")", "."
+    assert continuations[0] == [ids["B"], ids[" "], ids["?"], ids["A"], ids["?"], ids["."]]
+    assert continuations[1] == [ids["C"], ids[" "], ids["?"], ids["B"], ids["?"], ids["."]]
+    scores = ev.choice_scores(model, tok, [question()], [["B", "C"]], answer_format="text_first")[0]
+    assert ev.argmax(scores) == 1  # C after the prefix's " " outweighs B
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The correct answer is steam (B).", 1),
+    ("The correct answer is steam (B)", 1),                       # cut off before the period
+    ("the correct answer is  Steam  (B).\n\nExplanation: ...", 1),  # case and spacing of the text aside
+    ("The correct answer is: ice (A).", 0),
+    ("The correct answer is a big rock (C). More text", None),    # "(C)" must end the line
+    ("The correct answer is a big rock (C).\nMore text", 2),
+    ("The correct answer is ice (B).", None),                     # one option's text, another's letter
+    ("The correct answer is water (B).", None),                   # not an option
+    ("The correct answer is steam", None),                        # no letter (cut off)
+    ("The correct answer is B. steam", None),                     # the letter_first layout
+    ("The correct answer is steam (D).", None),                   # beyond the options
+    ("The correct answer is steam (b).", None),                   # letters are capitals
+    (None, None),
+])
+def test_parse_answer_text_first(text, expected):
+    choices = ["ice", "steam", "a big rock"]
+    assert ev.parse_answer(text, 3, choices=choices, answer_format="text_first") == expected
+
+
+def test_text_first_breakdown_counts_named_options_and_their_letters():
+    records = [{"meta": {"choices": ["ice", "steam"]}}] * 4
+    texts = ["The correct answer is steam (B).", "The correct answer is Steam (A).", "The correct answer is fog (A).",
+             "no answer"]
+    assert ev.text_first_breakdown(texts, records) == {"names_an_option": 2, "letter_matches_text": 1}
+
+
+def test_parse_answer_text_first_needs_choices():
+    with pytest.raises(ValueError, match="choices"):
+        ev.parse_answer("The correct answer is ice (A).", 2, answer_format="text_first")
+
+
+def test_detect_answer_format_and_resolve_scoring():
+    from sciassist.scienceqa import FormatOptions, format_record
+    raw = {"pid": "1", "question": "Which is hot?", "choices": ["ice", "steam"], "answer": 1, "hint": ""}
+    text = [format_record(raw, FormatOptions(answer_format="text_first"))] * 2
+    letter = [format_record(raw, FormatOptions())]
+    assert text[0]["messages"][-1]["content"].startswith("The correct answer is steam (B).")
+    assert ev.detect_answer_format(text) == "text_first"
+    assert ev.detect_answer_format(letter) == "letter_first"
+    assert ev.detect_answer_format(text + letter) == "letter_first"  # mixed: the default
+    other = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Steam."}],
+              "meta": text[0]["meta"]}]
+    assert ev.detect_answer_format(other) == "letter_first"
+    assert ev.resolve_scoring("auto", "text_first") == "choice"
+    assert ev.resolve_scoring("auto", "letter_first") == "letter"
+    assert ev.resolve_scoring("auto", "text_first", "nanochat") == "letter"  # nanochat's prompt: a letter first
+    assert ev.resolve_scoring("choice", "letter_first") == "choice"
+    with pytest.raises(ev.EvaluationError, match="use --scoring choice"):
+        ev.resolve_scoring("letter", "text_first")
+    with pytest.raises(ev.EvaluationError, match="--answer_format must be one of"):
+        ev.resolve_scoring("auto", "words")
+
+
+def test_answer_prefix_check_for_choice_scoring(tiny_tokenizer):
+    from sciassist.scienceqa import FormatOptions, format_record
+    raw = {"pid": "1", "question": "Which is hot?", "choices": ["ice", "steam"], "answer": 1, "hint": ""}
+    record = format_record(raw, FormatOptions(answer_format="text_first"))
+    assert ev.answer_prefix_check(tiny_tokenizer, [record], scoring="choice", answer_format="text_first") == (1, 1)
+    assert ev.answer_prefix_check(tiny_tokenizer, [record], scoring="choice", answer_format="letter_first") == (0, 1)
+
+
+@pytest.mark.slow
+def test_evaluate_text_first_file_end_to_end(tiny_base_dir, tmp_path):
+    from sciassist.scienceqa import FormatOptions, prepare
+    run = finetuned_dir_from(tiny_base_dir, tmp_path)
+    prepare("sample", tmp_path / "data", sizes={"val": "all"}, splits=("val",),
+            options=FormatOptions(answer_format="text_first"))
+    out = tmp_path / "out"
+    summary = ev.evaluate(ev.EvalSettings(finetuned=str(run), data_path=str(tmp_path / "data" / "scienceqa_val.jsonl"),
+                                          limit=4, max_new_tokens=4, num_samples=1, sample_max_tokens=4,
+                                          out_dir=str(out), device="cpu"))
+    assert summary["settings"]["answer_format"] == "text_first" and summary["settings"]["scoring"] == "choice"
+    info = summary["models"]["finetuned"]
+    assert (info["answer_prefix_matches"], info["answer_prefix_checked"]) == (4, 4)
+    report = (out / "report.md").read_text()
+    assert "CHOICE scoring" in report and "answer format text_first" in report
+    assert "agreement with choice scoring" in report
+    generation = summary["generation"]["finetuned"]
+    assert 0 <= generation["letter_matches_text"] <= generation["names_an_option"] <= 4
+    assert "replies name an option's text" in report
+    with pytest.raises(ev.EvaluationError, match="use --scoring choice"):
+        ev.evaluate(ev.EvalSettings(finetuned=str(run), data_path=str(tmp_path / "data" / "scienceqa_val.jsonl"),
+                                    scoring="letter", out_dir=str(out), device="cpu"))

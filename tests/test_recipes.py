@@ -57,10 +57,10 @@ def test_headline_reads_an_evaluation_summary():
     result = {"data": {"count": 4},
               "table": {"rows": [{"name": "finetuned", "cells": {"Avg": {"accuracy": 75.0}}}]},
               "generation": {"finetuned": {"count": 4, "invalid": 1, "accuracy": 0.5, "agreement": 0.75}},
-              "settings": {"out_dir": "x"}}
+              "settings": {"out_dir": "x", "scoring": "choice"}}
     row = recipes.headline(result)
-    assert row == {"count": 4, "letter_acc": 0.75, "generated_acc": 0.5, "agreement": 0.75, "invalid": 0.25,
-                   "out_dir": "x"}
+    assert row == {"count": 4, "scoring": "choice", "accuracy": 0.75, "choice_acc": 0.75, "generated_acc": 0.5,
+                   "agreement": 0.75, "invalid": 0.25, "out_dir": "x"}
 
 
 def test_prepare_recipe_data_keeps_selection_and_sft_val_apart(tmp_path, scienceqa_dir):

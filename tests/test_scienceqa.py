@@ -14,6 +14,7 @@ from sciassist.scienceqa import (
     SYSTEM_PROMPT,
     FormatOptions,
     ScienceQAError,
+    answer_line,
     format_record,
     load_scienceqa,
     main,
@@ -112,6 +113,19 @@ def test_format_options_turn_parts_off():
     assert format_record(make_record(), only_background)["messages"][-1]["content"] == (
         "The correct answer is B. a glass marble\n\nBackground: Hard things keep their shape."
     )
+
+
+def test_text_first_answer_format():
+    options = FormatOptions(answer_format="text_first", include_background=False)
+    out = format_record(make_record(), options)
+    assert out["messages"][-1]["content"].startswith("The correct answer is a glass marble (B).\n\nExplanation: ")
+    assert out["meta"]["answer_letter"] == "B"
+    assert answer_line(["ice", "steam"], 0, "text_first") == "The correct answer is ice (A)."
+    assert answer_line(["ice", "steam"], 0) == "The correct answer is A. ice"
+    with pytest.raises(ScienceQAError, match="answer_format must be one of letter_first, text_first"):
+        FormatOptions(answer_format="letter_last")
+    with pytest.raises(ScienceQAError, match="answer_format must be one of"):
+        answer_line(["ice", "steam"], 0, "words")
 
 
 def test_format_options_validate_image_mode():
@@ -455,6 +469,7 @@ def test_cli_flags_map_to_options():
     assert sqa.options_from_args(parse(["--original_format", "--include_hint"])) == FormatOptions(image_mode="keep")
     args = parse(["--image_mode", "drop", "--no-include_explanation", "--system_prompt", ""])
     assert sqa.options_from_args(args) == FormatOptions(image_mode="drop", include_explanation=False, system_prompt="")
+    assert sqa.options_from_args(parse(["--answer_format", "text_first"])) == FormatOptions(answer_format="text_first")
 
 
 def test_main_reports_errors_without_traceback(tmp_path, capsys):
