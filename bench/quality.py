@@ -50,6 +50,10 @@ VARIANTS = {
     "textfirst_d3": ("as textfirst, depth 3 with 4 heads (1.1M params)",
                      dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64,
                           tiny=dict(depth=3, n_head=4))),
+    "letterafter": ("options written '<option> (A)', the letter after its text",
+                    dict(data=dict(options_layout="letter_after"))),
+    "letterafter_d3": ("as letterafter, depth 3 with 4 heads (1.1M params)",
+                       dict(data=dict(options_layout="letter_after"), tiny=dict(depth=3, n_head=4))),
     "d3": ("depth 3 with 4 heads (1.1M params), answers letter first", dict(tiny=dict(depth=3, n_head=4))),
     "steps3000": ("3,000 fine-tuning steps instead of 2,200", dict(train=dict(num_iterations=3000))),
 }

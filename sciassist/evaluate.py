@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import default_base_dir
-from sciassist.scienceqa import ANSWER_FORMATS, answer_line
+from sciassist.scienceqa import ANSWER_FORMATS, OPTIONS_LAYOUTS, answer_line, options_block
 
 LETTERS = "ABCDE"  # ScienceQA questions have 2 to 5 options
 ANSWER_PREFIX = "The correct answer is"
@@ -192,13 +192,14 @@ def user_text(record):
 
 
 def question_stem(record):
-    """The user message without its trailing "A. choice" lines: the question, with the
+    """The user message without its trailing option lines (either layout): the question, with the
     context lines the data format put before it."""
     text = user_text(record)
     choices = record["meta"]["choices"]
-    options_block = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    if text.endswith(options_block):
-        return text[: -len(options_block)].rstrip()
+    for layout in OPTIONS_LAYOUTS:
+        block = options_block(choices, layout)
+        if text.endswith(block):
+            return text[: -len(block)].rstrip()
     return text.rstrip()  # an unknown layout: keep everything rather than guess a cut
 
 

@@ -28,17 +28,19 @@ Chat layout (FormatOptions; defaults in brackets):
              <blank line>                     <- only when one of the two lines above is there
              <question>
              <blank line>
-             A. <choice 0>
+             A. <choice 0>                    <- options_layout="letter_first" [default]
              B. <choice 1> ...
+             (or "<choice 0> (A)" lines: options_layout="letter_after")
   assistant  The correct answer is B. <choice 1>      <- answer_format="letter_first" [default]
              The correct answer is <choice 1> (B).    <- answer_format="text_first"
              \\n\\nExplanation: <solution>     <- include_explanation [on], solution non-empty
              \\n\\nBackground: <lecture>       <- include_background [on], lecture non-empty
 
-text_first names the option before its letter: a small model trained from scratch learns
-which option text is right long before it can name a letter it has to find first, and
-once the text is written the letter is a copy from the options above (measured in
-bench/RESULTS.md). letter_first is nanochat's own habit (a letter first) and the default.
+Both alternatives exist for small models trained from scratch, which learn which option
+text is right long before they can name its letter (bench/RESULTS.md). letter_after: the
+letter follows its option; attention is causal, so a letter written first cannot see the
+option it stands for and a model has to look back from the option to it. text_first: the
+reply names the option's text, then its letter. The defaults are the original's layout.
 
 With include_hint off and image_mode "keep" (FormatOptions.original(), CLI
 --original_format) the strings are byte-for-byte the original project's. image_mode "drop"
@@ -71,6 +73,7 @@ DEFAULT_SIZES = {"train": 12000, "val": 4000, "test": 4000}
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 IMAGE_MODES = ("caption", "keep", "drop")
 ANSWER_FORMATS = ("letter_first", "text_first")
+OPTIONS_LAYOUTS = ("letter_first", "letter_after")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Fields a record needs before it can become a question; never filled in by guessing.
 TEXT_FIELDS = ("question", "choices", "answer")
@@ -251,10 +254,14 @@ class FormatOptions:
     include_explanation: bool = True    # "Explanation: <solution>"
     include_background: bool = True     # "Background: <lecture>"
     answer_format: str = "letter_first"  # letter_first | text_first (see answer_line)
+    options_layout: str = "letter_first"  # letter_first "A. <choice>" | letter_after "<choice> (A)"
 
     def __post_init__(self):
         if self.image_mode not in IMAGE_MODES:
             raise ScienceQAError(f"image_mode must be one of {', '.join(IMAGE_MODES)}, got {self.image_mode!r}")
+        if self.options_layout not in OPTIONS_LAYOUTS:
+            raise ScienceQAError(f"options_layout must be one of {', '.join(OPTIONS_LAYOUTS)}, "
+                                 f"got {self.options_layout!r}")
         if self.answer_format not in ANSWER_FORMATS:
             raise ScienceQAError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
                                  f"got {self.answer_format!r}")
@@ -299,6 +306,15 @@ def answer_line(choices, answer, answer_format="letter_first"):
     raise ScienceQAError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
 
 
+def options_block(choices, layout="letter_first"):
+    """The question's option lines: "A. <choice>" (letter_first) or "<choice> (A)" (letter_after)."""
+    if layout == "letter_after":
+        return "\n".join(f"{choice} ({LETTERS[i]})" for i, choice in enumerate(choices))
+    if layout == "letter_first":
+        return "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+    raise ScienceQAError(f"options_layout must be one of {', '.join(OPTIONS_LAYOUTS)}, got {layout!r}")
+
+
 def format_record(record, options=None):
     """One raw record -> {"messages": [...], "meta": {...}} (the JSONL record).
 
@@ -319,7 +335,7 @@ def format_record(record, options=None):
     caption = caption_for(record, options)
     if caption:
         context.append(f"Image: {caption}")
-    options_text = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+    options_text = options_block(choices, options.options_layout)
     user = f"{record['question']}\n\n{options_text}"
     if context:
         user = "\n".join(context) + "\n\n" + user
@@ -507,6 +523,8 @@ def build_parser():
     p.add_argument("--include_background", action=argparse.BooleanOptionalAction, default=None,
                    help="'Background: <lecture>' in the answer (default: on)")
     p.add_argument("--system_prompt", default=None, help="system message ('' for none; default: the tutor prompt)")
+    p.add_argument("--options_layout", choices=OPTIONS_LAYOUTS, default=None,
+                   help="letter_first: 'A. <option>' lines (default); letter_after: '<option> (A)' lines")
     p.add_argument("--answer_format", choices=ANSWER_FORMATS, default=None,
                    help="letter_first: 'The correct answer is B. <option>' (default); text_first: "
                         "'The correct answer is <option> (B).' (what small models trained here learn best)")
@@ -519,7 +537,7 @@ def options_from_args(args):
     base = FormatOptions.original() if args.original_format else FormatOptions()
     given = {name: getattr(args, name) for name in
              ("include_hint", "image_mode", "include_explanation", "include_background", "system_prompt",
-              "answer_format")
+              "answer_format", "options_layout")
              if getattr(args, name) is not None}
     return replace(base, **given)
 

@@ -531,6 +531,14 @@ def test_parse_answer_text_first(text, expected):
     assert ev.parse_answer(text, 3, choices=choices, answer_format="text_first") == expected
 
 
+def test_question_stem_strips_either_options_layout():
+    from sciassist.scienceqa import options_block
+    for layout in ("letter_first", "letter_after"):
+        content = "Which is hot?\n\n" + options_block(["ice", "steam"], layout)
+        record = {"messages": [{"role": "user", "content": content}], "meta": {"choices": ["ice", "steam"]}}
+        assert ev.question_stem(record) == "Which is hot?"
+
+
 def test_text_first_breakdown_counts_named_options_and_their_letters():
     records = [{"meta": {"choices": ["ice", "steam"]}}] * 4
     texts = ["The correct answer is steam (B).", "The correct answer is Steam (A).", "The correct answer is fog (A).",

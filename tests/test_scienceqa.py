@@ -18,6 +18,7 @@ from sciassist.scienceqa import (
     format_record,
     load_scienceqa,
     main,
+    options_block,
     parse_size,
     percentiles,
     prepare,
@@ -126,6 +127,21 @@ def test_text_first_answer_format():
         FormatOptions(answer_format="letter_last")
     with pytest.raises(ScienceQAError, match="answer_format must be one of"):
         answer_line(["ice", "steam"], 0, "words")
+
+
+def test_letter_after_options_layout():
+    options = FormatOptions(options_layout="letter_after", include_hint=False, include_explanation=False,
+                            include_background=False, system_prompt="")
+    out = format_record(make_record(), options)
+    user = out["messages"][0]["content"]
+    assert user.endswith("\n\n" + options_block(out["meta"]["choices"], "letter_after"))
+    assert options_block(["ice", "steam"], "letter_after") == "ice (A)\nsteam (B)"
+    assert options_block(["ice", "steam"]) == "A. ice\nB. steam"
+    assert out["messages"][1]["content"] == "The correct answer is B. a glass marble"
+    with pytest.raises(ScienceQAError, match="options_layout must be one of letter_first, letter_after"):
+        FormatOptions(options_layout="table")
+    assert sqa.options_from_args(sqa.build_parser().parse_args(["--options_layout", "letter_after"])) == \
+        FormatOptions(options_layout="letter_after")
 
 
 def test_format_options_validate_image_mode():

@@ -394,6 +394,8 @@ def test_index_page_is_self_contained(client):
         ("Just a question about vitamin A.", []),
         ("A. only one option", []),
         ("B. starts late\nC. nope", []),
+        ("Which is hot?\n\nice (A)\nsteam (B)", ["A", "B"]),  # the letter_after layout
+        ("Is it (A) or not?\nmaybe (B)", []),                 # "(A)" inside a sentence's line is not an option
     ],
 )
 def test_choice_letters(text, letters):

@@ -296,14 +296,16 @@ async def _completion_events(state: ChatState, request: Request, prompt, tempera
 
 
 _CHOICE_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s*\S")
+_CHOICE_LINE_LETTER_AFTER = re.compile(r"^\s*\S.*\s\(([A-Z])\)\s*$")  # "<option> (A)" (--options_layout letter_after)
 
 
 def choice_letters(text: str) -> list[str]:
     """Letters of a multiple-choice question's options: lines "A. ...", "B) ...",
-    "(C) ...", consecutive from A. Fewer than two means it is not multiple choice."""
+    "(C) ...", or "... (A)", consecutive from A. Fewer than two means it is not multiple
+    choice."""
     letters: list[str] = []
     for line in text.splitlines():
-        match = _CHOICE_LINE.match(line)
+        match = _CHOICE_LINE.match(line) or _CHOICE_LINE_LETTER_AFTER.match(line)
         if match and match.group(1) == chr(ord("A") + len(letters)):
             letters.append(match.group(1))
     return letters if len(letters) >= 2 else []
