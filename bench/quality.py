@@ -2,7 +2,7 @@
 The recipe study: which choices make the small pipeline models good at ScienceQA.
 
     .venv/bin/python bench/quality.py --scienceqa ../shared/scienceqa --out_dir /tmp/quality \
-        --variants baseline,shuffled --sft_steps 500 --jobs 2
+        --variants recipe,textfirst_d3,letterfirst_d3 --jobs 2
 
 Each variant is the `cpu` recipe (sciassist.recipes) with a few fields changed; it is
 trained on the train split and scored on the fixed val selection subset (the first
@@ -28,34 +28,54 @@ sys.path.insert(0, str(REPO))
 
 from sciassist.recipes import _base_key, build_base, get_recipe, run_recipe  # noqa: E402
 
-ANSWER_ONLY = dict(include_explanation=False, include_background=False)
-# name -> (what changed, get_recipe overrides)
+
+def merged(*overrides):
+    """get_recipe overrides, later ones winning; dict fields (tiny, train, data) merge by key."""
+    out = {}
+    for override in overrides:
+        for key, value in override.items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+# The first recipe (round 1 of the study): depth 2 / 2 heads, answers letter first, 2,200 steps.
+LETTER_FIRST_D2 = dict(tiny=dict(depth=2, n_head=2), data=dict(answer_format="letter_first"),
+                       train=dict(num_iterations=2200, eval_every=200), eval_max_new_tokens=16)
+D2, D3 = dict(tiny=dict(depth=2, n_head=2)), dict(tiny=dict(depth=3, n_head=4))
+STEPS_2200 = dict(train=dict(num_iterations=2200, eval_every=200))
+TEXT_FIRST = dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64)
+LETTER_FIRST = dict(data=dict(answer_format="letter_first"), eval_max_new_tokens=16)
+LETTER_AFTER = dict(data=dict(options_layout="letter_after"))
+
+# name -> (what changed, get_recipe overrides of the cpu recipe)
 VARIANTS = {
-    "plain": ("answer-only, options in their own order (no shuffled copies)", dict(shuffled_copies=0)),
-    "shuffled": ("answer-only + 3 option-shuffled copies of every question (the cpu recipe)", dict()),
-    "explain": ("+ explanation in the answer (shuffled copies kept)",
-                dict(data=dict(include_explanation=True))),
-    "nohint": ("no hint / caption context (shuffled copies kept)",
-               dict(data=dict(include_hint=False, image_mode="keep"))),
-    "nobase": ("no base pretraining (1 step: a random-init model with the same tokenizer)",
-               dict(tiny=dict(steps=1))),
-    "lr1": ("init_lr_frac 1.0 instead of 0.5", dict(train=dict(init_lr_frac=1.0))),
-    "wide": ("depth 3, width 192, 3 heads (2.1M params) instead of depth 2 / 128",
-             dict(tiny=dict(depth=3, n_embd=192, n_head=3))),
-    "v4096": ("vocabulary 4096 instead of 2048", dict(tiny=dict(vocab_size=4096))),
-    "textfirst": ("answers written option first, 'The correct answer is <option> (B).', scored by choice",
-                  dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64)),
-    "textfirst_h4": ("as textfirst, 4 heads of 32 instead of 2 of 64",
-                     dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64, tiny=dict(n_head=4))),
-    "textfirst_d3": ("as textfirst, depth 3 with 4 heads (1.1M params)",
-                     dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64,
-                          tiny=dict(depth=3, n_head=4))),
-    "letterafter": ("options written '<option> (A)', the letter after its text",
-                    dict(data=dict(options_layout="letter_after"))),
-    "letterafter_d3": ("as letterafter, depth 3 with 4 heads (1.1M params)",
-                       dict(data=dict(options_layout="letter_after"), tiny=dict(depth=3, n_head=4))),
-    "d3": ("depth 3 with 4 heads (1.1M params), answers letter first", dict(tiny=dict(depth=3, n_head=4))),
-    "steps3000": ("3,000 fine-tuning steps instead of 2,200", dict(train=dict(num_iterations=3000))),
+    # round 1, relative to the first recipe
+    "plain": ("first recipe without the option-shuffled copies", merged(LETTER_FIRST_D2, dict(shuffled_copies=0))),
+    "shuffled": ("the first recipe: depth 2, answers letter first, 3 option-shuffled copies, 2,200 steps",
+                 LETTER_FIRST_D2),
+    "explain": ("first recipe + explanation in the answer",
+                merged(LETTER_FIRST_D2, dict(data=dict(include_explanation=True)))),
+    "nohint": ("first recipe without hint / caption context",
+               merged(LETTER_FIRST_D2, dict(data=dict(include_hint=False, image_mode="keep")))),
+    "nobase": ("first recipe without base pretraining (1 step: a random-init model, same tokenizer)",
+               merged(LETTER_FIRST_D2, dict(tiny=dict(steps=1)))),
+    "wide": ("first recipe at depth 3, width 192, 3 heads (2.1M params)",
+             merged(LETTER_FIRST_D2, dict(tiny=dict(depth=3, n_embd=192, n_head=3)))),
+    # round 2: where the letter goes
+    "textfirst_d2": ("depth 2, the option named first, 2,200 steps", merged(D2, TEXT_FIRST, STEPS_2200)),
+    "textfirst_d2h4": ("depth 2 with 4 heads of 32, the option named first, 2,200 steps",
+                       merged(D2, dict(tiny=dict(n_head=4)), TEXT_FIRST, STEPS_2200)),
+    "textfirst_d3": ("depth 3 / 4 heads, the option named first, 2,200 steps", merged(D3, TEXT_FIRST, STEPS_2200)),
+    "letterfirst_d3": ("depth 3 / 4 heads, answers letter first, 2,200 steps",
+                       merged(D3, LETTER_FIRST, STEPS_2200)),
+    "letterafter_d2": ("depth 2, options written '<option> (A)', answers letter first, 2,200 steps",
+                       merged(D2, LETTER_FIRST, LETTER_AFTER, STEPS_2200)),
+    "letterafter_d3": ("depth 3, options written '<option> (A)', answers letter first, 2,200 steps",
+                       merged(D3, LETTER_FIRST, LETTER_AFTER, STEPS_2200)),
+    "textfirst_letterafter_d3": ("depth 3, options '<option> (A)', the option named first, 2,200 steps",
+                                 merged(D3, TEXT_FIRST, LETTER_AFTER, STEPS_2200)),
+    "letterfirst_d3_4000": ("depth 3 / 4 heads, answers letter first, 4,000 steps", merged(D3, LETTER_FIRST)),
+    "recipe": ("the cpu recipe: depth 3 / 4 heads, the option named first, 4,000 steps", dict()),
 }
 
 
@@ -137,7 +157,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--scienceqa", default=str(REPO.parent / "shared" / "scienceqa"))
     p.add_argument("--out_dir", default="/tmp/quality")
-    p.add_argument("--variants", default="plain,shuffled", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="recipe,textfirst_d3", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--sft_steps", type=int, default=None, help="fine-tune steps of every variant (a fixed budget)")
     p.add_argument("--base_minutes", type=float, default=None, help="base pretraining minutes of every variant")
     p.add_argument("--eval_limit", type=int, default=None, help="val selection questions (default: the recipe's)")

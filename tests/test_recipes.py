@@ -46,11 +46,11 @@ def test_training_records_answer_only_with_copies():
     assert skipped == 1 and len(records) == 6
     first = records[0]["messages"]
     assert [m["role"] for m in first] == ["user", "assistant"]  # no system prompt
-    assert first[1]["content"] == "The correct answer is B. dog"  # answer line only
+    assert first[1]["content"] == "The correct answer is dog (B)."  # answer line only, the option first
     for record in records:
         meta = record["meta"]
         assert record["messages"][-1]["content"] == \
-            f"The correct answer is {meta['answer_letter']}. {meta['choices'][meta['answer']]}"
+            f"The correct answer is {meta['choices'][meta['answer']]} ({meta['answer_letter']})."
 
 
 def test_headline_reads_an_evaluation_summary():
@@ -84,17 +84,41 @@ def test_run_recipe_in_miniature(tmp_path, sample_dir):
         shuffled_copies=1, eval_limit=6, sft_val_size=4, eval_max_new_tokens=8)
     assert summary["finetune"]["status"] == "completed" and summary["finetune"]["steps_done"] == 2
     for name in ("recipe_summary.json", "data/scienceqa_train.jsonl", "data/eval_val.jsonl", "base/tiny_base.json",
-                 "sft/cpu/model_000002.pt", "eval_val/table.md", "eval_val/results.json",
-                 "eval_val_choice/table.md"):
+                 "sft/cpu/model_000002.pt", "eval_val/table.md", "eval_val/results.json"):
         assert (out / name).is_file(), name
     assert not (out / "data" / "eval_test.jsonl").exists()
+    assert not (out / "eval_val_choice").exists()  # text_first answers: choice scoring is the headline already
     val = summary["evaluation"]["val"]
     assert val["count"] == summary["counts"]["eval_val"] > 0
-    for key in ("letter_acc", "generated_acc", "agreement", "invalid", "choice_acc", "choice_generated_agreement"):
+    assert val["scoring"] == "choice" and val["accuracy"] == val["choice_acc"]
+    for key in ("accuracy", "generated_acc", "agreement", "invalid"):
         assert 0.0 <= val[key] <= 1.0
+    assert 0 <= val["letter_matches_text"] <= val["names_an_option"] <= val["count"]
     assert summary["counts"]["train"] == 2 * (len(json.loads((sample_dir / "pid_splits.json").read_text())["train"])
                                               - summary["counts"]["train_skipped"])
     assert 0 < summary["minutes"] < 5
+    # the one test number of a finished run, without training again
+    overrides = dict(tiny=summary["recipe"]["tiny"], train=summary["recipe"]["train"], shuffled_copies=1,
+                     eval_limit=6, sft_val_size=4, eval_max_new_tokens=8)
+    tested = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True, **overrides)
+    assert set(tested["evaluation"]) == {"val", "test"} and tested["evaluation"]["val"] == val
+    assert tested["evaluation"]["test"]["count"] == tested["counts"]["eval_test"] > 0
+    assert json.loads((out / "recipe_summary.json").read_text())["evaluation"]["test"] == tested["evaluation"]["test"]
+    with pytest.raises(recipes.RecipeError, match="other recipe settings"):
+        recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True,
+                           **{**overrides, "shuffled_copies": 2})
+    with pytest.raises(recipes.RecipeError, match="no finished recipe run"):
+        recipes.run_recipe("cpu", str(sample_dir), tmp_path / "none", evaluate_split="test", evaluate_only=True)
+    # a letter_first recipe is scored by letter, and by choice on the side
+    letter = recipes.run_recipe(
+        "cpu", str(sample_dir), tmp_path / "letter", evaluate_split="val", base_dir=out / "base",
+        tiny=summary["recipe"]["tiny"], data=dict(answer_format="letter_first"),
+        train=dict(num_iterations=1, max_seq_len=128, pack_len=128, device_batch_size=4,
+                   target_examples_per_step=4, eval_every=0, eval_steps=1),
+        shuffled_copies=0, eval_limit=6, sft_val_size=4, eval_max_new_tokens=8)
+    val = letter["evaluation"]["val"]
+    assert letter["base_reused"] and val["scoring"] == "letter" and 0.0 <= val["choice_acc"] <= 1.0
+    assert (tmp_path / "letter" / "eval_val_choice" / "table.md").is_file()
     # a second run with the same base settings reuses the base
     again, reused = recipes.build_base(recipes.get_recipe("cpu", tiny=summary["recipe"]["tiny"]), str(sample_dir),
                                        out / "base")
