@@ -58,7 +58,7 @@ demo: install ## the whole pipeline in miniature, offline, on CPU (SCIENCEQA=sam
 notebook: install ## run the notebook in smoke mode with papermill (CPU, offline)
 	$(VENV)/bin/papermill sciassist-fine-tune.ipynb notebook_output.ipynb -p SMOKE True --cwd .
 
-recipe-cpu: install ## the CPU recipe end to end, ~22 min on 2 cores (SCIENCEQA=DIR, SPLIT=val|test|both)
+recipe-cpu: install ## the CPU recipe end to end, ~27 min on 2 cores (SCIENCEQA=DIR, SPLIT=val|test|both)
 	$(PY) sciassist_train.py --preset cpu --scienceqa $(SCIENCEQA) --out_dir runs/recipe-cpu --split $(SPLIT) $(ARGS)
 
 recipe-gpu: install ## the GPU recipe (from-scratch model on one GPU; untested on real hardware)

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import default_base_dir
-from sciassist.scienceqa import ANSWER_FORMATS, OPTIONS_LAYOUTS, answer_line, options_block
+from sciassist.scienceqa import ANSWER_FORMATS, OPTIONS_LAYOUTS, answer_line, detect_answer_format, options_block
 
 LETTERS = "ABCDE"  # ScienceQA questions have 2 to 5 options
 ANSWER_PREFIX = "The correct answer is"
@@ -148,23 +148,6 @@ def load_questions(data_path=None, scienceqa=None, split="val", limit=None, seed
     for i, record in enumerate(records):
         check_question(record, f"{info['source']}: record {i + 1}")
     return records, info
-
-
-def detect_answer_format(records):
-    """The answer format of the records' reference answers: "text_first" when some start with
-    the text_first answer line and none with the letter_first one, else "letter_first" (the
-    default, also for files whose answers follow neither, such as other chat data)."""
-    found = Counter()
-    for record in records:
-        messages = record.get("messages") or []
-        content = messages[-1].get("content") if messages and messages[-1].get("role") == "assistant" else None
-        if not isinstance(content, str):
-            continue
-        meta = record["meta"]
-        for answer_format in ANSWER_FORMATS:
-            if content.startswith(answer_line(meta["choices"], meta["answer"], answer_format)):
-                found[answer_format] += 1
-    return "text_first" if found["text_first"] and not found["letter_first"] else "letter_first"
 
 
 def resolve_scoring(scoring, answer_format, prompt_style="sciassist"):

@@ -88,6 +88,7 @@ CPU = Recipe(
 # scratch. The train split is only about 1M tokens of text, so the budgets are in steps (about
 # 10 passes over the base text, 8 over the questions), not minutes: a fast GPU would
 # otherwise spend its time memorising. Expected to take well under 15 minutes on one H100.
+# Answers name the option first, as in the CPU recipe.
 GPU = Recipe(
     name="gpu",
     description="UNTESTED: depth 12 from scratch on one GPU (about 10 passes of base text, 8 of questions)",
@@ -95,8 +96,9 @@ GPU = Recipe(
     train=dict(max_seq_len=1024, pack_len=1024, device_batch_size=32, target_examples_per_step=64,
                matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, init_lr_frac=0.5,
                num_iterations=1500, eval_every=250, eval_steps=8, save_every=0),
-    data=dict(system_prompt="", include_explanation=False, include_background=False),
+    data=dict(system_prompt="", include_explanation=False, include_background=False, answer_format="text_first"),
     shuffled_copies=3,
+    eval_max_new_tokens=64,
     eval_limit=1000,
     max_minutes=12.0,
     tested=False,

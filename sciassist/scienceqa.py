@@ -315,6 +315,27 @@ def options_block(choices, layout="letter_first"):
     raise ScienceQAError(f"options_layout must be one of {', '.join(OPTIONS_LAYOUTS)}, got {layout!r}")
 
 
+def detect_answer_format(records):
+    """The answer format of the records' reference answers: "text_first" when some start with
+    the text_first answer line and none with the letter_first one, else "letter_first" (the
+    default, also for records whose answers follow neither, such as other chat data). Records
+    without ScienceQA "meta" (choices, answer) are passed over."""
+    found = Counter()
+    for record in records:
+        meta = record.get("meta") if isinstance(record, dict) else None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(meta, dict) or not messages or messages[-1].get("role") != "assistant":
+            continue
+        content, choices, answer = messages[-1].get("content"), meta.get("choices"), meta.get("answer")
+        if not isinstance(content, str) or not isinstance(choices, list) or not isinstance(answer, int) \
+                or not 0 <= answer < min(len(choices), len(LETTERS)):
+            continue
+        for answer_format in ANSWER_FORMATS:
+            if content.startswith(answer_line(choices, answer, answer_format)):
+                found[answer_format] += 1
+    return "text_first" if found["text_first"] and not found["letter_first"] else "letter_first"
+
+
 def format_record(record, options=None):
     """One raw record -> {"messages": [...], "meta": {...}} (the JSONL record).
 

@@ -627,6 +627,9 @@ def _train(settings, runtime, on_step):
         max_seq_len = model.config.sequence_len
 
     train_records, val_records, data_description = load_conversation_sets(settings)
+    from sciassist.scienceqa import detect_answer_format
+    # kept in every checkpoint's meta: how to read this model's multiple-choice answers (chat, web page)
+    source = dict(source, answer_format=detect_answer_format(train_records))
     train_set = tokenize_conversations(tokenizer, train_records, max_seq_len)
     val_set = tokenize_conversations(tokenizer, val_records, max_seq_len)
     if len(train_set) == 0:
@@ -884,6 +887,7 @@ def _checkpoint_meta(model, settings, source, step, val_loss, best, max_seq_len)
         "best_val_loss": best["val_loss"],
         "source_model": source["model_file"],
         "source_step": source["step"],
+        "answer_format": source.get("answer_format", "letter_first"),
         "max_seq_len": max_seq_len,
         "device_batch_size": settings.device_batch_size,
         "training_settings": dataclasses.asdict(settings),

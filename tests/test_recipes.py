@@ -88,6 +88,8 @@ def test_run_recipe_in_miniature(tmp_path, sample_dir):
         assert (out / name).is_file(), name
     assert not (out / "data" / "eval_test.jsonl").exists()
     assert not (out / "eval_val_choice").exists()  # text_first answers: choice scoring is the headline already
+    meta = json.loads(next((out / "sft" / "cpu").glob("meta_*.json")).read_text())
+    assert meta["answer_format"] == "text_first"  # the chat page scores this model's answers by option
     val = summary["evaluation"]["val"]
     assert val["count"] == summary["counts"]["eval_val"] > 0
     assert val["scoring"] == "choice" and val["accuracy"] == val["choice_acc"]

@@ -278,6 +278,7 @@ def test_training_run_outputs(tmp_path, tiny_base_dir, data_file, tiny_tokenizer
     assert meta["best_val_loss"] == pytest.approx(best_loss)
     assert meta["source_model"].endswith("base_checkpoints/d2/model_000000.pt")
     assert meta["training_settings"]["matrix_lr"] == 0.5
+    assert meta["answer_format"] == "letter_first"  # chat data without ScienceQA answers: the default
     assert tokenizer.get_vocab_size() == tiny_tokenizer.get_vocab_size() and (run_dir / "tokenizer").is_dir()
     assert (run_dir / "loss_curve.png").stat().st_size > 0
     on_disk = json.loads((run_dir / "run_summary.json").read_text())

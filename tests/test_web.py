@@ -2,6 +2,7 @@
 disconnect handling, and a bounded loopback load test. All on the tiny random checkpoint."""
 
 import concurrent.futures
+import dataclasses
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from sciassist.web.server import (
     Gate,
     ServerSettings,
     choice_letters,
+    choice_options,
     create_app,
 )
 
@@ -419,6 +421,27 @@ def test_choice_picks_the_likeliest_letter(client):
     assert abs(sum(probabilities.values()) - 1.0) < 1e-4
     assert result["letter"] == max(probabilities, key=probabilities.get)
     assert result["probability"] == pytest.approx(probabilities[result["letter"]])
+
+
+def test_choice_options_reads_both_layouts():
+    assert choice_options("Which is hot?\n\nA. ice\nB. hot steam") == [("A", "ice"), ("B", "hot steam")]
+    assert choice_options("Pick\n(A) rock\n(B) tree") == [("A", "rock"), ("B", "tree")]
+    assert choice_options("Which is hot?\n\nice (A)\nhot steam (B)") == [("A", "ice"), ("B", "hot steam")]
+    assert choice_options("A. only one") == []
+
+
+def test_choice_for_a_text_first_model_scores_answer_lines(loaded):
+    # a model fine-tuned on "The correct answer is <option> (B)." answers: its meta says so
+    from sciassist.evaluate import choice_scores, softmax
+    text_first = dataclasses.replace(loaded, meta={**loaded.meta, "answer_format": "text_first"})
+    question = "Which of these animals is a mammal?\n\nA. shark\nB. dolphin\nC. trout"
+    with TestClient(create_app(text_first, ServerSettings(max_tokens=8))) as text_client:
+        result = text_client.post("/choice", json={"messages": [{"role": "user", "content": question}]}).json()
+    system_prompt = ServerSettings().system_prompt
+    prompt = [[{"role": "user", "content": f"{system_prompt}\n\n{question}" if system_prompt else question}]]
+    expected = softmax(choice_scores(loaded.model, loaded.tokenizer, prompt, [["shark", "dolphin", "trout"]],
+                                     answer_format="text_first")[0])
+    assert list(result["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
 
 
 def test_choice_validates_like_chat(client):

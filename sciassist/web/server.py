@@ -299,16 +299,26 @@ _CHOICE_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s*\S")
 _CHOICE_LINE_LETTER_AFTER = re.compile(r"^\s*\S.*\s\(([A-Z])\)\s*$")  # "<option> (A)" (--options_layout letter_after)
 
 
-def choice_letters(text: str) -> list[str]:
-    """Letters of a multiple-choice question's options: lines "A. ...", "B) ...",
-    "(C) ...", or "... (A)", consecutive from A. Fewer than two means it is not multiple
-    choice."""
-    letters: list[str] = []
+def choice_options(text: str) -> list[tuple[str, str]]:
+    """(letter, option text) of a multiple-choice question's options: lines "A. ...",
+    "B) ...", "(C) ...", or "... (A)", consecutive from A. Fewer than two means it is not
+    multiple choice (an empty list)."""
+    options: list[tuple[str, str]] = []
     for line in text.splitlines():
-        match = _CHOICE_LINE.match(line) or _CHOICE_LINE_LETTER_AFTER.match(line)
-        if match and match.group(1) == chr(ord("A") + len(letters)):
-            letters.append(match.group(1))
-    return letters if len(letters) >= 2 else []
+        first = _CHOICE_LINE.match(line)
+        match = first or _CHOICE_LINE_LETTER_AFTER.match(line)
+        if match and match.group(1) == chr(ord("A") + len(options)):
+            if first:
+                option = line[first.end() - 1:].strip()
+            else:
+                option = line[: line.rindex("(" + match.group(1) + ")")].strip()
+            options.append((match.group(1), option))
+    return options if len(options) >= 2 else []
+
+
+def choice_letters(text: str) -> list[str]:
+    """Letters of a multiple-choice question's options (see choice_options)."""
+    return [letter for letter, _ in choice_options(text)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,17 +453,19 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/choice")
     async def choice(body: ChatRequest):
         question = body.messages[-1].content
-        letters = choice_letters(question)
+        options = choice_options(question)
+        letters = [letter for letter, _ in options]
         if not letters:
             return {"letter": None, "probability": None, "probabilities": {}, "num_choices": 0}
         try:
-            from sciassist.evaluate import letter_probabilities
+            from sciassist.evaluate import choice_scores, letter_probabilities, softmax
         except ImportError as err:
             raise HTTPException(404, f"multiple-choice scoring is not available: {err}") from None
         # Scored as fine-tuning and evaluation see a question: system prompt + this
         # question alone, so the probability means the same as in the eval report.
         _render([{"role": "user", "content": question}], 1)  # a 400 if it does not fit the context
         content = (settings.system_prompt + "\n\n" + question) if settings.system_prompt else question
+        answer_format = loaded.meta.get("answer_format", "letter_first")
         ticket = state.gate.try_enter()
         if ticket is None:
             return _busy()
@@ -464,9 +476,13 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
                 state.acquire_model(stop)
                 try:
                     with inference_context(loaded.model):
-                        return letter_probabilities(
-                            loaded.model, loaded.tokenizer, [[{"role": "user", "content": content}]], [len(letters)]
-                        )[0]
+                        prompt = [[{"role": "user", "content": content}]]
+                        if answer_format == "text_first":
+                            # this model names the option before its letter: score each option's answer line
+                            scores = choice_scores(loaded.model, loaded.tokenizer, prompt,
+                                                   [[text for _, text in options]], answer_format="text_first")
+                            return softmax(scores[0])
+                        return letter_probabilities(loaded.model, loaded.tokenizer, prompt, [len(letters)])[0]
                 finally:
                     state.model_lock.release()
             finally:
