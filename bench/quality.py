@@ -43,7 +43,7 @@ LETTER_FIRST_D2 = dict(tiny=dict(depth=2, n_head=2), data=dict(answer_format="le
                        train=dict(num_iterations=2200, eval_every=200), eval_max_new_tokens=16)
 D2, D3 = dict(tiny=dict(depth=2, n_head=2)), dict(tiny=dict(depth=3, n_head=4))
 STEPS_2200 = dict(train=dict(num_iterations=2200, eval_every=200))
-TEXT_FIRST = dict(data=dict(answer_format="text_first"), eval_max_new_tokens=64)
+TEXT_FIRST = dict(data=dict(answer_format="text_first"), eval_max_new_tokens=128)
 LETTER_FIRST = dict(data=dict(answer_format="letter_first"), eval_max_new_tokens=16)
 LETTER_AFTER = dict(data=dict(options_layout="letter_after"))
 

@@ -390,11 +390,25 @@ _LETTER_AFTER_PHRASE_RE = re.compile(r"[ \t]*:?[ \t]*(?:\(([A-Z])\)|\*\*([A-Z])\
 _LETTER_ALONE_RE = re.compile(r"\s*(?:\(([A-Z])\)|\*\*([A-Z])\*\*|([A-Z])(?=[.,:;)]|[ \t]*(?:\n|$)))")
 
 
-_TEXT_FIRST_RE = re.compile(r"[ \t]*:?[ \t]*([^\n]*?)[ \t]*\(([A-Z])\)\.?[ \t]*(?:\n|$)")
-
-
-def _same_text(a, b):
-    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+def _text_first_reply(text, choices, answer_prefix=ANSWER_PREFIX):
+    """What a text_first reply names: after the first answer phrase, an option's text (case
+    aside, any run of whitespace, newlines included where the option has one) followed by
+    "(X)" that ends a line (a final "." allowed). Returns the index of the option it names
+    (when options differ only in case, the one whose letter it gives, else the first) and
+    the letter; (None, None) when no option's text stands there."""
+    found = re.compile(re.escape(answer_prefix), re.IGNORECASE).search(text or "")
+    if found is None:
+        return None, None
+    named = []
+    for i, choice in enumerate(choices):
+        words = r"\s+".join(re.escape(word) for word in choice.split())
+        match = re.compile(r"[ \t]*:?[ \t]*(?i:" + words + r")[ \t]*\(([A-Z])\)\.?[ \t]*(?:\n|$)").match(
+            text, found.end())
+        if match:
+            named.append((i, match.group(1)))
+    if not named:
+        return None, None
+    return next(((i, letter) for i, letter in named if LETTERS[i] == letter), named[0])
 
 
 def text_first_breakdown(texts, records, answer_prefix=ANSWER_PREFIX):
@@ -403,15 +417,10 @@ def text_first_breakdown(texts, records, answer_prefix=ANSWER_PREFIX):
     knows the answer but cannot bind letters to options names texts with random letters."""
     names_option = letter_matches = 0
     for text, record in zip(texts, records, strict=True):
-        found = re.compile(re.escape(answer_prefix), re.IGNORECASE).search(text or "")
-        match = _TEXT_FIRST_RE.match(text, found.end()) if found else None
-        if match is None:
-            continue
-        choices = record["meta"]["choices"]
-        named = [i for i, choice in enumerate(choices) if _same_text(match.group(1), choice)]
-        if named:
+        named, letter = _text_first_reply(text, record["meta"]["choices"], answer_prefix)
+        if named is not None:
             names_option += 1
-            letter_matches += LETTERS[named[0]] == match.group(2)
+            letter_matches += LETTERS[named] == letter
     return {"names_an_option": names_option, "letter_matches_text": letter_matches}
 
 
@@ -428,8 +437,9 @@ def parse_answer(text, num_choices, answer_prefix=ANSWER_PREFIX, choices=None, a
     With answer_prefix "" (nanochat style): the reply must begin with such a lone letter.
 
     answer_format "text_first" (needs `choices`): the first "The correct answer is" must be
-    followed, on the same line, by an option's text and then "(X)" ending the line (a final
-    "." allowed), and the text must be option X's (spacing and case aside). A reply that names
+    followed by an option's text and then "(X)" ending the line (a final "." allowed), and the
+    text must be option X's (spacing and case aside; an option written over several lines may
+    be). A reply that names
     one option's text with another's letter, or a text that is no option, is invalid.
     """
     if text is None:
@@ -437,14 +447,8 @@ def parse_answer(text, num_choices, answer_prefix=ANSWER_PREFIX, choices=None, a
     if answer_format == "text_first" and answer_prefix:
         if choices is None:
             raise ValueError("parse_answer: the text_first format needs the question's choices")
-        found = re.compile(re.escape(answer_prefix), re.IGNORECASE).search(text)
-        match = _TEXT_FIRST_RE.match(text, found.end()) if found else None
-        if match is None:
-            return None
-        index = LETTERS.find(match.group(2))
-        if not 0 <= index < min(num_choices, len(choices)) or not _same_text(match.group(1), choices[index]):
-            return None
-        return index
+        named, letter = _text_first_reply(text, choices[:num_choices], answer_prefix)
+        return named if named is not None and LETTERS[named] == letter else None
     if answer_prefix:
         if answer_prefix != ANSWER_PREFIX:
             phrase = re.compile(re.escape(answer_prefix), re.IGNORECASE)

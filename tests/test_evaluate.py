@@ -546,6 +546,18 @@ def test_text_first_breakdown_counts_named_options_and_their_letters():
     assert ev.text_first_breakdown(texts, records) == {"names_an_option": 2, "letter_matches_text": 1}
 
 
+def test_parse_answer_text_first_multiline_and_prefix_options():
+    letters = ["Love,\nZoe", "love,\nZoe"]
+    assert ev.parse_answer("The correct answer is Love,\nZoe (A).", 2, choices=letters, answer_format="text_first") == 0
+    # options that differ only in case: the reply names the one whose letter it gives
+    assert ev.parse_answer("The correct answer is love,\nZoe (B).", 2, choices=letters, answer_format="text_first") == 1
+    assert ev.parse_answer("The correct answer is Love,\nZoe (C).", 2, choices=letters,
+                           answer_format="text_first") is None
+    stems = ["a tall stem", "a tall stem and leaves"]
+    reply = "The correct answer is a tall stem and leaves (B)."
+    assert ev.parse_answer(reply, 2, choices=stems, answer_format="text_first") == 1
+
+
 def test_parse_answer_text_first_needs_choices():
     with pytest.raises(ValueError, match="choices"):
         ev.parse_answer("The correct answer is ice (A).", 2, answer_format="text_first")
