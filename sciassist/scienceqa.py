@@ -5,7 +5,9 @@ Sources, one function (`load_scienceqa(source, split)`) and one CLI flag (`--sou
   hf      the Hugging Face hub dataset derek-thomas/ScienceQA, pinned to the revision the
           original project used. Images are never decoded (only whether one exists is read).
           Hub rows carry no problem id, so pid is "<split>-<row>" (e.g. "test-17").
-  sample  the small sample written for this repository, data/sample/ (lupantech layout).
+  sample  the small sample written for this repository, data/sample/questions.jsonl: one
+          question per line, the lupantech problem fields plus "pid", "split" and
+          "caption" (a directory holding such a questions.jsonl reads the same way).
   DIR     a directory in the lupantech layout: problems.json (pid -> record) and
           pid_splits.json (split -> ordered pids), optionally captions.json
           ({"captions": {pid: text}}), e.g. ../shared/scienceqa.
@@ -71,6 +73,7 @@ HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 12000, "val": 4000, "test": 4000}
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE_FILE = "questions.jsonl"
 IMAGE_MODES = ("caption", "keep", "drop")
 ANSWER_FORMATS = ("letter_first", "text_first")
 OPTIONS_LAYOUTS = ("letter_first", "letter_after")
@@ -199,6 +202,31 @@ def _load_dir(directory, split):
     return records
 
 
+@lru_cache(maxsize=2)
+def _read_sample(path, stamp):
+    """All records of a questions.jsonl (the sample's format), by split in file order."""
+    by_split = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScienceQAError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(raw, dict) or not raw.get("pid") or raw.get("split") not in SPLITS:
+                raise ScienceQAError(f"{path}:{lineno}: expected an object with a pid and a split "
+                                     f"({', '.join(SPLITS)})")
+            has_image = bool(raw["image"]) if "image" in raw else None
+            caption = raw.get("caption") if has_image else None
+            by_split.setdefault(raw["split"], []).append(_record(raw["pid"], raw["split"], raw, has_image, caption))
+    return by_split
+
+
+def _load_sample(path, split):
+    return list(_read_sample(str(path), _file_stamp(path)).get(split, []))
+
+
 def resolve_source(source):
     """'hf' stays 'hf'; 'sample' and directories become a Path; anything else is an error."""
     if source == "hf":
@@ -216,7 +244,13 @@ def load_scienceqa(source, split):
     """All records of one split, in the split's own order (hub row order = pid_splits
     order), including those with missing text: `skip_reason` tells which to leave out."""
     where = resolve_source(source)
-    return _load_hub(split) if where == "hf" else _load_dir(where, split)
+    if where == "hf":
+        return _load_hub(split)
+    if (where / SAMPLE_FILE).is_file() and not (where / "problems.json").exists():
+        if split not in SPLITS:
+            raise ScienceQAError(f"{where / SAMPLE_FILE}: no split {split!r} (has: {', '.join(SPLITS)})")
+        return _load_sample(where / SAMPLE_FILE, split)
+    return _load_dir(where, split)
 
 
 # ----------------------------------------------------------------------------- subsets

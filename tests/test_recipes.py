@@ -5,7 +5,7 @@ import pytest
 
 from sciassist import recipes
 from sciassist.conversations import read_conversations
-from sciassist.scienceqa import FormatOptions
+from sciassist.scienceqa import FormatOptions, load_scienceqa
 
 
 def raw_question(pid="1", choices=("cat", "dog", "fish"), answer=1):
@@ -96,7 +96,7 @@ def test_run_recipe_in_miniature(tmp_path, sample_dir):
     for key in ("accuracy", "generated_acc", "agreement", "invalid"):
         assert 0.0 <= val[key] <= 1.0
     assert 0 <= val["letter_matches_text"] <= val["names_an_option"] <= val["count"]
-    assert summary["counts"]["train"] == 2 * (len(json.loads((sample_dir / "pid_splits.json").read_text())["train"])
+    assert summary["counts"]["train"] == 2 * (len(load_scienceqa(str(sample_dir), "train"))
                                               - summary["counts"]["train_skipped"])
     assert 0 < summary["minutes"] < 5
     # the one test number of a finished run, without training again

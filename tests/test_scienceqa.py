@@ -221,11 +221,26 @@ def test_percentiles():
 
 # ----------------------------------------------------------------------------- local directories
 
+def test_sample_file_errors_name_their_line(tmp_path):
+    (tmp_path / sqa.SAMPLE_FILE).write_text('{"pid": "a", "split": "train", "question": "Q?"}\n{"pid": "b"}\n')
+    with pytest.raises(ScienceQAError, match=r"questions.jsonl:2: expected an object with a pid and a split"):
+        load_scienceqa(str(tmp_path), "train")
+    (tmp_path / sqa.SAMPLE_FILE).write_text('{"pid": "a",\n')
+    with pytest.raises(ScienceQAError, match=r"questions.jsonl:1: invalid JSON"):
+        load_scienceqa(str(tmp_path), "train")
+    (tmp_path / sqa.SAMPLE_FILE).write_text('{"pid": "a", "split": "train", "image": null}\n')
+    assert [r["pid"] for r in load_scienceqa(str(tmp_path), "train")] == ["a"]
+    assert load_scienceqa(str(tmp_path), "test") == []
+    with pytest.raises(ScienceQAError, match="no split 'dev'"):
+        load_scienceqa(str(tmp_path), "dev")
+
+
 def test_load_sample_splits():
     train, val, test = (load_scienceqa("sample", s) for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (42, 12, 12)
-    pid_splits = json.loads((sqa.SAMPLE_DIR / "pid_splits.json").read_text())
-    assert [r["pid"] for r in val] == pid_splits["val"]  # split order is kept
+    lines = (sqa.SAMPLE_DIR / sqa.SAMPLE_FILE).read_text().splitlines()
+    file_order = [json.loads(line)["pid"] for line in lines if json.loads(line)["split"] == "val"]
+    assert [r["pid"] for r in val] == file_order  # split order is kept
     missing = [r["pid"] for r in train if skip_reason(r) is not None]
     assert sorted(missing) == ["s065", "s066"]
     assert sum(r["hint"] is None for r in train) == 4  # the 2 text-less records + 2 unknown hints

@@ -296,8 +296,8 @@ def test_main(tmp_path, dataset, capsys):
 
 
 def test_bundled_sample_corpus_has_no_val_or_test_text():
-    from sciassist.scienceqa import SAMPLE_DIR, load_scienceqa
-    if not (SAMPLE_DIR / "problems.json").is_file():
+    from sciassist.scienceqa import SAMPLE_DIR, SAMPLE_FILE, load_scienceqa
+    if not (SAMPLE_DIR / SAMPLE_FILE).is_file():
         pytest.skip("data/sample not written yet")
     text = "\n".join(tiny.training_corpus("sample"))
     for split in ("val", "test"):
