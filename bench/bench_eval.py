@@ -24,7 +24,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from nanochat.gpt import GPT, config_for_depth  # noqa: E402
+from random_model import random_gpt  # noqa: E402
+
+from nanochat.gpt import config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist import evaluate as ev  # noqa: E402
 
@@ -37,16 +39,9 @@ def question_texts(records):
 
 def build_model(depth, vocab_size, tokenizer_vocab, device):
     config = config_for_depth(depth, vocab_size=vocab_size, sequence_len=2048)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(config)
-    model.init_weights()
+    model = random_gpt(config, device)
     with torch.no_grad():
-        # init_weights makes every block the identity (zero output projections); give them
-        # weights so the numbers are not special, then silence the padded vocabulary rows
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.02)
-            block.mlp.c_proj.weight.normal_(0, 0.02)
+        # logits that are not all equal, and none for the padded vocabulary rows
         model.lm_head.weight.normal_(0, 0.02)
         model.lm_head.weight[tokenizer_vocab:] = 0
     if device.type == "cuda":

@@ -39,7 +39,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from nanochat.gpt import GPT, GPTConfig, config_for_depth  # noqa: E402
+from random_model import random_gpt  # noqa: E402
+
+from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.batching import (  # noqa: E402
     padded_batches,
@@ -88,17 +90,7 @@ def build_model(args, tokenizer, device):
         heads = max(1, args.n_embd // 128)
         config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=args.n_layer,
                            n_head=heads, n_kv_head=heads, n_embd=args.n_embd)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(config)
-    model.init_weights()
-    # nanochat's init zeroes the output projections; a fine-tuned model does not have them
-    # at zero, and the benchmark should not measure a degenerate case
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.02)
-            block.mlp.c_proj.weight.normal_(0, 0.02)
-    return model
+    return random_gpt(config, device)
 
 
 class Loop:
