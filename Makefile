@@ -35,7 +35,7 @@ download: install ## fetch a published checkpoint (MODEL=d20|d32) into BASE_DIR
 	$(PY) -m sciassist.hub --model $(MODEL) --base_dir "$(BASE_DIR)"
 
 data: install ## write data/scienceqa_{train,val,test}.jsonl (SCIENCEQA=hf|sample|DIR)
-	$(PY) -m sciassist.scienceqa --source $(SCIENCEQA) --out data/ $(ARGS)
+	$(PY) -m sciassist.data.scienceqa --source $(SCIENCEQA) --out data/ $(ARGS)
 
 finetune: install ## fine-tune on one GPU (DATA=scienceqa or a JSONL file)
 	$(PY) sciassist_train.py --data_path $(DATA) --source $(SOURCE) --model_tag $(MODEL) --base_dir "$(BASE_DIR)" --output_tag $(OUTPUT_TAG) $(ARGS)
@@ -47,13 +47,13 @@ evaluate: install ## compare the base and the fine-tuned model on ScienceQA (SPL
 	$(PY) sciassist_evaluate.py --base $(SOURCE):$(MODEL) --base_dir "$(BASE_DIR)" --finetuned finetuned_model_checkpoint/$(OUTPUT_TAG) --split $(SPLIT) $(ARGS)
 
 chat: install ## talk to the latest fine-tuned model in the terminal
-	$(PY) -m sciassist.chat_cli --base_dir "$(BASE_DIR)" $(ARGS)
+	$(PY) -m sciassist.serve.chat_cli --base_dir "$(BASE_DIR)" $(ARGS)
 
 chat-web: install ## serve the chat page on http://127.0.0.1:8000
-	$(PY) -m sciassist.web --base_dir "$(BASE_DIR)" $(ARGS)
+	$(PY) -m sciassist.serve.web --base_dir "$(BASE_DIR)" $(ARGS)
 
 demo: install ## the whole pipeline in miniature, offline, on CPU (SCIENCEQA=sample|DIR)
-	$(PY) -m sciassist.demo --scienceqa $(if $(filter hf,$(SCIENCEQA)),sample,$(SCIENCEQA)) $(ARGS)
+	$(PY) -m sciassist.pipelines.demo --scienceqa $(if $(filter hf,$(SCIENCEQA)),sample,$(SCIENCEQA)) $(ARGS)
 
 notebook: install ## run the notebook in smoke mode with papermill (CPU, offline)
 	$(VENV)/bin/papermill sciassist-fine-tune.ipynb notebook_output.ipynb -p SMOKE True --cwd .

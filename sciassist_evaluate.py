@@ -6,7 +6,7 @@
 
 import sys
 
-from sciassist.evaluate import main
+from sciassist.eval.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

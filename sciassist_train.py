@@ -6,7 +6,7 @@ Recipes: `python sciassist_train.py --preset cpu --scienceqa DIR --out_dir DIR` 
 
 import sys
 
-from sciassist.train import main
+from sciassist.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main())

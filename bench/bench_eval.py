@@ -28,7 +28,7 @@ from random_model import random_gpt  # noqa: E402
 
 from nanochat.gpt import config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
-from sciassist import evaluate as ev  # noqa: E402
+from sciassist.eval import run as ev  # noqa: E402
 
 
 def question_texts(records):

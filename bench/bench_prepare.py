@@ -1,6 +1,6 @@
 """
 Time preparing the full ScienceQA (every split, every question) from a local lupantech
-directory, the way `python -m sciassist.scienceqa --source DIR --train_size all ...` does.
+directory, the way `python -m sciassist.data.scienceqa --source DIR --train_size all ...` does.
 
     python bench/bench_prepare.py [--source ../shared/scienceqa] [--tokenizer_dir DIR] [--repeat 3]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from anywhere
 
-from sciassist import scienceqa as sqa  # noqa: E402
+from sciassist.data import scienceqa as sqa  # noqa: E402
 
 
 def run_once(source, out_dir, tokenizer):

@@ -7,7 +7,7 @@ Fine-tuning throughput: padding-free packed batches vs nanochat's padded batches
 Both loops are the real training step (sciassist.train.accumulate_gradients + the Muon and
 AdamW steps) on the same optimizer steps of the ScienceQA train set (64 conversations
 each): "padded" is nanochat's batching (device_batch_size conversations right-padded to
-the longest), "packed" is sciassist.batching's. The steps are timed alternately, one of each
+the longest), "packed" is sciassist.data.batching's. The steps are timed alternately, one of each
 in turn, so load from other processes on a shared machine falls on both alike; the epoch
 time is the mean step time x steps per epoch. Token efficiency (real positions / processed
 positions) is computed over the whole epoch's plan.
@@ -43,7 +43,7 @@ from random_model import random_gpt  # noqa: E402
 
 from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
-from sciassist.batching import (  # noqa: E402
+from sciassist.data.batching import (  # noqa: E402
     padded_batches,
     plan_step,
     step_batches,
@@ -51,15 +51,15 @@ from sciassist.batching import (  # noqa: E402
     steps_per_epoch,
     tokenize_conversations,
 )
-from sciassist.train import accumulate_gradients, autocast_for, peak_flops, set_learning_rates  # noqa: E402
+from sciassist.train.loop import accumulate_gradients, autocast_for, peak_flops, set_learning_rates  # noqa: E402
 
 SHARED_SCIENCEQA = REPO_ROOT.parent / "shared" / "scienceqa"
 
 
 def load_records(data):
     """Formatted conversations and where they came from."""
-    from sciassist import scienceqa as sqa
-    from sciassist.conversations import read_conversations
+    from sciassist.data import scienceqa as sqa
+    from sciassist.data.conversations import read_conversations
     if data:
         return read_conversations(data), data
     prepared = REPO_ROOT / "data" / "scienceqa_train.jsonl"

@@ -4,7 +4,7 @@ The recipe study: which choices make the small pipeline models good at ScienceQA
     .venv/bin/python bench/quality.py --scienceqa ../shared/scienceqa --out_dir /tmp/quality \
         --variants recipe,textfirst_d3,letterfirst_d3 --jobs 2
 
-Each variant is the `cpu` recipe (sciassist.recipes) with a few fields changed; it is
+Each variant is the `cpu` recipe (sciassist.pipelines.recipes) with a few fields changed; it is
 trained on the train split and scored on the fixed val selection subset (the first
 --eval_limit questions of the seed-42 permutation of val). The test split is never read
 here. Variants with the same tiny-base settings share one base (trained once, first).
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sciassist.recipes import _base_key, build_base, get_recipe, run_recipe  # noqa: E402
+from sciassist.pipelines.recipes import _base_key, build_base, get_recipe, run_recipe  # noqa: E402
 
 
 def merged(*overrides):

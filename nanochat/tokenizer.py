@@ -117,7 +117,7 @@ def load_encoding(path):
 
 
 # -----------------------------------------------------------------------------
-# Conversation validation (shared with sciassist.conversations, which adds file:line)
+# Conversation validation (shared with sciassist.data.conversations, which adds file:line)
 
 def _messages_of(conversation):
     if isinstance(conversation, dict):

@@ -1,0 +1,398 @@
+"""
+Recipes: the whole small-model pipeline (data -> tokenizer + tiny base -> fine-tune ->
+evaluation) as named presets, so a measured result can be reproduced with one call.
+
+    python -m sciassist.pipelines.recipes --preset cpu --scienceqa ../shared/scienceqa --out_dir runs/cpu
+    python -m sciassist.pipelines.recipes --preset cpu --scienceqa DIR --out_dir DIR2 --split test
+
+A preset is plain data: TinySettings overrides (tokenizer + base pretraining), TrainSettings
+overrides (the fine-tune) and FormatOptions overrides (how a question is written), plus the
+few data choices no other module makes:
+
+- shuffled_copies: every training question is written 1 + N times, each extra copy with its
+  options in a fresh seeded order (the answer letter moves with its option). A tiny model
+  otherwise learns which letter tends to be right for a question type instead of reading
+  the options; with the copies it can only lower its loss by matching the option text.
+- The validation split is used twice, on disjoint questions: the first `eval_limit`
+  questions of the seeded permutation (seed 42, the rows the hub's shuffle picks) are the
+  selection set that recipes are compared on; the next `sft_val_size` are the fine-tune's
+  validation loss (which picks the kept checkpoint). Test is evaluated only when asked.
+
+- Scoring: letter scoring (the project's headline) and, with choice_scoring, also
+  `--scoring choice` (each option's whole answer line " <L>. <option>"), in eval_<split>/
+  and eval_<split>_choice/. A tiny model learns which option text is right well before it
+  can name the letter, so the two differ a lot (measured: notes/quality).
+
+Nothing from val or test reaches the tokenizer or the base model (sciassist.pipelines.tiny reads the
+train split only). out_dir/data holds ScienceQA text (CC BY-NC-SA): keep out_dir outside
+the repository or in an ignored folder.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sciassist.data.conversations import write_conversations
+from sciassist.data.scienceqa import FormatOptions, format_record, load_scienceqa, select_subset, skip_reason
+
+SPLITS_FOR_EVAL = ("val", "test")
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    tiny: dict = field(default_factory=dict)      # TinySettings overrides (out_base_dir/scienceqa are set here)
+    train: dict = field(default_factory=dict)     # TrainSettings overrides (paths are set here)
+    data: dict = field(default_factory=dict)      # FormatOptions overrides
+    shuffled_copies: int = 0                      # extra training copies with the options reordered
+    sft_val_size: int = 256                       # val questions for the fine-tune's validation loss
+    eval_limit: int | None = 1000                 # val questions recipes are compared on (None: all)
+    eval_max_new_tokens: int = 16                 # letter_first: "The correct answer is X." fits in 16 tokens
+    choice_scoring: bool = True                   # also score with --scoring choice (eval_<split>_choice/)
+    max_minutes: float = 30.0                     # hard stop of the fine-tune (the schedule is set by steps)
+    tested: bool = True
+
+
+# The CPU recipe, chosen on val with bench/quality.py (bench/RESULTS.md). A model this small,
+# trained from nothing, learns which option TEXT answers a question long before it can name
+# the option's letter. So its reply names the option first ("The correct answer is <option>
+# (B)."), and the letter is then a copy from the options above: a copy that a depth-3 model
+# learns after about 2,300 fine-tuning steps at full learning rate (depth 2 never did, nor did
+# a shorter schedule). Scored by choice (each option's whole answer line); the greedy reply
+# is parsed strictly (its text must be its letter's option).
+CPU = Recipe(
+    name="cpu",
+    description="depth 3 / width 128 / 4 heads / vocab 2048 tiny base (5 min of train-split text), then "
+                "answer-only fine-tuning on option-shuffled copies, the option named before its letter; "
+                "about 27 minutes on 2 CPU cores",
+    tiny=dict(vocab_size=2048, depth=3, n_embd=128, n_head=4, sequence_len=512, device_batch_size=8,
+              max_minutes=5.0),
+    train=dict(max_seq_len=512, pack_len=512, device_batch_size=16, target_examples_per_step=32,
+               matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, init_lr_frac=0.5,
+               num_iterations=4000, eval_every=400, eval_steps=16, save_every=0),
+    data=dict(system_prompt="", include_explanation=False, include_background=False, answer_format="text_first"),
+    shuffled_copies=3,
+    eval_max_new_tokens=128,  # the longest answer lines (whole-sentence options) run to about 100 tokens here
+    max_minutes=23.0,
+)
+
+# A GPU preset: NOT RUN (no GPU was lent while the CPU recipe was measured); a starting
+# point, not a result. Depth 12 (768 wide, about 110M parameters with a 16k vocabulary) from
+# scratch. The train split is only about 1M tokens of text, so the budgets are in steps (about
+# 10 passes over the base text, 8 over the questions), not minutes: a fast GPU would
+# otherwise spend its time memorising. Expected to take well under 15 minutes on one H100.
+# Answers name the option first, as in the CPU recipe.
+GPU = Recipe(
+    name="gpu",
+    description="UNTESTED: depth 12 from scratch on one GPU (about 10 passes of base text, 8 of questions)",
+    tiny=dict(vocab_size=16384, depth=12, sequence_len=1024, device_batch_size=32, steps=300),
+    train=dict(max_seq_len=1024, pack_len=1024, device_batch_size=32, target_examples_per_step=64,
+               matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, init_lr_frac=0.5,
+               num_iterations=1500, eval_every=250, eval_steps=8, save_every=0),
+    data=dict(system_prompt="", include_explanation=False, include_background=False, answer_format="text_first"),
+    shuffled_copies=3,
+    eval_max_new_tokens=128,
+    eval_limit=1000,
+    max_minutes=12.0,
+    tested=False,
+)
+
+RECIPES = {r.name: r for r in (CPU, GPU)}
+
+
+class RecipeError(ValueError):
+    """An unknown preset or a bad override; the message says what is accepted."""
+
+
+def get_recipe(name, **overrides):
+    """The preset `name`, with dataclass fields replaced and dict fields (tiny, train,
+    data) updated key by key: get_recipe("cpu", train={"num_iterations": 10})."""
+    if name not in RECIPES:
+        raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise RecipeError(f"unknown recipe field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    changes = {}
+    for key, value in overrides.items():
+        current = getattr(recipe, key)
+        changes[key] = {**current, **value} if isinstance(current, dict) else value
+    return replace(recipe, **changes)
+
+
+# ----------------------------------------------------------------------------- data
+
+def shuffled_copy(record, rng):
+    """The raw record with its options in a random order and the answer index following
+    its option. With two options this is a coin flip, so about half the copies keep the
+    original order; that is intended (the letter must carry no information)."""
+    order = list(range(len(record["choices"])))
+    rng.shuffle(order)
+    return {**record, "choices": [record["choices"][i] for i in order], "answer": order.index(record["answer"])}
+
+
+def training_records(raw, options, shuffled_copies=0, seed=42):
+    """Formatted training conversations: every usable question once in its own order, then
+    `shuffled_copies` more passes with reordered options. Returns (records, skipped count)."""
+    usable = [r for r in raw if skip_reason(r, options) is None]
+    records = [format_record(r, options) for r in usable]
+    rng = random.Random(seed)
+    for _ in range(shuffled_copies):
+        records.extend(format_record(shuffled_copy(r, rng), options) for r in usable)
+    return records, len(raw) - len(usable)
+
+
+def prepare_recipe_data(recipe, scienceqa, data_dir, splits=("val",), seed=42):
+    """Write the recipe's files into data_dir: scienceqa_train.jsonl (with the shuffled
+    copies), sft_val.jsonl (the fine-tune's validation loss) and eval_<split>.jsonl for each
+    split in `splits` (val: the first eval_limit questions of the seeded permutation, disjoint
+    from sft_val; test: all of it). Returns {name: path} and counts."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    options = FormatOptions(**recipe.data)
+    counts = {}
+    train, skipped = training_records(load_scienceqa(scienceqa, "train"), options, recipe.shuffled_copies, seed)
+    paths = {"train": data_dir / "scienceqa_train.jsonl"}
+    write_conversations(paths["train"], train)
+    counts["train"] = len(train)
+    counts["train_skipped"] = skipped
+
+    val = [r for r in select_subset(load_scienceqa(scienceqa, "val"), None, seed) if skip_reason(r, options) is None]
+    n_eval = len(val) if recipe.eval_limit is None else min(recipe.eval_limit, len(val))
+    # the fine-tune's validation questions come after the selection set; on a split too small
+    # for both (the bundled sample) they overlap rather than leave one empty
+    sft_val = val[n_eval:n_eval + recipe.sft_val_size] or val[:recipe.sft_val_size]
+    paths["sft_val"] = data_dir / "sft_val.jsonl"
+    write_conversations(paths["sft_val"], [format_record(r, options) for r in sft_val])
+    counts["sft_val"] = len(sft_val)
+    for split in splits:
+        if split not in SPLITS_FOR_EVAL:
+            raise RecipeError(f"evaluate_split must be one of {', '.join(SPLITS_FOR_EVAL)}, got {split!r}")
+        if split == "val":
+            chosen = val[:n_eval]
+        else:
+            chosen = [r for r in load_scienceqa(scienceqa, split) if skip_reason(r, options) is None]
+        paths[f"eval_{split}"] = data_dir / f"eval_{split}.jsonl"
+        write_conversations(paths[f"eval_{split}"], [format_record(r, options) for r in chosen])
+        counts[f"eval_{split}"] = len(chosen)
+    return paths, counts
+
+
+# ----------------------------------------------------------------------------- running
+
+def _base_key(recipe, scienceqa):
+    text = json.dumps({"tiny": recipe.tiny, "scienceqa": str(scienceqa)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_base(recipe, scienceqa, base_dir, progress=False):
+    """Tokenizer + tiny base for the recipe in base_dir, reused when base_dir already holds
+    one made with the same settings (a study that varies only the fine-tune trains it once).
+    Returns (summary, reused)."""
+    from sciassist.pipelines.tiny import MARKER_FILE, TinySettings, train_tiny
+
+    base_dir = Path(base_dir)
+    key = _base_key(recipe, scienceqa)
+    key_file = base_dir / "recipe_base_key.txt"
+    if key_file.is_file() and key_file.read_text().strip() == key and (base_dir / MARKER_FILE).is_file():
+        return json.loads((base_dir / MARKER_FILE).read_text()), True
+    settings = TinySettings(out_base_dir=str(base_dir), scienceqa=str(scienceqa), progress=progress,
+                            **recipe.tiny)
+    summary = train_tiny(settings)
+    summary.pop("losses", None)
+    key_file.write_text(key + "\n")
+    return summary, False
+
+
+def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None, progress=False,
+               evaluate_only=False, **overrides):
+    """data -> tiny base -> fine-tune -> evaluation for the preset `name` (with overrides,
+    see get_recipe). Everything goes under out_dir: data/, base/ (unless base_dir is given),
+    sft/<name>/, eval_<split>/ and recipe_summary.json. evaluate_split: "val" (the selection
+    subset), "test" (the whole test split: for the final number only), "both" or None.
+    evaluate_only: evaluate the finished run already in out_dir (same preset and overrides)
+    instead of training again: how a recipe chosen on val gets its one test number.
+    Returns the summary dict."""
+    from sciassist.train.loop import TrainSettings, train
+
+    started = time.time()
+    recipe = get_recipe(name, **overrides)
+    out_dir = Path(out_dir)
+    splits = {"val": ("val",), "test": ("test",), "both": ("val", "test"), None: ()}.get(evaluate_split)
+    if splits is None:
+        raise RecipeError(f"evaluate_split must be val, test, both or None, got {evaluate_split!r}")
+    if evaluate_only:
+        return _evaluate_finished(recipe, scienceqa_dir, out_dir, splits)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    t0 = time.time()
+    paths, counts = prepare_recipe_data(recipe, scienceqa_dir, out_dir / "data", splits)
+    timings["data_s"] = time.time() - t0
+
+    t0 = time.time()
+    base_dir = Path(base_dir) if base_dir is not None else out_dir / "base"
+    base, reused = build_base(recipe, scienceqa_dir, base_dir, progress)
+    timings["base_s"] = 0.0 if reused else time.time() - t0
+
+    t0 = time.time()
+    settings = TrainSettings(**{
+        "data_path": str(paths["train"]), "val_path": str(paths["sft_val"]), "source": "base",
+        "base_dir": str(base_dir), "output_dir": str(out_dir / "sft"), "output_tag": recipe.name,
+        "num_epochs": 1, **recipe.train})
+    deadline = time.time() + recipe.max_minutes * 60
+
+    def stop_at_deadline(record):
+        # a safety net on a slow machine: the kept checkpoint is the best one evaluated so far
+        if time.time() > deadline:
+            raise KeyboardInterrupt
+
+    training = train(settings, on_step=stop_at_deadline)
+    timings["finetune_s"] = time.time() - t0
+
+    evaluations = _evaluate_splits(recipe, paths, settings.run_dir(), out_dir, splits, timings)
+    timings["total_s"] = time.time() - started
+    summary = {
+        "recipe": dataclasses.asdict(recipe),
+        "counts": counts,
+        "base": {k: base.get(k) for k in ("num_params", "vocab_size", "step", "epochs", "val_bpb", "train_seconds",
+                                          "tokens_per_s")},
+        "base_reused": reused,
+        "finetune": {k: training.get(k) for k in ("status", "best_checkpoint", "steps_done", "num_steps",
+                                                  "best_step", "best_val_loss", "train_conversations",
+                                                  "truncated", "elapsed_s")},
+        "evaluation": evaluations,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "minutes": round(timings["total_s"] / 60, 2),
+        "out_dir": str(out_dir),
+    }
+    (out_dir / "recipe_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings):
+    """Evaluate the fine-tune in run_dir on each split's eval file; returns {split: headline}."""
+    from sciassist.eval.run import EvalSettings, evaluate
+
+    evaluations = {}
+    for split in splits:
+        t0 = time.time()
+        eval_settings = EvalSettings(finetuned=str(run_dir), data_path=str(paths[f"eval_{split}"]),
+                                     split=split, train_path=str(paths["train"]),
+                                     out_dir=str(out_dir / f"eval_{split}"),
+                                     max_new_tokens=recipe.eval_max_new_tokens, num_samples=3, sample_max_tokens=32)
+        result = evaluate(eval_settings)
+        evaluations[split] = headline(result)
+        if recipe.choice_scoring and result["settings"]["scoring"] == "letter":
+            choice_settings = replace(eval_settings, scoring="choice", generate=False, num_samples=0,
+                                      out_dir=str(out_dir / f"eval_{split}_choice"))
+            evaluations[split].update(choice_headline(evaluate(choice_settings), result))
+        timings[f"eval_{split}_s"] = time.time() - t0
+    return evaluations
+
+
+# what decides the trained model and the evaluation files (not descriptions or time limits)
+TRAINING_FIELDS = ("tiny", "train", "data", "shuffled_copies", "sft_val_size", "eval_limit")
+
+
+def _evaluate_finished(recipe, scienceqa_dir, out_dir, splits):
+    """evaluate_only: the run in out_dir must be this recipe's, finished; its summary gains
+    the new splits' evaluations (earlier ones are kept)."""
+    summary_path = out_dir / "recipe_summary.json"
+    if not summary_path.is_file():
+        raise RecipeError(f"{summary_path}: no finished recipe run here to evaluate (run it first, without "
+                          f"--evaluate_only)")
+    summary = json.loads(summary_path.read_text())
+    trained = {k: summary.get("recipe", {}).get(k) for k in TRAINING_FIELDS}
+    if trained != json.loads(json.dumps({k: getattr(recipe, k) for k in TRAINING_FIELDS}, default=str)):
+        raise RecipeError(f"{out_dir} holds a run of other recipe settings ({summary.get('recipe', {}).get('name')}); "
+                          f"evaluate it with the settings it was trained with")
+    run_dir = out_dir / "sft" / recipe.name
+    if not any(run_dir.glob("model_*.pt")):
+        raise RecipeError(f"{run_dir}: no fine-tuned checkpoint to evaluate")
+    paths, counts = prepare_recipe_data(recipe, scienceqa_dir, out_dir / "data", splits)
+    timings = {}
+    summary["evaluation"].update(_evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings))
+    summary["counts"].update(counts)
+    summary["timings"].update({k: round(v, 1) for k, v in timings.items()})
+    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def headline(result):
+    """The numbers a study row needs from an evaluate() summary: the scoring rule and its
+    accuracy (also under "<rule>_acc"), generated accuracy, agreement with the scored answer,
+    invalid share (fractions) and the question count."""
+    rows = {row["name"]: row for row in result["table"]["rows"]}
+    generation = result["generation"]["finetuned"] or {}
+    scoring = result["settings"].get("scoring", "letter")
+    accuracy = rows["finetuned"]["cells"]["Avg"]["accuracy"] / 100
+    return {
+        "count": result["data"]["count"],
+        "scoring": scoring,
+        "accuracy": accuracy,
+        f"{scoring}_acc": accuracy,
+        "generated_acc": generation.get("accuracy"),
+        "agreement": generation.get("agreement"),
+        "invalid": (generation["invalid"] / generation["count"]) if generation else None,
+        **{key: generation[key] for key in ("names_an_option", "letter_matches_text") if key in generation},
+        "out_dir": result["settings"]["out_dir"],
+    }
+
+
+def _per_question(out_dir):
+    path = Path(out_dir) / "per_question_finetuned.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def choice_headline(choice_result, letter_result):
+    """Choice-scoring accuracy, and how often the greedy reply (from the letter run) names
+    the option choice scoring picks."""
+    choice = _per_question(choice_result["settings"]["out_dir"])
+    letter = _per_question(letter_result["settings"]["out_dir"])
+    if [q["pid"] for q in choice] != [q["pid"] for q in letter]:
+        raise RecipeError("choice and letter evaluations cover different questions")
+    agree = [c["prediction"] == q.get("generated_prediction") for c, q in zip(choice, letter, strict=True)]
+    return {"choice_acc": sum(c["correct"] for c in choice) / len(choice),
+            "choice_generated_agreement": sum(agree) / len(agree) if letter and "generated_prediction" in letter[0]
+            else None,
+            "choice_out_dir": choice_result["settings"]["out_dir"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sciassist.pipelines.recipes",
+                                description="Run a whole recipe: data -> tiny base -> fine-tune -> evaluation.")
+    p.add_argument("--preset", default="cpu", choices=sorted(RECIPES))
+    p.add_argument("--scienceqa", required=True, help="ScienceQA directory (lupantech layout) or 'sample'")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--split", default="val", choices=["val", "test", "both", "none"],
+                   help="what to evaluate on (test: only for a final number)")
+    p.add_argument("--evaluate_only", action="store_true",
+                   help="evaluate the finished run in --out_dir on --split instead of training (the one test number "
+                        "of a recipe chosen on val)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default 2; on a machine other jobs keep busy, 1 can be faster)")
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    try:
+        summary = run_recipe(args.preset, args.scienceqa, args.out_dir,
+                             evaluate_split=None if args.split == "none" else args.split, progress=True,
+                             evaluate_only=args.evaluate_only)
+    except (RecipeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"minutes": summary["minutes"], "evaluation": summary["evaluation"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

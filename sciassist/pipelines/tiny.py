@@ -1,0 +1,496 @@
+"""
+A tiny base model trained offline: a stand-in for the published d20/d32, not a replacement.
+
+    python -m sciassist.pipelines.tiny --out_base_dir DIR [--scienceqa sample|DIR|hf] [--vocab_size V]
+                             [--depth 4] [--n_embd C --n_head H] [--max_minutes 1.5 | --steps N]
+
+It trains a small BPE tokenizer (rustbpe) and pretrains a small nanochat GPT with a plain
+language-model loss on the TRAINING split's text only (captions, hints, questions, choices,
+solutions, lectures), and saves both in nanochat's layout:
+
+    DIR/tokenizer/{tokenizer.pkl, token_bytes.pt}
+    DIR/base_checkpoints/d<depth>/model_<step>.pt + meta_<step>.json   (val_bpb on val text)
+    DIR/tiny_base.json                                                  (what was done)
+
+so that `nanochat.checkpoint.load_model_from(DIR, "base")` loads it and the fine-tuning,
+evaluation and chat code can run end to end with no network and no GPU (`make demo`, the
+tests). A few minutes of CPU on a few hundred thousand tokens gives a model that has
+learned ScienceQA's words and layout and nothing else: it knows no science, and
+fine-tuning results on it say nothing about d20/d32. For real results download those
+(`make download`).
+
+Choices, and why:
+- Validation and test text never reach the tokenizer or the model, so a fine-tune evaluated
+  on them is not flattered by the base having read them.
+- Lectures repeat across questions (232 distinct ones over 12,726 training questions), so
+  each is used once; otherwise they would be a third of the text, memorised many times over.
+- Vocabulary: --vocab_size is used as given. Left out, it is 4,096 capped at about one
+  token per 64 bytes of training text (a power of two, at least 512; smaller only if the
+  text cannot fill 512): the bundled sample is too small for 4,096 tokens to each be seen
+  often enough to learn an embedding. The full training split gets 4,096.
+- Documents start with <|bos|> and are concatenated into rows (nanochat's base training
+  layout); the learning rate is constant, then decays linearly to 0 over the last
+  `warmdown_ratio` of the steps.
+- At most --max_epochs (4) passes over the training text: on the bundled sample (7k tokens)
+  val_bpb is lowest after 3-4 passes and then rises as the model memorises the 40
+  questions, so a longer run only makes a worse stand-in. On the full training split
+  (0.9M tokens) the time budget ends the run long before.
+- Deterministic: everything is seeded. With --steps N two runs give the same weights
+  (--steps ignores --max_epochs). Otherwise N is the epoch cap, or fewer when the time
+  budget is too short: estimated from the speed of the steps so far and fixed when the
+  warmdown starts; since the learning rate is constant until then, the result is the one
+  `--steps N` gives (N is in the meta). When the epoch cap binds (the sample on a machine
+  that is not overloaded) N does not depend on the machine at all.
+  The time budget covers everything up to the final evaluation and save; a run whose
+  budget ends before the warmdown could start (or whose speed changed a lot) keeps the
+  schedule it actually used in the meta (user_config.steps, user_config.warmdown_from).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanochat.checkpoint import save_checkpoint
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from sciassist.data.scienceqa import LETTERS, ScienceQAError, load_scienceqa
+
+DEFAULT_VOCAB_SIZE = 4096
+BYTES_PER_VOCAB_ENTRY = 64  # auto vocab: at most one token per this many bytes of training text
+MIN_AUTO_VOCAB_SIZE = 512
+MARKER_FILE = "tiny_base.json"  # marks a base dir written by this module (safe to overwrite)
+
+
+@dataclass
+class TinySettings:
+    out_base_dir: str
+    scienceqa: str = "sample"  # sample | DIR (lupantech layout) | hf
+    vocab_size: int | None = None  # None: automatic (see the module docstring)
+    depth: int = 4
+    n_embd: int | None = None  # None: nanochat's 64 * depth
+    n_head: int | None = None  # None: heads of 128 channels
+    sequence_len: int = 512
+    device_batch_size: int = 8
+    steps: int | None = None  # exact number of optimizer steps; else max_epochs / max_minutes decide
+    max_epochs: float | None = 4.0  # passes over the training text (see the module docstring)
+    max_minutes: float = 1.5
+    warmdown_ratio: float = 0.2
+    matrix_lr: float = 0.02  # nanochat's base-training learning rates
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    val_rows: int = 16  # rows of sequence_len tokens of val text for val_bpb
+    seed: int = 42
+    device: str | None = None  # None: cuda if available, else cpu
+    threads: int | None = None  # CPU threads while training (None: torch's setting); see train_tiny
+    overwrite: bool = False
+    progress: bool = True
+
+
+class TinyError(Exception):
+    """A run that cannot start; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- text
+
+def record_document(record):
+    """One raw ScienceQA record as one plain-text document ("" when it has no question).
+
+    Laid out as the fine-tuning prompt is (context, question, lettered choices), followed by
+    the solution and the lecture. The answer line is left out: teaching the answer format is
+    the fine-tune's job.
+    """
+    if not record.get("question"):
+        return ""
+    parts = []
+    if record.get("hint"):
+        parts.append(f"Context: {record['hint'].strip()}")
+    if record.get("caption"):
+        parts.append(f"Image: {record['caption'].strip()}")
+    parts.append(record["question"].strip())
+    choices = record.get("choices") or []
+    if choices:
+        parts.append("\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices[:len(LETTERS)])))
+    if record.get("solution"):
+        parts.append(record["solution"].strip())
+    if record.get("lecture"):
+        parts.append(record["lecture"].strip())
+    return "\n\n".join(parts)
+
+
+def corpus_documents(records):
+    """Documents of a list of records: one per record with a question, each lecture kept
+    only the first time it appears (see the module docstring)."""
+    seen_lectures = set()
+    documents = []
+    for record in records:
+        lecture = record.get("lecture")
+        if lecture and lecture in seen_lectures:
+            record = {**record, "lecture": None}
+        elif lecture:
+            seen_lectures.add(lecture)
+        document = record_document(record)
+        if document:
+            documents.append(document)
+    return documents
+
+
+def training_corpus(source):
+    """The documents the tokenizer and the model are trained on: the train split only."""
+    return corpus_documents(load_scienceqa(source, "train"))
+
+
+def choose_vocab_size(documents, requested=None):
+    """`requested` as given, else 4,096 capped by the text's size (module docstring)."""
+    if requested is not None:
+        return requested
+    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    cap = 2 ** int(math.log2(max(1, n_bytes // BYTES_PER_VOCAB_ENTRY)))
+    return max(MIN_AUTO_VOCAB_SIZE, min(DEFAULT_VOCAB_SIZE, cap))
+
+
+def train_tokenizer(documents, vocab_size, exact=True):
+    """rustbpe on `documents`. With exact=False a vocab the text cannot fill is shrunk by a
+    quarter until it can (automatic sizing on a very small text); 256 bytes + the specials
+    always can. With exact=True that is an error."""
+    smallest = 256 + len(SPECIAL_TOKENS)
+    while True:
+        try:
+            return Tokenizer.train_from_iterator(documents, vocab_size)
+        except ValueError as e:
+            if exact or vocab_size <= smallest:
+                raise TinyError(f"cannot train a {vocab_size}-token tokenizer: {e}") from e
+            smaller = max(smallest, vocab_size * 3 // 4)
+            print(f"note: the training text is too small for {vocab_size} tokens; trying {smaller}")
+            vocab_size = smaller
+
+
+# ----------------------------------------------------------------------------- batches
+
+def token_stream(token_docs, seed):
+    """Endless token ids: documents in a fresh seeded order each epoch, concatenated.
+    Yields (token, epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        for i in torch.randperm(len(token_docs), generator=generator).tolist():
+            for token in token_docs[i]:
+                yield token, epoch
+        epoch += 1
+
+
+def batches(token_docs, batch_size, seq_len, seed):
+    """Endless (inputs, targets, epoch): B*T+1 consecutive stream tokens, targets shifted by
+    one, so every token is used once per epoch (nanochat's base-training layout)."""
+    stream = token_stream(token_docs, seed)
+    carry = None  # the last target of a batch is the first input of the next
+    while True:
+        need = batch_size * seq_len + (1 if carry is None else 0)
+        chunk = [] if carry is None else [carry]
+        epoch = 0
+        for _ in range(need):
+            token, epoch = next(stream)
+            chunk.append(token)
+        carry = chunk[-1]
+        buf = torch.tensor(chunk, dtype=torch.long)
+        yield buf[:-1].view(batch_size, seq_len), buf[1:].view(batch_size, seq_len), epoch
+
+
+def eval_rows(token_docs, seq_len, max_rows):
+    """Up to max_rows rows of seq_len+1 tokens of the documents in their given order (the
+    same rows every time, so val_bpb is comparable between runs). (N, T+1) long or None."""
+    flat = [t for doc in token_docs for t in doc]
+    n = min(max_rows, len(flat) // (seq_len + 1))
+    if n == 0:
+        return None
+    return torch.tensor(flat[:n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
+
+
+@torch.no_grad()
+def bits_per_byte(model, rows, token_bytes, batch_size=8):
+    """nanochat's val_bpb: summed loss over target tokens that are text (bytes > 0), divided by
+    ln 2 times their total UTF-8 bytes. Independent of the vocabulary size."""
+    device = model.get_device()
+    token_bytes = token_bytes.to(device)
+    total_nats, total_bytes = 0.0, 0
+    for i in range(0, rows.size(0), batch_size):
+        row = rows[i:i + batch_size].to(device)
+        losses = model(row[:, :-1], row[:, 1:], loss_reduction="none")
+        nbytes = token_bytes[row[:, 1:]]
+        total_nats += (losses.float() * (nbytes > 0)).sum().item()
+        total_bytes += nbytes.sum().item()
+    return total_nats / (math.log(2) * total_bytes) if total_bytes else float("nan")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def warmdown_start(num_steps, warmdown_ratio):
+    """The step at which a run of num_steps starts to decay its learning rate."""
+    return int(round((1 - warmdown_ratio) * num_steps))
+
+
+def lr_multiplier(step, num_steps, warmdown_from):
+    """1 before step `warmdown_from`, then linear down to 0 at num_steps."""
+    if step < warmdown_from:
+        return 1.0
+    return max(0.0, (num_steps - step) / max(1, num_steps - warmdown_from))
+
+
+# ----------------------------------------------------------------------------- output dir
+
+def _prepare_out_dir(base_dir, overwrite):
+    """Refuse to overwrite a tokenizer that is not ours (e.g. a published model's, which its
+    checkpoints need), and clear our own earlier output: an older model_<step> with a larger
+    step, or a deeper d<N>, would otherwise be picked by load_model_from instead of the new one."""
+    base_dir = Path(base_dir)
+    ours = (base_dir / MARKER_FILE).is_file()
+    if (base_dir / "tokenizer").exists() and not ours and not overwrite:
+        raise TinyError(f"{base_dir / 'tokenizer'} already exists and was not written by sciassist.pipelines.tiny "
+                        f"(it may belong to a published model); use an empty --out_base_dir or pass --overwrite")
+    if ours or overwrite:
+        for name in ("tokenizer", "base_checkpoints", MARKER_FILE):
+            path = base_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    base_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _model_config(settings, vocab_size):
+    config = config_for_depth(settings.depth, vocab_size=vocab_size, sequence_len=settings.sequence_len)
+    if settings.n_embd is not None:
+        config.n_embd = settings.n_embd
+    if settings.n_head is not None:
+        config.n_head = config.n_kv_head = settings.n_head
+    elif settings.n_embd is not None:
+        config.n_head = config.n_kv_head = max(1, math.ceil(config.n_embd / 128))
+    if config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
+        raise TinyError(f"n_embd {config.n_embd} must split into {config.n_head} heads of an even size "
+                        f"(rotary embeddings rotate pairs of channels)")
+    return config
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_tiny(settings):
+    """Train the tokenizer and the model, save them under settings.out_base_dir. Returns a
+    summary dict (also written to <out_base_dir>/tiny_base.json, without the loss list).
+
+    settings.threads sets torch's CPU threads for the run only. On a machine whose cores are
+    already busy, fewer threads are faster: on 2 shared cores under a load of ~6, a depth-4
+    step took 3 s with 1 thread and 5.5-6 s with 2 (which spin waiting for each other)."""
+    previous_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _train_tiny(settings)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_tiny(settings):
+    t_start = time.time()
+    s = settings
+    if s.steps is None and not s.max_minutes > 0:
+        raise TinyError("give --steps N or a positive --max_minutes")
+    if s.steps is not None and s.steps < 1:
+        raise TinyError(f"--steps must be at least 1, got {s.steps}")
+    if s.max_epochs is not None and not s.max_epochs > 0:
+        raise TinyError(f"max_epochs must be positive, got {s.max_epochs}")
+    if not 0 <= s.warmdown_ratio <= 1:
+        raise TinyError(f"warmdown_ratio must be in [0, 1], got {s.warmdown_ratio}")
+    base_dir = Path(s.out_base_dir).expanduser()
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    try:
+        train_docs = training_corpus(s.scienceqa)
+    except ScienceQAError as e:
+        raise TinyError(str(e)) from e
+    if not train_docs:
+        raise TinyError(f"ScienceQA source {s.scienceqa!r} has no training text")
+    try:
+        val_docs = corpus_documents(load_scienceqa(s.scienceqa, "val"))
+    except ScienceQAError:
+        val_docs = []  # a directory without a val split: no val_bpb, not an error
+    _prepare_out_dir(base_dir, s.overwrite)
+
+    vocab_size = choose_vocab_size(train_docs, s.vocab_size)
+    tokenizer = train_tokenizer(train_docs, vocab_size, exact=s.vocab_size is not None)
+    vocab_size = tokenizer.get_vocab_size()
+    bos = tokenizer.get_bos_token_id()
+    train_tokens = tokenizer.encode(train_docs, prepend=bos)
+    val_rows = eval_rows(tokenizer.encode(val_docs, prepend=bos), s.sequence_len, s.val_rows) if val_docs else None
+    n_train_tokens = sum(len(t) for t in train_tokens)
+
+    torch.manual_seed(s.seed)
+    config = _model_config(s, vocab_size)
+    model = GPT(config).to(device)
+    model.init_weights()
+    optimizers = model.setup_optimizers(unembedding_lr=s.unembedding_lr, embedding_lr=s.embedding_lr,
+                                        matrix_lr=s.matrix_lr, weight_decay=0.0)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    tokens_per_step = s.device_batch_size * s.sequence_len
+    print(f"tiny base: {len(train_docs)} training documents, {n_train_tokens:,} tokens, vocab {vocab_size}; "
+          f"GPT depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads, "
+          f"{model.num_params():,} params; {tokens_per_step:,} tokens per step on {device}")
+
+    deadline = t_start + 60 * s.max_minutes
+    # --steps fixes the schedule now; otherwise it is fixed during the run (below)
+    num_steps = s.steps
+    warmdown_from = warmdown_start(s.steps, s.warmdown_ratio) if s.steps else None
+    epoch_cap = max(1, math.ceil(s.max_epochs * n_train_tokens / tokens_per_step)) if s.max_epochs else None
+    losses = []
+    data = batches(train_tokens, s.device_batch_size, s.sequence_len, s.seed)
+    bar = tqdm(total=num_steps or epoch_cap, desc="pretraining", unit="step", disable=not s.progress,
+               dynamic_ncols=True)
+    t_first_done = None
+    step = epoch = 0
+    model.train()
+    t_loop = time.time()
+    while True:
+        if num_steps is None:
+            # Estimate the total from the speed so far (the first step is left out: it carries
+            # one-off start-up costs) and fix it when the warmdown would begin. The learning
+            # rate is constant until then, so normally the run equals `--steps num_steps`.
+            now = time.time()
+            if now >= deadline and step >= 1:  # at least one step: a checkpoint is always a trained one
+                num_steps = warmdown_from = step  # budget spent before any warmdown (tiny budgets)
+            elif step >= 2:
+                estimate = step + int((deadline - now) * (step - 1) / max(1e-9, now - t_first_done))
+                estimate = min(estimate, epoch_cap) if epoch_cap else estimate
+                bar.total = estimate
+                if step >= warmdown_start(estimate, s.warmdown_ratio):
+                    num_steps, warmdown_from = estimate, step
+            elif epoch_cap is not None and step >= warmdown_start(epoch_cap, s.warmdown_ratio):
+                num_steps, warmdown_from = epoch_cap, step  # a cap of 1-2 steps: no speed known yet
+        if num_steps is not None and step >= num_steps:
+            break
+        multiplier = lr_multiplier(step, num_steps, warmdown_from) if num_steps is not None else 1.0
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * multiplier
+        inputs, targets, epoch = next(data)
+        with autocast:
+            loss = model(inputs.to(device), targets.to(device))
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        step += 1
+        if step == 1:
+            t_first_done = time.time()
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch, lr=f"{multiplier:.2f}")
+    bar.close()
+    loop_seconds = time.time() - t_loop
+    train_seconds = time.time() - t_start
+
+    model.eval()
+    val_bpb = None
+    if val_rows is not None:
+        with autocast:
+            val_bpb = bits_per_byte(model, val_rows, tokenizer.token_bytes())
+    # the mean over the last tenth of the steps: less noisy than the last batch alone, and
+    # short runs (the sample takes 8 steps) are not averaged back to their start
+    tail = losses[-max(1, len(losses) // 10):]
+    final_loss = sum(tail) / len(tail) if tail else float("nan")
+
+    tokenizer.save(base_dir / "tokenizer")
+    checkpoint_dir = base_dir / "base_checkpoints" / f"d{config.n_layer}"
+    user_config = dataclasses.asdict(s)
+    user_config.update(vocab_size=vocab_size, steps=step, warmdown_from=warmdown_from)
+    meta = {
+        "model_config": dataclasses.asdict(config),
+        "step": step,
+        "val_bpb": val_bpb,
+        "user_config": user_config,
+        "device_batch_size": s.device_batch_size,
+        "max_seq_len": s.sequence_len,
+        "train_loss": final_loss,
+        "source": "sciassist.pipelines.tiny (a stand-in for a published base model)",
+    }
+    save_checkpoint(checkpoint_dir, step, model, meta)
+    summary = {
+        "base_dir": str(base_dir),
+        "checkpoint_dir": str(checkpoint_dir),
+        "step": step,
+        "epochs": round(step * tokens_per_step / n_train_tokens, 2),
+        "model_config": dataclasses.asdict(config),
+        "num_params": model.num_params(),
+        "vocab_size": vocab_size,
+        "train_documents": len(train_docs),
+        "train_tokens": n_train_tokens,
+        "tokens_per_step": tokens_per_step,
+        "final_loss": final_loss,
+        "val_bpb": val_bpb,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_s": round(step * tokens_per_step / loop_seconds) if loop_seconds > 0 else None,
+        "settings": dataclasses.asdict(s),
+    }
+    (base_dir / MARKER_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    summary["losses"] = losses
+    return summary
+
+
+def build_parser():
+    d = TinySettings(out_base_dir="")
+    p = argparse.ArgumentParser(description="Train a tiny stand-in base model (tokenizer + GPT) on ScienceQA "
+                                            "training text, saved in nanochat's layout. Not a replacement for d20/d32.")
+    p.add_argument("--out_base_dir", required=True, help="nanochat base dir to write (tokenizer/, base_checkpoints/)")
+    p.add_argument("--scienceqa", default=d.scienceqa, help="sample | DIR (lupantech layout) | hf")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="default: 4096 capped at one token per 64 bytes of training text (>= 512)")
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--n_embd", type=int, default=None, help="default: 64 * depth")
+    p.add_argument("--n_head", type=int, default=None, help="default: heads of 128 channels")
+    p.add_argument("--sequence_len", type=int, default=d.sequence_len)
+    p.add_argument("--device_batch_size", type=int, default=d.device_batch_size)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None,
+                        help="exact number of steps (deterministic weights; ignores --max_epochs)")
+    budget.add_argument("--max_minutes", type=float, default=d.max_minutes,
+                        help=f"time budget up to the final evaluation (default {d.max_minutes})")
+    p.add_argument("--max_epochs", type=float, default=d.max_epochs,
+                   help=f"at most this many passes over the training text (default {d.max_epochs:g})")
+    p.add_argument("--warmdown_ratio", type=float, default=d.warmdown_ratio)
+    p.add_argument("--matrix_lr", type=float, default=d.matrix_lr)
+    p.add_argument("--embedding_lr", type=float, default=d.embedding_lr)
+    p.add_argument("--unembedding_lr", type=float, default=d.unembedding_lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 is faster when other jobs keep the cores busy")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace tokenizer/ and base_checkpoints/ not written by this module")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    settings = TinySettings(**vars(args))
+    try:
+        summary = train_tiny(settings)
+    except TinyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    bpb = f"{summary['val_bpb']:.3f}" if summary["val_bpb"] is not None else "n/a"
+    print(f"tiny base model (a stand-in, not d20/d32): {summary['checkpoint_dir']}/model_{summary['step']:06d}.pt, "
+          f"{summary['num_params']:,} params, {summary['step']} steps in {summary['train_seconds']:.0f} s, "
+          f"final loss {summary['final_loss']:.3f}, val_bpb {bpb}; tokenizer in {summary['base_dir']}/tokenizer. "
+          f"Load it with load_model_from({summary['base_dir']!r}, 'base').")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,559 @@
+"""The chat web server: one model shared by all requests, answers streamed as SSE.
+
+Endpoints
+  GET  /                  our chat page (static/index.html: one file, no external assets)
+  GET  /health            status, model info, limits, load
+  POST /chat/completions  nanochat's request shape; streams `data: {"token": ...}` events,
+                          then `data: {"done": true}` (so nanochat's own page works too)
+  POST /choice            for a multiple-choice question (lines "A. ..", "B. .."): the
+                          letter the model picks and its probability
+
+Hardening, and why
+  * nanochat's limits (MAX_* below) are checked before any work; every violation is a 4xx
+    with {"error": "..."} naming the field, never a 5xx or a hung connection.
+  * One model, one generation at a time: torch runs in a worker thread that holds
+    `model_lock`. Requests beyond `max_pending` (running + waiting) get 429 at once with
+    Retry-After rather than queueing without bound (429 and not 503: the server is fine,
+    the client should slow down).
+  * A client that goes away stops its generation (checked between tokens), so an
+    abandoned tab does not keep the model busy.
+  * Text leaves the server only as complete UTF-8 (see chat_cli.IncrementalDecoder).
+  * Request bodies over max_body_bytes are refused with 413 before they are parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, StrictStr, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sciassist.serve.chat_cli import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    TUTOR_SYSTEM_PROMPT,
+    PromptTooLong,
+    inference_context,
+    render_prompt,
+    stream_reply,
+)
+
+log = logging.getLogger("sciassist.serve.web")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# nanochat's limits, so a client written for nanochat's server sees the same behaviour.
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
+MIN_TOP_K, MAX_TOP_K = 1, 200
+MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+# JSON can spell one character as a 12-byte surrogate-pair escape: 32,000 characters
+# can legitimately take ~400 kB, so 1 MiB never rejects a valid request.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# How often a waiting stream checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServerSettings:
+    system_prompt: str | None = TUTOR_SYSTEM_PROMPT
+    temperature: float = DEFAULT_TEMPERATURE  # used when a request does not say
+    top_k: int = DEFAULT_TOP_K
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    seed: int | None = None  # fixed: every request samples reproducibly
+    max_pending: int = 4  # generations running + waiting for the model; more get 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    allow_origins: list[str] = field(default_factory=list)  # CORS; empty = same origin only
+
+
+# ---------------------------------------------------------------------------------------
+# Request shapes
+
+
+class ChatMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: StrictStr = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class ChatRequest(BaseModel):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    # strict: true, "5" or 5.5 are mistakes worth a clear error, not something to coerce.
+    temperature: float | None = Field(
+        default=None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False, strict=True
+    )
+    top_k: int | None = Field(default=None, ge=MIN_TOP_K, le=MAX_TOP_K, strict=True)
+    max_tokens: int | None = Field(default=None, ge=MIN_MAX_TOKENS, le=MAX_MAX_TOKENS, strict=True)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, strict=True)  # ours, not nanochat's: reproducible
+
+    @model_validator(mode="after")
+    def _check_conversation(self):
+        total = sum(len(m.content) for m in self.messages)
+        if total > MAX_TOTAL_CHARS:
+            raise ValueError(f"messages: {total} characters in total, at most {MAX_TOTAL_CHARS} allowed")
+        for index, message in enumerate(self.messages):
+            if not message.content.strip():
+                raise ValueError(f"messages[{index}].content: empty (nanochat's chat format has no empty turns)")
+            expected = "user" if index % 2 == 0 else "assistant"
+            if message.role != expected:
+                raise ValueError(
+                    f"messages[{index}].role: expected {expected!r} (roles alternate, starting with 'user'), "
+                    f"got {message.role!r}"
+                )
+        if self.messages[-1].role != "user":
+            raise ValueError("messages: the last message must be from the user")
+        return self
+
+
+def _format_validation_error(exc: RequestValidationError) -> tuple[int, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (detail.get("ctx") or {}).get("error", "JSON decode error")
+        return 400, f"request body is not valid JSON ({reason} at position {detail['loc'][-1]})"
+    parts = []
+    for e in errors[:5]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ""
+        for p in loc:
+            where += f"[{p}]" if p.isdigit() else (f".{p}" if where else p)
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if message.startswith("messages"):  # our own validator's messages name their field
+            parts.append(message)
+        else:
+            parts.append(f"{where or 'request body'}: {message}")
+    if len(errors) > 5:
+        parts.append(f"... and {len(errors) - 5} more problems")
+    return 422, "; ".join(parts) or "invalid request"
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared model state
+
+
+class Ticket:
+    """One admitted request. Released exactly once: by the worker when it lets go of the
+    model, or when the response is dropped before the worker ever started."""
+
+    def __init__(self, gate: Gate):
+        self._gate = gate
+        self._released = False
+
+    def release(self) -> None:
+        with self._gate._lock:
+            if not self._released:
+                self._released = True
+                self._gate.count -= 1
+
+    def __del__(self):  # a streaming response the server never iterated
+        self.release()
+
+
+class Gate:
+    """Admission bound: at most `limit` requests hold or wait for the model."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        # Re-entrant: Ticket.__del__ may run from the garbage collector while this very
+        # thread holds the lock (a ticket caught in a reference cycle).
+        self._lock = threading.RLock()
+
+    def try_enter(self) -> Ticket | None:
+        with self._lock:
+            if self.count >= self.limit:
+                return None
+            self.count += 1
+        return Ticket(self)
+
+
+class ChatState:
+    """The loaded model and everything that serialises access to it."""
+
+    def __init__(self, loaded, settings: ServerSettings):
+        from nanochat.engine import Engine
+
+        self.loaded = loaded
+        self.settings = settings
+        self.engine = Engine(loaded.model, loaded.tokenizer)
+        self.model_lock = threading.Lock()  # held by the worker thread running torch
+        self.gate = Gate(settings.max_pending)
+        # One thread per admitted request: a waiting request parks its own thread on the
+        # lock and never starves the event loop's default pool.
+        self.executor = ThreadPoolExecutor(max_workers=max(1, settings.max_pending), thread_name_prefix="sciassist-gen")
+        self.stats = {"completions": 0, "cancelled": 0, "failed": 0, "choices": 0, "pieces": 0}
+        self._stats_lock = threading.Lock()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    def acquire_model(self, stop: threading.Event) -> bool:
+        """Wait for the model; give up (False) if the client left while waiting."""
+        while not self.model_lock.acquire(timeout=DISCONNECT_POLL_S):
+            if stop.is_set():
+                return False
+        if stop.is_set():
+            self.model_lock.release()
+            return False
+        return True
+
+
+def _sse(payload: dict) -> str:
+    # ensure_ascii=False: the browser decodes UTF-8 anyway, and it keeps events small.
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _completion_events(state: ChatState, request: Request, prompt, temperature, top_k, seed, ticket: Ticket):
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def emit(kind: str, value=None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody to tell
+            stop.set()
+
+    def work() -> None:
+        try:
+            if not state.acquire_model(stop):
+                state.count("cancelled")
+                return
+            try:
+                pieces = 0
+                for piece in stream_reply(
+                    state.engine,
+                    state.loaded.tokenizer,
+                    prompt.ids,
+                    prompt.max_new_tokens,
+                    temperature=temperature,
+                    top_k=top_k,
+                    seed=seed,
+                    should_stop=stop.is_set,
+                ):
+                    pieces += 1
+                    emit("token", piece)
+                state.count("pieces", pieces)
+                state.count("cancelled" if stop.is_set() else "completions")
+            finally:
+                state.model_lock.release()
+        except Exception as err:  # reported in-stream: the 200 status has already gone out
+            log.exception("generation failed")
+            state.count("failed")
+            emit("error", f"generation failed: {type(err).__name__}: {err}")
+        finally:
+            ticket.release()
+            emit("end")
+
+    started = False
+    try:
+        if prompt.dropped_messages:
+            yield _sse(
+                {"notice": f"dropped the {prompt.dropped_messages // 2} oldest turn(s) to fit the model's context"}
+            )
+        state.executor.submit(work)
+        started = True
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if kind == "token":
+                yield _sse({"token": value})
+                if await request.is_disconnected():
+                    return
+            elif kind == "error":
+                yield _sse({"error": value})
+            elif kind == "end":
+                yield _sse({"done": True})
+                return
+    finally:
+        # Runs on normal end, on disconnect and on cancellation alike; must not await.
+        stop.set()
+        if not started:
+            ticket.release()
+
+
+_CHOICE_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s*\S")
+_CHOICE_LINE_LETTER_AFTER = re.compile(r"^\s*\S.*\s\(([A-Z])\)\s*$")  # "<option> (A)" (--options_layout letter_after)
+
+
+def choice_options(text: str) -> list[tuple[str, str]]:
+    """(letter, option text) of a multiple-choice question's options: lines "A. ...",
+    "B) ...", "(C) ...", or "... (A)", consecutive from A. Fewer than two means it is not
+    multiple choice (an empty list)."""
+    options: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        first = _CHOICE_LINE.match(line)
+        match = first or _CHOICE_LINE_LETTER_AFTER.match(line)
+        if match and match.group(1) == chr(ord("A") + len(options)):
+            if first:
+                option = line[first.end() - 1:].strip()
+            else:
+                option = line[: line.rindex("(" + match.group(1) + ")")].strip()
+            options.append((match.group(1), option))
+    return options if len(options) >= 2 else []
+
+
+def choice_letters(text: str) -> list[str]:
+    """Letters of a multiple-choice question's options (see choice_options)."""
+    return [letter for letter, _ in choice_options(text)]
+
+
+# ---------------------------------------------------------------------------------------
+# The app
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` (413) before anything parses them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body too large: at most {self.max_bytes} bytes"
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await error_response(413, message)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)  # FastAPI re-raises it as is
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app around one loaded model (sciassist.checkpoints.LoadedModel)."""
+    settings = settings or ServerSettings()
+    app = FastAPI(title="SciAssist chat", docs_url=None, redoc_url=None, openapi_url=None)
+    state = ChatState(loaded, settings)
+    app.state.chat = state
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        status, message = _format_validation_error(exc)
+        return error_response(status, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    # The page needs nothing from elsewhere; the policy makes sure it never loads anything.
+    page_headers = {
+        "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache",
+    }
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(index_html, headers=page_headers)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "ready": True,
+            "model": loaded.info(),
+            "system_prompt": settings.system_prompt,
+            "defaults": {
+                "temperature": settings.temperature,
+                "top_k": settings.top_k,
+                "max_tokens": settings.max_tokens,
+            },
+            "limits": {
+                "max_messages": MAX_MESSAGES,
+                "max_message_chars": MAX_MESSAGE_CHARS,
+                "max_total_chars": MAX_TOTAL_CHARS,
+                "temperature": [MIN_TEMPERATURE, MAX_TEMPERATURE],
+                "top_k": [MIN_TOP_K, MAX_TOP_K],
+                "max_tokens": [MIN_MAX_TOKENS, MAX_MAX_TOKENS],
+                "max_pending": settings.max_pending,
+            },
+            "pending": state.gate.count,
+            "stats": dict(state.stats),
+        }
+
+    def _busy():
+        return error_response(
+            429,
+            f"busy: {settings.max_pending} requests are already running or waiting for the model; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    def _render(messages: list[dict], max_tokens: int):
+        try:
+            return render_prompt(loaded.tokenizer, messages, settings.system_prompt, loaded.sequence_len, max_tokens)
+        except PromptTooLong as err:
+            raise HTTPException(400, str(err)) from None
+        except ValueError as err:  # the tokenizer's own conversation checks
+            raise HTTPException(400, f"messages: {err}") from None
+
+    @app.post("/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        temperature = settings.temperature if body.temperature is None else body.temperature
+        top_k = settings.top_k if body.top_k is None else body.top_k
+        max_tokens = settings.max_tokens if body.max_tokens is None else body.max_tokens
+        seed = body.seed if body.seed is not None else settings.seed
+        if seed is None:
+            seed = secrets.randbits(31)
+        prompt = _render([m.model_dump() for m in body.messages], max_tokens)
+        ticket = state.gate.try_enter()
+        if ticket is None:
+            return _busy()
+        return StreamingResponse(
+            _completion_events(state, request, prompt, temperature, top_k, seed, ticket),
+            media_type="text/event-stream",
+            # no-transform / X-Accel-Buffering: proxies must not hold tokens back.
+            headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/choice")
+    async def choice(body: ChatRequest):
+        question = body.messages[-1].content
+        options = choice_options(question)
+        letters = [letter for letter, _ in options]
+        if not letters:
+            return {"letter": None, "probability": None, "probabilities": {}, "num_choices": 0}
+        try:
+            from sciassist.eval.run import choice_scores, letter_probabilities, softmax
+        except ImportError as err:
+            raise HTTPException(404, f"multiple-choice scoring is not available: {err}") from None
+        # Scored as fine-tuning and evaluation see a question: system prompt + this
+        # question alone, so the probability means the same as in the eval report.
+        _render([{"role": "user", "content": question}], 1)  # a 400 if it does not fit the context
+        content = (settings.system_prompt + "\n\n" + question) if settings.system_prompt else question
+        answer_format = loaded.meta.get("answer_format", "letter_first")
+        ticket = state.gate.try_enter()
+        if ticket is None:
+            return _busy()
+
+        def score() -> list[float]:
+            stop = threading.Event()
+            try:
+                state.acquire_model(stop)
+                try:
+                    with inference_context(loaded.model):
+                        prompt = [[{"role": "user", "content": content}]]
+                        if answer_format == "text_first":
+                            # this model names the option before its letter: score each option's answer line
+                            scores = choice_scores(loaded.model, loaded.tokenizer, prompt,
+                                                   [[text for _, text in options]], answer_format="text_first")
+                            return softmax(scores[0])
+                        return letter_probabilities(loaded.model, loaded.tokenizer, prompt, [len(letters)])[0]
+                finally:
+                    state.model_lock.release()
+            finally:
+                ticket.release()
+
+        probabilities = await asyncio.get_running_loop().run_in_executor(state.executor, score)
+        state.count("choices")
+        best = max(range(len(letters)), key=lambda i: probabilities[i])
+        return {
+            "letter": letters[best],
+            "probability": float(probabilities[best]),
+            "probabilities": {letter: float(p) for letter, p in zip(letters, probabilities, strict=True)},
+            "num_choices": len(letters),
+        }
+
+    if settings.allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.allow_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+# ---------------------------------------------------------------------------------------
+# Running the server inside another program (tests, a notebook cell)
+
+
+class BackgroundServer:
+    """uvicorn serving `app` from a daemon thread, e.g. from a notebook or a test.
+
+    The socket is bound before the thread starts (port 0 = any free port), so `url` is
+    known at once and there is no race for the port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = host, self.socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> BackgroundServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.socket.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,93 @@
+import torch
+
+from nanochat.engine import Engine, KVCache
+from tests.nanochat.test_gpt import tiny_model
+
+BOS, ASSISTANT_END = 95, 96
+
+
+class StubTokenizer:
+    """Only what the engine asks of a tokenizer: its two stop tokens."""
+
+    def encode_special(self, name):
+        return {"<|assistant_end|>": ASSISTANT_END, "<|bos|>": BOS}[name]
+
+    def get_bos_token_id(self):
+        return BOS
+
+
+def greedy_by_recomputation(model, tokens, steps):
+    seq = list(tokens)
+    for _ in range(steps):
+        logits = model(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(tokens):]
+
+
+def test_kv_cache_chunked_prefill_equals_full_forward():
+    model = tiny_model(seed=1, n_kv_head=2)
+    idx = torch.randint(0, 90, (2, 9))
+    full = model(idx)
+    cache = KVCache(2, 2, 16, 8, 2, "cpu", torch.float32)
+    first = model(idx[:, :4], kv_cache=cache)
+    second = model(idx[:, 4:], kv_cache=cache)  # a multi-token chunk after a prefix
+    assert cache.pos == 9
+    assert torch.allclose(torch.cat([first, second], dim=1), full, atol=1e-5)
+
+
+def test_kv_generation_equals_greedy_recomputation():
+    model = tiny_model(seed=2).eval()
+    engine = Engine(model, StubTokenizer())
+    prompt = [3, 14, 15, 92, 65, 35]
+    expected = greedy_by_recomputation(model, prompt, 12)
+    cut = next((i for i, t in enumerate(expected) if t in (BOS, ASSISTANT_END)), len(expected))
+    sequences, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    for seq, mask in zip(sequences, masks, strict=True):
+        assert seq[:len(prompt)] == prompt
+        assert seq[len(prompt):] == expected[:cut]
+        assert mask == [0] * len(prompt) + [1] * cut
+
+
+def test_sampling_is_reproducible_with_seed():
+    model = tiny_model(seed=3).eval()
+    engine = Engine(model, StubTokenizer())
+    prompt = [1, 2, 3]
+    a = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.0, top_k=20, seed=7)
+    b = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.0, top_k=20, seed=7)
+    c = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.0, top_k=20, seed=8)
+    assert a == b
+    assert a != c
+    # Different samples of one prompt are drawn independently.
+    assert len({tuple(s) for s in a[0]}) > 1
+
+
+def test_generate_multi_equals_one_by_one():
+    model = tiny_model(seed=4).eval()
+    engine = Engine(model, StubTokenizer())
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+    together = engine.generate_multi(prompts, max_tokens=8)
+    for prompt, out in zip(prompts, together, strict=True):
+        alone = engine.generate_multi([prompt], max_tokens=8)[0]
+        expected = greedy_by_recomputation(model, prompt, 8)
+        cut = next((i for i, t in enumerate(expected) if t in (BOS, ASSISTANT_END)), len(expected))
+        assert out == alone == expected[:cut]
+
+
+def test_generation_stops_at_stop_token():
+    model = tiny_model(seed=5).eval()
+    plain_forward = model.forward
+
+    def forward_ending_after_two(idx, **kw):
+        # The third generated token (cache position 4) is <|assistant_end|>.
+        start = kw["kv_cache"].pos
+        logits = plain_forward(idx, **kw)
+        if start + idx.size(1) == 4:
+            logits[:, -1, ASSISTANT_END] = 100.0
+        return logits
+
+    model.forward = forward_ending_after_two
+    engine = Engine(model, StubTokenizer())
+    steps = list(engine.generate([1, 2], max_tokens=10, temperature=0.0))
+    assert len(steps) == 3 and steps[2][0] == [ASSISTANT_END]
+    sequences, _ = engine.generate_batch([1, 2], max_tokens=10, temperature=0.0)
+    assert sequences == [[1, 2, steps[0][0][0], steps[1][0][0]]]

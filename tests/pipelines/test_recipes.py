@@ -1,0 +1,135 @@
+import json
+import random
+
+import pytest
+
+from sciassist.pipelines import recipes
+from sciassist.data.conversations import read_conversations
+from sciassist.data.scienceqa import FormatOptions, load_scienceqa
+
+
+def raw_question(pid="1", choices=("cat", "dog", "fish"), answer=1):
+    return {"pid": pid, "split": "train", "question": "Which is a mammal?", "choices": list(choices),
+            "answer": answer, "hint": "", "has_image": False, "caption": None, "solution": "Dogs are mammals.",
+            "lecture": "Mammals have fur."}
+
+
+def test_get_recipe_merges_dict_fields_and_rejects_unknown_names():
+    recipe = recipes.get_recipe("cpu", train={"num_iterations": 7}, shuffled_copies=1)
+    assert recipe.train["num_iterations"] == 7
+    assert recipe.train["matrix_lr"] == recipes.CPU.train["matrix_lr"]  # the other keys stay
+    assert recipe.shuffled_copies == 1 and recipes.CPU.shuffled_copies == 3  # the preset is untouched
+    with pytest.raises(recipes.RecipeError, match="unknown recipe 'nope'"):
+        recipes.get_recipe("nope")
+    with pytest.raises(recipes.RecipeError, match="unknown recipe field"):
+        recipes.get_recipe("cpu", epochs=3)
+    assert recipes.RECIPES["gpu"].tested is False
+
+
+def test_shuffled_copy_moves_the_answer_with_its_option():
+    rng = random.Random(0)
+    record = raw_question(choices=("a", "b", "c", "d", "e"), answer=3)
+    seen = set()
+    for _ in range(30):
+        copy = recipes.shuffled_copy(record, rng)
+        assert sorted(copy["choices"]) == sorted(record["choices"])
+        assert copy["choices"][copy["answer"]] == "d"
+        seen.add(tuple(copy["choices"]))
+    assert len(seen) > 5
+    assert record["choices"] == ["a", "b", "c", "d", "e"]  # the input is not modified
+
+
+def test_training_records_answer_only_with_copies():
+    options = FormatOptions(**recipes.CPU.data)
+    raw = [raw_question("1"), raw_question("2", answer=0), {**raw_question("3"), "question": None}]
+    records, skipped = recipes.training_records(raw, options, shuffled_copies=2, seed=1)
+    assert skipped == 1 and len(records) == 6
+    first = records[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"]  # no system prompt
+    assert first[1]["content"] == "The correct answer is dog (B)."  # answer line only, the option first
+    for record in records:
+        meta = record["meta"]
+        assert record["messages"][-1]["content"] == \
+            f"The correct answer is {meta['choices'][meta['answer']]} ({meta['answer_letter']})."
+
+
+def test_headline_reads_an_evaluation_summary():
+    result = {"data": {"count": 4},
+              "table": {"rows": [{"name": "finetuned", "cells": {"Avg": {"accuracy": 75.0}}}]},
+              "generation": {"finetuned": {"count": 4, "invalid": 1, "accuracy": 0.5, "agreement": 0.75}},
+              "settings": {"out_dir": "x", "scoring": "choice"}}
+    row = recipes.headline(result)
+    assert row == {"count": 4, "scoring": "choice", "accuracy": 0.75, "choice_acc": 0.75, "generated_acc": 0.5,
+                   "agreement": 0.75, "invalid": 0.25, "out_dir": "x"}
+
+
+def test_prepare_recipe_data_keeps_selection_and_sft_val_apart(tmp_path, scienceqa_dir):
+    recipe = recipes.get_recipe("cpu", eval_limit=50, sft_val_size=20, shuffled_copies=0)
+    paths, counts = recipes.prepare_recipe_data(recipe, scienceqa_dir, tmp_path, splits=("val",))
+    eval_pids = {r["meta"]["pid"] for r in read_conversations(paths["eval_val"])}
+    sft_pids = {r["meta"]["pid"] for r in read_conversations(paths["sft_val"])}
+    train_pids = {r["meta"]["pid"] for r in read_conversations(paths["train"])}
+    assert len(eval_pids) == 50 and len(sft_pids) == 20
+    assert not eval_pids & sft_pids and not (eval_pids | sft_pids) & train_pids
+    assert counts["train"] == 12352 and "eval_test" not in paths  # test is written only when asked
+
+
+def test_run_recipe_in_miniature(tmp_path, sample_dir):
+    out = tmp_path / "run"
+    summary = recipes.run_recipe(
+        "cpu", str(sample_dir), out, evaluate_split="val",
+        tiny=dict(vocab_size=320, n_embd=32, n_head=2, sequence_len=128, device_batch_size=2, steps=2, val_rows=2),
+        train=dict(num_iterations=2, max_seq_len=128, pack_len=128, device_batch_size=4,
+                   target_examples_per_step=4, eval_every=0, eval_steps=1),
+        shuffled_copies=1, eval_limit=6, sft_val_size=4, eval_max_new_tokens=8)
+    assert summary["finetune"]["status"] == "completed" and summary["finetune"]["steps_done"] == 2
+    for name in ("recipe_summary.json", "data/scienceqa_train.jsonl", "data/eval_val.jsonl", "base/tiny_base.json",
+                 "sft/cpu/model_000002.pt", "eval_val/table.md", "eval_val/results.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "data" / "eval_test.jsonl").exists()
+    assert not (out / "eval_val_choice").exists()  # text_first answers: choice scoring is the headline already
+    meta = json.loads(next((out / "sft" / "cpu").glob("meta_*.json")).read_text())
+    assert meta["answer_format"] == "text_first"  # the chat page scores this model's answers by option
+    val = summary["evaluation"]["val"]
+    assert val["count"] == summary["counts"]["eval_val"] > 0
+    assert val["scoring"] == "choice" and val["accuracy"] == val["choice_acc"]
+    for key in ("accuracy", "generated_acc", "agreement", "invalid"):
+        assert 0.0 <= val[key] <= 1.0
+    assert 0 <= val["letter_matches_text"] <= val["names_an_option"] <= val["count"]
+    assert summary["counts"]["train"] == 2 * (len(load_scienceqa(str(sample_dir), "train"))
+                                              - summary["counts"]["train_skipped"])
+    assert 0 < summary["minutes"] < 5
+    # the one test number of a finished run, without training again
+    overrides = dict(tiny=summary["recipe"]["tiny"], train=summary["recipe"]["train"], shuffled_copies=1,
+                     eval_limit=6, sft_val_size=4, eval_max_new_tokens=8)
+    tested = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True, **overrides)
+    assert set(tested["evaluation"]) == {"val", "test"} and tested["evaluation"]["val"] == val
+    assert tested["evaluation"]["test"]["count"] == tested["counts"]["eval_test"] > 0
+    assert json.loads((out / "recipe_summary.json").read_text())["evaluation"]["test"] == tested["evaluation"]["test"]
+    with pytest.raises(recipes.RecipeError, match="other recipe settings"):
+        recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True,
+                           **{**overrides, "shuffled_copies": 2})
+    with pytest.raises(recipes.RecipeError, match="no finished recipe run"):
+        recipes.run_recipe("cpu", str(sample_dir), tmp_path / "none", evaluate_split="test", evaluate_only=True)
+    # a letter_first recipe is scored by letter, and by choice on the side
+    letter = recipes.run_recipe(
+        "cpu", str(sample_dir), tmp_path / "letter", evaluate_split="val", base_dir=out / "base",
+        tiny=summary["recipe"]["tiny"], data=dict(answer_format="letter_first"),
+        train=dict(num_iterations=1, max_seq_len=128, pack_len=128, device_batch_size=4,
+                   target_examples_per_step=4, eval_every=0, eval_steps=1),
+        shuffled_copies=0, eval_limit=6, sft_val_size=4, eval_max_new_tokens=8)
+    val = letter["evaluation"]["val"]
+    assert letter["base_reused"] and val["scoring"] == "letter" and 0.0 <= val["choice_acc"] <= 1.0
+    assert (tmp_path / "letter" / "eval_val_choice" / "table.md").is_file()
+    # a second run with the same base settings reuses the base
+    again, reused = recipes.build_base(recipes.get_recipe("cpu", tiny=summary["recipe"]["tiny"]), str(sample_dir),
+                                       out / "base")
+    assert reused and again["step"] == 2
+
+
+def test_main_reports_a_bad_source(tmp_path, capsys):
+    import torch
+    threads = str(torch.get_num_threads())  # main sets the thread count; keep the session's
+    assert recipes.main(["--scienceqa", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o"),
+                         "--threads", threads]) == 2
+    assert "missing" in capsys.readouterr().err
