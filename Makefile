@@ -7,21 +7,27 @@ PY := $(VENV)/bin/python
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.9,torch==2.13.0)
 TORCH_INDEX ?=
+# Empty variables pass no flag: the commands' own defaults apply (their --help lists them).
 MODEL ?= d20
-SOURCE ?= sft
-BASE_DIR ?= $(or $(NANOCHAT_BASE_DIR),$(HOME)/.cache/nanochat)
 SCIENCEQA ?= hf
-DATA ?= scienceqa
-OUTPUT_TAG ?= finetuned
 NGPUS ?= 8
 SPLIT ?= val
+SOURCE ?=
+DATA ?=
+OUTPUT_TAG ?=
+RUN ?=
+BASE_DIR ?=
 ARGS ?=
+BASE_DIR_FLAG = $(if $(BASE_DIR),--base_dir "$(BASE_DIR)")
+TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE)) --model_tag $(MODEL) \
+	$(BASE_DIR_FLAG) $(if $(OUTPUT_TAG),--output_tag $(OUTPUT_TAG))
 
 .PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "Variables: MODEL=d20|d32 SOURCE=base|mid|sft SCIENCEQA=hf|sample|DIR DATA=scienceqa|file.jsonl NGPUS=8 ARGS='...'"
+	@echo "Variables: MODEL=d20|d32 SOURCE=base|mid|sft|rl SCIENCEQA=hf|sample|DIR DATA=file.jsonl OUTPUT_TAG=NAME"
+	@echo "           RUN=DIR (the run to evaluate) BASE_DIR=DIR NGPUS=8 SPLIT=val|test ARGS='...'"
 
 install: $(VENV)/.installed ## create .venv and install everything (CPU torch where there is no GPU)
 
@@ -32,25 +38,25 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 download: install ## fetch a published checkpoint (MODEL=d20|d32) into BASE_DIR
-	$(PY) -m sciassist.hub --model $(MODEL) --base_dir "$(BASE_DIR)"
+	$(PY) -m sciassist.hub --model $(MODEL) $(BASE_DIR_FLAG)
 
 data: install ## write data/scienceqa_{train,val,test}.jsonl (SCIENCEQA=hf|sample|DIR)
-	$(PY) -m sciassist.data.scienceqa --source $(SCIENCEQA) --out data/ $(ARGS)
+	$(PY) -m sciassist.data.scienceqa --scienceqa $(SCIENCEQA) --out_dir data/ $(ARGS)
 
-finetune: install ## fine-tune on one GPU (DATA=scienceqa or a JSONL file)
-	$(PY) sciassist_train.py --data_path $(DATA) --source $(SOURCE) --model_tag $(MODEL) --base_dir "$(BASE_DIR)" --output_tag $(OUTPUT_TAG) $(ARGS)
+finetune: install ## fine-tune on one GPU (DATA=file.jsonl; default: the prepared ScienceQA)
+	$(PY) sciassist_train.py $(TRAIN_FLAGS) $(ARGS)
 
 finetune-multi: install ## fine-tune on NGPUS GPUs with torchrun
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) sciassist_train.py --data_path $(DATA) --source $(SOURCE) --model_tag $(MODEL) --base_dir "$(BASE_DIR)" --output_tag $(OUTPUT_TAG) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) sciassist_train.py $(TRAIN_FLAGS) $(ARGS)
 
-evaluate: install ## compare the base and the fine-tuned model on ScienceQA (SPLIT=val|test)
-	$(PY) sciassist_evaluate.py --base $(SOURCE):$(MODEL) --base_dir "$(BASE_DIR)" --finetuned finetuned_model_checkpoint/$(OUTPUT_TAG) --split $(SPLIT) $(ARGS)
+evaluate: install ## the newest fine-tuned run (or RUN=DIR) vs the model it started from (SPLIT=val|test)
+	$(PY) sciassist_evaluate.py $(if $(RUN),--finetuned $(RUN)) $(BASE_DIR_FLAG) --split $(SPLIT) $(ARGS)
 
 chat: install ## talk to the latest fine-tuned model in the terminal
-	$(PY) -m sciassist.serve.chat_cli --base_dir "$(BASE_DIR)" $(ARGS)
+	$(PY) -m sciassist.serve.chat_cli $(BASE_DIR_FLAG) $(ARGS)
 
 chat-web: install ## serve the chat page on http://127.0.0.1:8000
-	$(PY) -m sciassist.serve.web --base_dir "$(BASE_DIR)" $(ARGS)
+	$(PY) -m sciassist.serve.web $(BASE_DIR_FLAG) $(ARGS)
 
 demo: install ## the whole pipeline in miniature, offline, on CPU (SCIENCEQA=sample|DIR)
 	$(PY) -m sciassist.pipelines.demo --scienceqa $(if $(filter hf,$(SCIENCEQA)),sample,$(SCIENCEQA)) $(ARGS)
@@ -59,10 +65,10 @@ notebook: install ## run the notebook in smoke mode with papermill (CPU, offline
 	$(VENV)/bin/papermill sciassist-fine-tune.ipynb notebook_output.ipynb -p SMOKE True --cwd .
 
 recipe-cpu: install ## the CPU recipe end to end, ~27 min on 2 cores (SCIENCEQA=DIR, SPLIT=val|test|both)
-	$(PY) sciassist_train.py --preset cpu --scienceqa $(SCIENCEQA) --out_dir runs/recipe-cpu --split $(SPLIT) $(ARGS)
+	$(PY) -m sciassist.pipelines.recipes --preset cpu --scienceqa $(SCIENCEQA) --out_dir runs/recipe-cpu --split $(SPLIT) $(ARGS)
 
 recipe-gpu: install ## the GPU recipe (from-scratch model on one GPU; untested on real hardware)
-	$(PY) sciassist_train.py --preset gpu --scienceqa $(SCIENCEQA) --out_dir runs/recipe-gpu --split $(SPLIT) $(ARGS)
+	$(PY) -m sciassist.pipelines.recipes --preset gpu --scienceqa $(SCIENCEQA) --out_dir runs/recipe-gpu --split $(SPLIT) $(ARGS)
 
 test: install ## run the test suite
 	$(PY) -m pytest -q $(ARGS)

@@ -28,7 +28,8 @@ from random_model import random_gpt  # noqa: E402
 
 from nanochat.gpt import config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
-from sciassist.eval import run as ev  # noqa: E402
+from sciassist.eval.questions import load_questions, prompts_for  # noqa: E402
+from sciassist.eval.scoring import argmax, generate_answers, letter_probabilities  # noqa: E402
 
 
 def question_texts(records):
@@ -76,7 +77,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    records, info = ev.load_questions(scienceqa=args.scienceqa, split=args.split)
+    records, info = load_questions(scienceqa=args.scienceqa, split=args.split)
     if args.limit:
         records = records[:args.limit]
     load_s = time.perf_counter() - t0
@@ -93,24 +94,24 @@ def main(argv=None):
     model = build_model(args.depth, model_vocab, tokenizer_vocab, device)
     params = sum(p.numel() for p in model.parameters())
 
-    prompts, prefix = ev.prompts_for(records, "sciassist")
+    prompts, prefix = prompts_for(records, "sciassist")
     num_choices = [len(r["meta"]["choices"]) for r in records]
     prompt_tokens = sum(len(tokenizer.render_for_completion(p)) for p in prompts)
 
     # warm-up (allocator, kernels) on a few questions, untimed
-    ev.letter_probabilities(model, tokenizer, prompts[:4], num_choices[:4], prefix, args.batch_size)
+    letter_probabilities(model, tokenizer, prompts[:4], num_choices[:4], prefix, args.batch_size)
     sync(device)
     t0 = time.perf_counter()
-    probs = ev.letter_probabilities(model, tokenizer, prompts, num_choices, prefix, args.batch_size)
+    probs = letter_probabilities(model, tokenizer, prompts, num_choices, prefix, args.batch_size)
     sync(device)
     letter_s = time.perf_counter() - t0
-    accuracy = sum(ev.argmax(p) == r["meta"]["answer"] for p, r in zip(probs, records, strict=True)) / len(records)
+    accuracy = sum(argmax(p) == r["meta"]["answer"] for p, r in zip(probs, records, strict=True)) / len(records)
 
     n_gen = min(args.gen_limit or len(records), len(records))
     gen_batch = args.gen_batch_size or args.batch_size
     sync(device)
     t0 = time.perf_counter()
-    texts = ev.generate_answers(model, tokenizer, prompts[:n_gen], args.max_new_tokens, gen_batch)
+    texts = generate_answers(model, tokenizer, prompts[:n_gen], args.max_new_tokens, gen_batch)
     sync(device)
     generate_s = time.perf_counter() - t0
     generated_tokens = sum(len(tokenizer.encode(t)) for t in texts)

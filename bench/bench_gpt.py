@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanochat.gpt import GPT, config_for_depth  # noqa: E402
-from sciassist.train.loop import peak_flops  # noqa: E402
+from sciassist.train.step import peak_flops  # noqa: E402
 
 
 def bench_depth(depth, args, device):

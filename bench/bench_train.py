@@ -4,7 +4,7 @@ Fine-tuning throughput: padding-free packed batches vs nanochat's padded batches
     python bench/bench_train.py                               # CPU, tiny model, ~2 min
     python bench/bench_train.py --device cuda --depth 20      # random-init d20 on a GPU
 
-Both loops are the real training step (sciassist.train.accumulate_gradients + the Muon and
+Both loops are the real training step (sciassist.train.step.accumulate_gradients + the Muon and
 AdamW steps) on the same optimizer steps of the ScienceQA train set (64 conversations
 each): "padded" is nanochat's batching (device_batch_size conversations right-padded to
 the longest), "packed" is sciassist.data.batching's. The steps are timed alternately, one of each
@@ -43,6 +43,7 @@ from random_model import random_gpt  # noqa: E402
 
 from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
+from sciassist.common import autocast as autocast_for  # noqa: E402
 from sciassist.data.batching import (  # noqa: E402
     padded_batches,
     plan_step,
@@ -51,7 +52,7 @@ from sciassist.data.batching import (  # noqa: E402
     steps_per_epoch,
     tokenize_conversations,
 )
-from sciassist.train.loop import accumulate_gradients, autocast_for, peak_flops, set_learning_rates  # noqa: E402
+from sciassist.train.step import accumulate_gradients, peak_flops, set_learning_rates  # noqa: E402
 
 SHARED_SCIENCEQA = REPO_ROOT.parent / "shared" / "scienceqa"
 

@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+
 SOURCE_DIRS = {
     "base": "base_checkpoints",
     "mid": "mid_checkpoints",
@@ -71,19 +74,33 @@ def optim_path(checkpoint_dir, step):
 # -----------------------------------------------------------------------------
 # finding checkpoints
 
+MODEL_FILE = re.compile(r"^model_(\d+)\.pt$")
+
+
+def parse_model_file(name):
+    """The step of a file named model_<step>.pt (any zero padding), else None."""
+    match = MODEL_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def model_steps(checkpoint_dir):
+    """Steps of the model_<step>.pt files in a directory, ascending ([] for a missing one)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    steps = (parse_model_file(path.name) for path in checkpoint_dir.iterdir() if path.is_file())
+    return sorted(step for step in steps if step is not None)
+
+
 def find_last_step(checkpoint_dir):
     """The largest <step> of the model_<step>.pt files in checkpoint_dir."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist; {DOWNLOAD_HINT}")
-    steps = []
-    for path in checkpoint_dir.glob("model_*.pt"):
-        step = path.stem[len("model_"):]
-        if step.isdigit():
-            steps.append(int(step))
+    steps = model_steps(checkpoint_dir)
     if not steps:
         raise CheckpointError(f"no model_<step>.pt file in {checkpoint_dir}; {DOWNLOAD_HINT}")
-    return max(steps)
+    return steps[-1]
 
 
 def _default_model_tag(checkpoints_root):
@@ -154,7 +171,8 @@ def _torch_load_file(path, map_location, what):
     )
 
 
-def _read_meta(path):
+def read_meta(path):
+    """meta_<step>.json as a dict; CheckpointError when it is missing, not JSON or has no model_config."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -205,17 +223,17 @@ def clean_state_dict_keys(state_dict):
     return cleaned
 
 
-def _resolve_tokenizer_dir(checkpoint_dir, tokenizer_dir):
+def find_tokenizer_dir(checkpoint_dir, tokenizer_dir=None):
+    """The folder holding tokenizer.pkl for a checkpoint: tokenizer_dir when given, else
+    <checkpoint_dir>/tokenizer (fine-tuned runs carry theirs), else checkpoint_dir itself (the
+    Hugging Face repos keep tokenizer.pkl beside the model), else <base_dir>/tokenizer."""
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
         if not (tokenizer_dir / "tokenizer.pkl").is_file():
             raise CheckpointError(f"no tokenizer.pkl in {tokenizer_dir}; {DOWNLOAD_HINT}")
         return tokenizer_dir
-    candidates = [
-        checkpoint_dir / "tokenizer",  # our fine-tune outputs carry their tokenizer
-        checkpoint_dir,  # the Hugging Face repos keep tokenizer.pkl next to the model
-        checkpoint_dir.parent.parent / "tokenizer",  # nanochat's base dir layout
-    ]
+    checkpoint_dir = Path(checkpoint_dir)
+    candidates = [checkpoint_dir / "tokenizer", checkpoint_dir, checkpoint_dir.parent.parent / "tokenizer"]
     for candidate in candidates:
         if (candidate / "tokenizer.pkl").is_file():
             return candidate
@@ -224,7 +242,6 @@ def _resolve_tokenizer_dir(checkpoint_dir, tokenizer_dir):
 
 
 def _load_tokenizer(tokenizer_dir):
-    from nanochat.tokenizer import Tokenizer
     try:
         return Tokenizer.from_directory(tokenizer_dir)
     except Exception as e:  # any failure here is "this tokenizer file is unusable"
@@ -251,8 +268,6 @@ def load_model(checkpoint_dir, step=None, device=None, tokenizer_dir=None):
     Off CUDA the bf16 tensors become fp32 (CPU/MPS run in fp32); on CUDA the stored dtypes
     are kept, as nanochat does, since forward runs under bf16 autocast there.
     """
-    from nanochat.gpt import GPT, GPTConfig
-
     checkpoint_dir = Path(checkpoint_dir).expanduser()
     device = torch.device(device) if device is not None else _default_device()
     if step is None:
@@ -262,10 +277,10 @@ def load_model(checkpoint_dir, step=None, device=None, tokenizer_dir=None):
         raise CheckpointError(f"model file {mpath} does not exist; {DOWNLOAD_HINT}")
 
     # cheap checks first, so a wrong tokenizer or a newer format fails before reading gigabytes
-    meta = _read_meta(jpath)
+    meta = read_meta(jpath)
     model_config = meta["model_config"]
     _check_model_config(model_config, jpath)
-    tokenizer = _load_tokenizer(_resolve_tokenizer_dir(checkpoint_dir, tokenizer_dir))
+    tokenizer = _load_tokenizer(find_tokenizer_dir(checkpoint_dir, tokenizer_dir))
     if tokenizer.get_vocab_size() != model_config["vocab_size"]:
         raise CheckpointError(
             f"tokenizer vocab size {tokenizer.get_vocab_size()} does not match the model's vocab_size "

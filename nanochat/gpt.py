@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanochat import optim
+
 
 @dataclass
 class GPTConfig:
@@ -229,8 +231,7 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        from nanochat.optim import setup_optimizers
-        return setup_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+        return optim.setup_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                 matrix_lr=matrix_lr, weight_decay=weight_decay)
 
     def _positions_and_mask(self, B, T, device, kv_cache, doc_ids):

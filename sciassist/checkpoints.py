@@ -1,47 +1,62 @@
-"""Pick a checkpoint to chat with (or evaluate) and load it.
+"""The one checkpoint resolver: which model a command means, decided before any weights are read.
 
-One rule, shared by the CLI chat, the web server and anything else that needs "the model
-the user most likely means":
+Every command names a model the same way (`--checkpoint`, and the values of evaluation's
+`--base` / `--finetuned`):
 
-  1. --checkpoint DIR (or DIR/model_<step>.pt): exactly that directory.
-  2. --source / --model_tag: nanochat's layout under the base dir
-     ({base,mid,chatsft,chatrl}_checkpoints/<tag>/), via nanochat.checkpoint.
-  3. nothing given: the newest fine-tuned checkpoint (the most recently written
-     model_*.pt under finetuned_dir/*/), else the base dir's sft checkpoint, else its
-     base checkpoint.
+  a folder            exactly that folder's model_<step>.pt (the latest step, or --model_step)
+  a model_<step>.pt   that file's folder and step
+  source[:tag[:step]] nanochat's layout under --base_dir, e.g. sft:d20, base:d4:1000
+                      ({base,mid,chatsft,chatrl}_checkpoints/<tag>/; default tag: the largest
+                      d<N>; default step: the latest)
+  nothing             --source / --model_tag under --base_dir when given; else the newest
+                      fine-tuned run (the most recently written model_*.pt under
+                      finetuned_dir/*/), else the base dir's sft model, else its base model
 
---model_step applies to whichever directory was picked. Choosing is separate from
-loading (choose_checkpoint / resolve_model) so the choice can be tested and printed
-without reading gigabytes.
+Choosing (choose_checkpoint) is separate from loading (load_choice), so a choice can be
+tested and printed without reading gigabytes.
 """
 
 from __future__ import annotations
 
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.checkpoint import default_base_dir
+from nanochat.checkpoint import (
+    SOURCE_ALIASES,
+    SOURCE_DIRS,
+    CheckpointError,
+    default_base_dir,
+    find_checkpoint,
+    find_tokenizer_dir,
+    load_model,
+    model_path,
+    model_steps,
+    parse_model_file,
+)
+from sciassist.common import resolve_device, setting
 
 DEFAULT_FINETUNED_DIR = "finetuned_model_checkpoint"
 # Sources tried, in order, when nothing was asked for and no fine-tuned run exists:
 # a chat-tuned model answers questions, a base model only continues text.
 FALLBACK_SOURCES = ("sft", "base")
-
-_MODEL_FILE = re.compile(r"^model_(\d+)\.pt$")
+SOURCES = tuple(SOURCE_DIRS)
+SPEC_HELP = "a checkpoint folder, a model_<step>.pt file, or source[:tag[:step]] such as sft:d20"
 
 
 @dataclass
 class CheckpointChoice:
-    """Where a model will be loaded from, decided before any weights are read."""
+    """Where a model will be loaded from."""
 
-    kind: str  # "checkpoint" (an explicit dir), "finetuned" (newest run) or "base_dir"
+    kind: str  # "checkpoint" (named by the user), "finetuned" (the newest run) or "base_dir"
     checkpoint_dir: Path
     step: int
-    tokenizer_dir: Path | None = None  # None: let nanochat.checkpoint find it
+    tokenizer_dir: Path | None = None  # None: nanochat.checkpoint looks beside the model
     source: str | None = None  # base|mid|sft|rl when kind == "base_dir"
     base_dir: Path | None = None
+
+    @property
+    def model_file(self) -> Path:
+        return model_path(self.checkpoint_dir, self.step)
 
     @property
     def name(self) -> str:
@@ -61,9 +76,9 @@ class CheckpointChoice:
 
 @dataclass
 class LoadedModel:
-    """A model ready for generation plus what the user interfaces show about it."""
+    """A model in eval mode, its tokenizer and meta, and where they came from."""
 
-    model: object  # nanochat.gpt.GPT in eval mode
+    model: object  # nanochat.gpt.GPT
     tokenizer: object  # nanochat.tokenizer.Tokenizer
     meta: dict
     choice: CheckpointChoice
@@ -73,7 +88,7 @@ class LoadedModel:
         return int(self.model.config.sequence_len)
 
     def info(self) -> dict:
-        """Plain-data summary (for /health and the CLI banner)."""
+        """Plain-data summary (for /health and the chat banner)."""
         config = self.model.config
         return {
             "name": self.choice.name,
@@ -85,22 +100,23 @@ class LoadedModel:
             "n_embd": int(config.n_embd),
             "sequence_len": int(config.sequence_len),
             "vocab_size": int(config.vocab_size),
-            "device": str(_model_device(self.model)),
+            "device": str(self.model.get_device()),
         }
 
 
+@dataclass
+class CheckpointSettings:
+    """The model flags, with the same names in every command that loads one."""
 
-def model_steps(checkpoint_dir: str | Path) -> list[int]:
-    """Steps of the model_<step>.pt files in a directory, ascending."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    steps = []
-    for path in checkpoint_dir.iterdir():
-        match = _MODEL_FILE.match(path.name)
-        if match and path.is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    checkpoint: str | None = setting(None, f"the model: {SPEC_HELP} (default: the newest fine-tuned run, else "
+                                           f"the base dir's sft model, else its base model)")
+    source: str | None = setting(None, "nanochat source in --base_dir: base | mid | sft | rl",
+                                 choices=[None, *SOURCES])
+    model_tag: str | None = setting(None, "model folder in --base_dir, e.g. d20 (default: the largest d<N>)")
+    model_step: int | None = setting(None, "checkpoint step (default: the latest)")
+    base_dir: str | None = setting(None, "nanochat base dir (default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
+    finetuned_dir: str = setting(DEFAULT_FINETUNED_DIR, "where fine-tuned runs live")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
 
 
 def latest_finetuned(finetuned_dir: str | Path = DEFAULT_FINETUNED_DIR) -> tuple[Path, int] | None:
@@ -116,58 +132,57 @@ def latest_finetuned(finetuned_dir: str | Path = DEFAULT_FINETUNED_DIR) -> tuple
         if not run_dir.is_dir():
             continue
         for step in model_steps(run_dir):
-            path = _model_file(run_dir, step)
-            mtime = path.stat().st_mtime
+            mtime = model_path(run_dir, step).stat().st_mtime
             if best is None or mtime > best[0]:
                 best = (mtime, run_dir, step)
     return None if best is None else (best[1], best[2])
 
 
-def _model_file(checkpoint_dir: Path, step: int) -> Path:
-    # nanochat writes model_000650.pt; accept any zero padding (model_650.pt too).
-    for path in checkpoint_dir.glob("model_*.pt"):
-        match = _MODEL_FILE.match(path.name)
-        if match and int(match.group(1)) == step:
-            return path
-    return checkpoint_dir / f"model_{step:06d}.pt"
-
-
-def _tokenizer_dir_for(checkpoint_dir: Path) -> Path | None:
-    # Fine-tuned runs carry their own tokenizer/; nanochat's layout keeps it two levels up
-    # (<base>/tokenizer next to <base>/chatsft_checkpoints/<tag>/).
-    for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.pkl").is_file():
-            return candidate
-    return None
-
-
-def _checkpoint_error(message: str) -> Exception:
+def _tokenizer_dir(checkpoint_dir: Path) -> Path | None:
     try:
-        from nanochat.checkpoint import CheckpointError
-    except ImportError:  # keeps the choosing logic usable (and testable) on its own
-        return FileNotFoundError(message)
-    return CheckpointError(message)
+        return find_tokenizer_dir(checkpoint_dir)
+    except CheckpointError:
+        return None  # loading says where it looked
 
 
-def _explicit_dir(checkpoint: str | Path, model_step: int | None) -> CheckpointChoice:
-    path = Path(checkpoint)
-    match = _MODEL_FILE.match(path.name)
-    if match and path.is_file():
-        # A model file was named: use its directory and its step.
-        if model_step is not None and model_step != int(match.group(1)):
-            raise _checkpoint_error(
-                f"{path}: --model_step {model_step} disagrees with the file's step {int(match.group(1))}"
-            )
-        path, model_step = path.parent, int(match.group(1))
+def _in_folder(path: Path, model_step: int | None, kind: str = "checkpoint") -> CheckpointChoice:
+    file_step = parse_model_file(path.name)
+    if file_step is not None and path.is_file():
+        # A model file was named: its folder and its step.
+        if model_step is not None and model_step != file_step:
+            raise CheckpointError(f"{path}: --model_step {model_step} disagrees with the file's step {file_step}")
+        path, model_step = path.parent, file_step
     if not path.is_dir():
-        raise _checkpoint_error(f"{path}: no such checkpoint directory (expected a folder with model_<step>.pt)")
+        raise CheckpointError(f"{path}: no such checkpoint directory, and neither a model_<step>.pt file nor "
+                              f"source[:tag[:step]] (e.g. sft:d20, base:d4:1000)")
     steps = model_steps(path)
     if not steps:
-        raise _checkpoint_error(f"{path}: no model_<step>.pt files in this directory")
+        raise CheckpointError(f"{path}: no model_<step>.pt files in this directory")
     step = steps[-1] if model_step is None else int(model_step)
     if step not in steps:
-        raise _checkpoint_error(f"{path}: no model file for step {step} (steps present: {steps})")
-    return CheckpointChoice("checkpoint", path, step, tokenizer_dir=_tokenizer_dir_for(path))
+        raise CheckpointError(f"{path}: no model file for step {step} (steps present: {steps})")
+    return CheckpointChoice(kind, path, step, tokenizer_dir=_tokenizer_dir(path))
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, int | None] | None:
+    """"source[:tag[:step]]" -> (source, tag, step); None when `spec` does not have that form."""
+    parts = str(spec).split(":")
+    source = SOURCE_ALIASES.get(parts[0], parts[0])
+    if source not in SOURCE_DIRS or len(parts) > 3:
+        return None
+    tag = parts[1] if len(parts) > 1 and parts[1] else None
+    step = None
+    if len(parts) > 2 and parts[2]:
+        if not parts[2].isdigit():
+            raise CheckpointError(f"{spec!r}: the step must be a number, got {parts[2]!r}")
+        step = int(parts[2])
+    return source, tag, step
+
+
+def _in_base_dir(base: Path, source: str, model_tag: str | None, step: int | None) -> CheckpointChoice:
+    checkpoint_dir, step = find_checkpoint(base, source, model_tag=model_tag, step=step)
+    return CheckpointChoice("base_dir", Path(checkpoint_dir), int(step), source=SOURCE_ALIASES.get(source, source),
+                            base_dir=base)
 
 
 def choose_checkpoint(
@@ -178,37 +193,38 @@ def choose_checkpoint(
     base_dir: str | Path | None = None,
     finetuned_dir: str | Path | None = DEFAULT_FINETUNED_DIR,
 ) -> CheckpointChoice:
-    """Decide which checkpoint to load (see the module docstring for the order).
+    """Decide which checkpoint to load (the module docstring gives the order).
 
-    Raises nanochat.checkpoint.CheckpointError listing everywhere it looked when nothing fits."""
+    finetuned_dir None: never pick a fine-tuned run by itself (training starts from a base
+    dir's model unless told otherwise). Raises CheckpointError saying where it looked."""
+    base = Path(base_dir).expanduser() if base_dir is not None else default_base_dir()
     if checkpoint is not None:
         if source is not None or model_tag is not None:
-            raise _checkpoint_error("give either --checkpoint or --source/--model_tag, not both")
-        return _explicit_dir(checkpoint, model_step)
+            raise CheckpointError("give either --checkpoint or --source/--model_tag, not both")
+        path = Path(checkpoint).expanduser()
+        spec = None if path.exists() else parse_spec(str(checkpoint))
+        if spec is None:
+            return _in_folder(path, model_step)
+        spec_source, spec_tag, spec_step = spec
+        if model_step is not None and spec_step is not None and model_step != spec_step:
+            raise CheckpointError(f"{checkpoint!r}: --model_step {model_step} disagrees with the step it names")
+        return _in_base_dir(base, spec_source, spec_tag, spec_step if spec_step is not None else model_step)
 
-    base = Path(base_dir) if base_dir is not None else default_base_dir()
     looked = []
     if source is None and model_tag is None and finetuned_dir is not None:
         found = latest_finetuned(finetuned_dir)
         if found is not None:
             run_dir, step = found
-            if model_step is not None:
-                return _explicit_dir(run_dir, model_step)  # checks the step exists
-            return CheckpointChoice("finetuned", run_dir, step, tokenizer_dir=_tokenizer_dir_for(run_dir))
+            return _in_folder(run_dir, step if model_step is None else model_step, kind="finetuned")
         looked.append(f"{finetuned_dir}/*/model_*.pt (no fine-tuned run)")
 
-    from nanochat.checkpoint import CheckpointError, find_checkpoint
-
-    sources = (source,) if source is not None else FALLBACK_SOURCES
-    for name in sources:
+    for name in (source,) if source is not None else FALLBACK_SOURCES:
         try:
-            checkpoint_dir, step = find_checkpoint(base, name, model_tag=model_tag, step=model_step)
+            return _in_base_dir(base, name, model_tag, model_step)
         except CheckpointError as err:
             if source is not None:
                 raise  # the user asked for this source: its own message is the most precise
             looked.append(f"{name} in {base}: {err}")
-            continue
-        return CheckpointChoice("base_dir", Path(checkpoint_dir), int(step), source=name, base_dir=base)
     raise CheckpointError(
         "no checkpoint found. Looked at:\n  - "
         + "\n  - ".join(looked)
@@ -216,77 +232,22 @@ def choose_checkpoint(
     )
 
 
-def load_choice(choice: CheckpointChoice, device=None) -> LoadedModel:
-    """Load the weights and tokenizer of a choice made by choose_checkpoint."""
-    from nanochat.checkpoint import load_model, load_model_from
-
-    if choice.kind == "base_dir":
-        model, tokenizer, meta = load_model_from(
-            choice.base_dir, choice.source, model_tag=choice.checkpoint_dir.name, step=choice.step, device=device
-        )
-    else:
-        model, tokenizer, meta = load_model(
-            choice.checkpoint_dir, step=choice.step, device=device, tokenizer_dir=choice.tokenizer_dir
-        )
+def load_choice(choice: CheckpointChoice, device="auto") -> LoadedModel:
+    """The weights and tokenizer of a choice, on `device` (see common.resolve_device), in eval mode."""
+    model, tokenizer, meta = load_model(choice.checkpoint_dir, step=choice.step, device=resolve_device(device),
+                                        tokenizer_dir=choice.tokenizer_dir)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, meta=dict(meta or {}), choice=choice)
 
 
-def resolve_model(
-    checkpoint: str | Path | None = None,
-    source: str | None = None,
-    model_tag: str | None = None,
-    model_step: int | None = None,
-    base_dir: str | Path | None = None,
-    finetuned_dir: str | Path | None = DEFAULT_FINETUNED_DIR,
-    device=None,
-) -> LoadedModel:
+def resolve_model(checkpoint=None, source=None, model_tag=None, model_step=None, base_dir=None,
+                  finetuned_dir=DEFAULT_FINETUNED_DIR, device="auto") -> LoadedModel:
     """choose_checkpoint + load_choice: the model the user most likely means, loaded."""
     choice = choose_checkpoint(checkpoint, source, model_tag, model_step, base_dir, finetuned_dir)
     return load_choice(choice, device=device)
 
 
-def add_checkpoint_args(parser) -> None:
-    """The checkpoint flags, with the same names in every script."""
-    group = parser.add_argument_group("checkpoint (default: newest fine-tuned run, else base dir sft, else base)")
-    group.add_argument("--checkpoint", default=None, help="checkpoint directory (or a model_<step>.pt file in it)")
-    group.add_argument(
-        "--source", default=None, choices=["base", "mid", "sft", "rl"], help="nanochat source in --base_dir"
-    )
-    group.add_argument("--model_tag", default=None, help="model tag in --base_dir, e.g. d20 (default: largest)")
-    group.add_argument("--model_step", type=int, default=None, help="checkpoint step (default: latest)")
-    group.add_argument(
-        "--base_dir", default=None, help="nanochat base dir (default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)"
-    )
-    group.add_argument("--finetuned_dir", default=DEFAULT_FINETUNED_DIR, help="where fine-tuned runs live")
-    group.add_argument("--device", default=None, help="cuda | cpu | mps (default: best available)")
-
-
-def resolve_model_from_args(args) -> LoadedModel:
-    return resolve_model(
-        checkpoint=args.checkpoint,
-        source=args.source,
-        model_tag=args.model_tag,
-        model_step=args.model_step,
-        base_dir=args.base_dir,
-        finetuned_dir=args.finetuned_dir,
-        device=args.device,
-    )
-
-
-def _model_device(model):
-    get_device = getattr(model, "get_device", None)
-    if get_device is not None:
-        return get_device()
-    return next(model.parameters()).device
-
-
-def load_model_for_cli(args) -> LoadedModel | None:
-    """resolve_model_from_args for a command-line tool: a problem the user can fix (no
-    checkpoint, a bad file) is printed as one `error:` line and None is returned."""
-    from nanochat.checkpoint import CheckpointError
-    try:
-        return resolve_model_from_args(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+def resolve_from_settings(settings: CheckpointSettings) -> LoadedModel:
+    """resolve_model for a command whose settings extend CheckpointSettings."""
+    return resolve_model(settings.checkpoint, settings.source, settings.model_tag, settings.model_step,
+                         settings.base_dir, settings.finetuned_dir, settings.device)

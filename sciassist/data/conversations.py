@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.tokenizer import validate_messages
+from sciassist.common import UserError
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError, ValueError):
     """A conversation file or record is malformed. The message reads 'path:line: problem'."""
 
 

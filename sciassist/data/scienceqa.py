@@ -61,6 +61,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nanochat.tokenizer import Tokenizer
+from sciassist.common import SettingsParser, UserError, print_error
+from sciassist.data.answers import ANSWER_FORMATS, LETTERS, OPTIONS_LAYOUTS, answer_line, options_block
 from sciassist.data.conversations import write_conversations
 
 SYSTEM_PROMPT = (
@@ -75,14 +78,11 @@ DEFAULT_SIZES = {"train": 12000, "val": 4000, "test": 4000}
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLE_FILE = "questions.jsonl"
 IMAGE_MODES = ("caption", "keep", "drop")
-ANSWER_FORMATS = ("letter_first", "text_first")
-OPTIONS_LAYOUTS = ("letter_first", "letter_after")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Fields a record needs before it can become a question; never filled in by guessing.
 TEXT_FIELDS = ("question", "choices", "answer")
 
 
-class ScienceQAError(ValueError):
+class ScienceQAError(UserError, ValueError):
     """A source that cannot be read or a record that cannot be formatted."""
 
 
@@ -331,45 +331,6 @@ def caption_for(record, options):
     return None
 
 
-def answer_line(choices, answer, answer_format="letter_first"):
-    """The first line of the reference answer for option index `answer`."""
-    if answer_format == "text_first":
-        return f"The correct answer is {choices[answer]} ({LETTERS[answer]})."
-    if answer_format == "letter_first":
-        return f"The correct answer is {LETTERS[answer]}. {choices[answer]}"
-    raise ScienceQAError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
-
-
-def options_block(choices, layout="letter_first"):
-    """The question's option lines: "A. <choice>" (letter_first) or "<choice> (A)" (letter_after)."""
-    if layout == "letter_after":
-        return "\n".join(f"{choice} ({LETTERS[i]})" for i, choice in enumerate(choices))
-    if layout == "letter_first":
-        return "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
-    raise ScienceQAError(f"options_layout must be one of {', '.join(OPTIONS_LAYOUTS)}, got {layout!r}")
-
-
-def detect_answer_format(records):
-    """The answer format of the records' reference answers: "text_first" when some start with
-    the text_first answer line and none with the letter_first one, else "letter_first" (the
-    default, also for records whose answers follow neither, such as other chat data). Records
-    without ScienceQA "meta" (choices, answer) are passed over."""
-    found = Counter()
-    for record in records:
-        meta = record.get("meta") if isinstance(record, dict) else None
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(meta, dict) or not messages or messages[-1].get("role") != "assistant":
-            continue
-        content, choices, answer = messages[-1].get("content"), meta.get("choices"), meta.get("answer")
-        if not isinstance(content, str) or not isinstance(choices, list) or not isinstance(answer, int) \
-                or not 0 <= answer < min(len(choices), len(LETTERS)):
-            continue
-        for answer_format in ANSWER_FORMATS:
-            if content.startswith(answer_line(choices, answer, answer_format)):
-                found[answer_format] += 1
-    return "text_first" if found["text_first"] and not found["letter_first"] else "letter_first"
-
-
 def format_record(record, options=None):
     """One raw record -> {"messages": [...], "meta": {...}} (the JSONL record).
 
@@ -505,7 +466,6 @@ def prepare(source="hf", out_dir="data", sizes=None, seed=42, options=None,
     options = options or FormatOptions()
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     if tokenizer is None and tokenizer_dir is not None:
-        from nanochat.tokenizer import Tokenizer  # late: a plain prepare needs no tokenizer
         tokenizer = Tokenizer.from_directory(tokenizer_dir)
     out_dir = Path(out_dir)
     report = PrepareReport(str(resolve_source(source)), str(out_dir), seed, options, {})
@@ -552,12 +512,13 @@ def prepare(source="hf", out_dir="data", sizes=None, seed=42, options=None,
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = SettingsParser(
         prog="python -m sciassist.data.scienceqa",
         description="Write ScienceQA as chat JSONL (scienceqa_{train,val,test}.jsonl).",
+        renamed={"--source": "--scienceqa", "--out": "--out_dir"},
     )
-    p.add_argument("--source", default="hf", help="hf | sample | a lupantech-layout directory (default: hf)")
-    p.add_argument("--out", default="data", help="output directory (default: data)")
+    p.add_argument("--scienceqa", default="hf", help="hf | sample | a lupantech-layout directory (default: hf)")
+    p.add_argument("--out_dir", default="data", help="output directory (default: data)")
     for split in SPLITS:
         p.add_argument(f"--{split}_size", default=str(DEFAULT_SIZES[split]),
                        help=f"questions drawn from {split}, or 'all' (default: {DEFAULT_SIZES[split]})")
@@ -602,11 +563,10 @@ def main(argv=None):
     try:
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         sizes = {split: getattr(args, f"{split}_size") for split in SPLITS}
-        report = prepare(args.source, args.out, sizes=sizes, seed=args.seed, options=options_from_args(args),
+        report = prepare(args.scienceqa, args.out_dir, sizes=sizes, seed=args.seed, options=options_from_args(args),
                          tokenizer_dir=args.tokenizer_dir, splits=splits)
     except ScienceQAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     print(report.format())
     return 0
 

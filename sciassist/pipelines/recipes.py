@@ -3,7 +3,9 @@ Recipes: the whole small-model pipeline (data -> tokenizer + tiny base -> fine-t
 evaluation) as named presets, so a measured result can be reproduced with one call.
 
     python -m sciassist.pipelines.recipes --preset cpu --scienceqa ../shared/scienceqa --out_dir runs/cpu
-    python -m sciassist.pipelines.recipes --preset cpu --scienceqa DIR --out_dir DIR2 --split test
+    python -m sciassist.pipelines.recipes --preset cpu --scienceqa DIR --out_dir DIR2 --split test --evaluate_only
+
+(`make recipe-cpu SCIENCEQA=DIR` runs the first.)
 
 A preset is plain data: TinySettings overrides (tokenizer + base pretraining), TrainSettings
 overrides (the fine-tune) and FormatOptions overrides (how a question is written), plus the
@@ -18,17 +20,17 @@ few data choices no other module makes:
   selection set that recipes are compared on; the next `sft_val_size` are the fine-tune's
   validation loss (which picks the kept checkpoint). Test is evaluated only when asked.
 
-- Scoring: letter scoring (the project's headline) and, with choice_scoring, also
-  `--scoring choice` (each option's whole answer line " <L>. <option>"), in eval_<split>/
-  and eval_<split>_choice/. A tiny model learns which option text is right well before it
-  can name the letter, so the two differ a lot (measured: notes/quality).
+- Scoring: the evaluation's default for the recipe's answer format (choice scoring for
+  text_first answers, letter scoring for letter_first ones) in eval_<split>/; a letter_first
+  recipe with choice_scoring is also scored by `--scoring choice` (each option's whole answer
+  line) in eval_<split>_choice/. A tiny model learns which option text is right well before
+  it can name the letter, so the two differ a lot (measured: bench/RESULTS.md).
 
 Nothing from val or test reaches the tokenizer or the base model (sciassist.pipelines.tiny reads the
 train split only). out_dir/data holds ScienceQA text (CC BY-NC-SA): keep out_dir outside
 the repository or in an ignored folder.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -38,8 +40,16 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
+from nanochat.checkpoint import CheckpointError
+from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser, write_json
 from sciassist.data.conversations import write_conversations
 from sciassist.data.scienceqa import FormatOptions, format_record, load_scienceqa, select_subset, skip_reason
+from sciassist.eval.run import EvalSettings, evaluate
+from sciassist.pipelines.tiny import MARKER_FILE, TinySettings, train_tiny
+from sciassist.train.loop import train
+from sciassist.train.settings import TrainSettings
 
 SPLITS_FOR_EVAL = ("val", "test")
 
@@ -48,7 +58,7 @@ SPLITS_FOR_EVAL = ("val", "test")
 class Recipe:
     name: str
     description: str
-    tiny: dict = field(default_factory=dict)      # TinySettings overrides (out_base_dir/scienceqa are set here)
+    tiny: dict = field(default_factory=dict)      # TinySettings overrides (out_dir/scienceqa are set here)
     train: dict = field(default_factory=dict)     # TrainSettings overrides (paths are set here)
     data: dict = field(default_factory=dict)      # FormatOptions overrides
     shuffled_copies: int = 0                      # extra training copies with the options reordered
@@ -107,7 +117,7 @@ GPU = Recipe(
 RECIPES = {r.name: r for r in (CPU, GPU)}
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """An unknown preset or a bad override; the message says what is accepted."""
 
 
@@ -197,14 +207,12 @@ def build_base(recipe, scienceqa, base_dir, progress=False):
     """Tokenizer + tiny base for the recipe in base_dir, reused when base_dir already holds
     one made with the same settings (a study that varies only the fine-tune trains it once).
     Returns (summary, reused)."""
-    from sciassist.pipelines.tiny import MARKER_FILE, TinySettings, train_tiny
-
     base_dir = Path(base_dir)
     key = _base_key(recipe, scienceqa)
     key_file = base_dir / "recipe_base_key.txt"
     if key_file.is_file() and key_file.read_text().strip() == key and (base_dir / MARKER_FILE).is_file():
         return json.loads((base_dir / MARKER_FILE).read_text()), True
-    settings = TinySettings(out_base_dir=str(base_dir), scienceqa=str(scienceqa), progress=progress,
+    settings = TinySettings(out_dir=str(base_dir), scienceqa=str(scienceqa), progress=progress,
                             **recipe.tiny)
     summary = train_tiny(settings)
     summary.pop("losses", None)
@@ -221,8 +229,6 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
     evaluate_only: evaluate the finished run already in out_dir (same preset and overrides)
     instead of training again: how a recipe chosen on val gets its one test number.
     Returns the summary dict."""
-    from sciassist.train.loop import TrainSettings, train
-
     started = time.time()
     recipe = get_recipe(name, **overrides)
     out_dir = Path(out_dir)
@@ -246,7 +252,7 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
     t0 = time.time()
     settings = TrainSettings(**{
         "data_path": str(paths["train"]), "val_path": str(paths["sft_val"]), "source": "base",
-        "base_dir": str(base_dir), "output_dir": str(out_dir / "sft"), "output_tag": recipe.name,
+        "base_dir": str(base_dir), "out_dir": str(out_dir / "sft"), "output_tag": recipe.name,
         "num_epochs": 1, **recipe.train})
     deadline = time.time() + recipe.max_minutes * 60
 
@@ -274,14 +280,12 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
         "minutes": round(timings["total_s"] / 60, 2),
         "out_dir": str(out_dir),
     }
-    (out_dir / "recipe_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out_dir / "recipe_summary.json", summary)
     return summary
 
 
 def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings):
     """Evaluate the fine-tune in run_dir on each split's eval file; returns {split: headline}."""
-    from sciassist.eval.run import EvalSettings, evaluate
-
     evaluations = {}
     for split in splits:
         t0 = time.time()
@@ -323,7 +327,7 @@ def _evaluate_finished(recipe, scienceqa_dir, out_dir, splits):
     summary["evaluation"].update(_evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings))
     summary["counts"].update(counts)
     summary["timings"].update({k: round(v, 1) for k, v in timings.items()})
-    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(summary_path, summary)
     return summary
 
 
@@ -367,29 +371,31 @@ def choice_headline(choice_result, letter_result):
             "choice_out_dir": choice_result["settings"]["out_dir"]}
 
 
+@dataclass
+class RecipeCommand:
+    """`python -m sciassist.pipelines.recipes`: which recipe, on which data, into which folder."""
+
+    preset: str = setting("cpu", "the recipe", choices=sorted(RECIPES))
+    scienceqa: str = setting(None, "ScienceQA directory (lupantech layout) or 'sample'", required=True)
+    out_dir: str = setting(None, "where the run's data, base, fine-tune and evaluations go", required=True)
+    split: str = setting("val", "what to evaluate on (test: only for a final number)",
+                         choices=["val", "test", "both", "none"])
+    evaluate_only: bool = setting(False, "evaluate the finished run in --out_dir on --split instead of training "
+                                         "(the one test number of a recipe chosen on val)")
+    threads: int = setting(2, "torch CPU threads (on a machine other jobs keep busy, 1 can be faster)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sciassist.pipelines.recipes",
-                                description="Run a whole recipe: data -> tiny base -> fine-tune -> evaluation.")
-    p.add_argument("--preset", default="cpu", choices=sorted(RECIPES))
-    p.add_argument("--scienceqa", required=True, help="ScienceQA directory (lupantech layout) or 'sample'")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--split", default="val", choices=["val", "test", "both", "none"],
-                   help="what to evaluate on (test: only for a final number)")
-    p.add_argument("--evaluate_only", action="store_true",
-                   help="evaluate the finished run in --out_dir on --split instead of training (the one test number "
-                        "of a recipe chosen on val)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (default 2; on a machine other jobs keep busy, 1 can be faster)")
-    args = p.parse_args(argv)
-    import torch
-    torch.set_num_threads(args.threads)
+    parser = settings_parser(RecipeCommand, "python -m sciassist.pipelines.recipes",
+                             "Run a whole recipe: data -> tiny base -> fine-tune -> evaluation.")
+    command = settings_from_namespace(RecipeCommand, parser.parse_args(argv))
+    torch.set_num_threads(command.threads)
     try:
-        summary = run_recipe(args.preset, args.scienceqa, args.out_dir,
-                             evaluate_split=None if args.split == "none" else args.split, progress=True,
-                             evaluate_only=args.evaluate_only)
-    except (RecipeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        summary = run_recipe(command.preset, command.scienceqa, command.out_dir,
+                             evaluate_split=None if command.split == "none" else command.split, progress=True,
+                             evaluate_only=command.evaluate_only)
+    except (UserError, CheckpointError) as e:
+        return print_error(e)
     print(json.dumps({"minutes": summary["minutes"], "evaluation": summary["evaluation"]}, indent=2))
     return 0
 

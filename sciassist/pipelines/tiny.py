@@ -1,7 +1,7 @@
 """
 A tiny base model trained offline: a stand-in for the published d20/d32, not a replacement.
 
-    python -m sciassist.pipelines.tiny --out_base_dir DIR [--scienceqa sample|DIR|hf] [--vocab_size V]
+    python -m sciassist.pipelines.tiny --out_dir DIR [--scienceqa sample|DIR|hf] [--vocab_size V]
                              [--depth 4] [--n_embd C --n_head H] [--max_minutes 1.5 | --steps N]
 
 It trains a small BPE tokenizer (rustbpe) and pretrains a small nanochat GPT with a plain
@@ -46,7 +46,6 @@ Choices, and why:
   schedule it actually used in the meta (user_config.steps, user_config.warmdown_from).
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -62,7 +61,9 @@ from tqdm import tqdm
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from sciassist.data.scienceqa import LETTERS, ScienceQAError, load_scienceqa
+from sciassist.common import UserError, autocast, resolve_device, setting, settings_from_namespace, settings_parser
+from sciassist.data.answers import LETTERS
+from sciassist.data.scienceqa import ScienceQAError, load_scienceqa
 
 DEFAULT_VOCAB_SIZE = 4096
 BYTES_PER_VOCAB_ENTRY = 64  # auto vocab: at most one token per this many bytes of training text
@@ -72,30 +73,33 @@ MARKER_FILE = "tiny_base.json"  # marks a base dir written by this module (safe 
 
 @dataclass
 class TinySettings:
-    out_base_dir: str
-    scienceqa: str = "sample"  # sample | DIR (lupantech layout) | hf
-    vocab_size: int | None = None  # None: automatic (see the module docstring)
-    depth: int = 4
-    n_embd: int | None = None  # None: nanochat's 64 * depth
-    n_head: int | None = None  # None: heads of 128 channels
-    sequence_len: int = 512
-    device_batch_size: int = 8
-    steps: int | None = None  # exact number of optimizer steps; else max_epochs / max_minutes decide
-    max_epochs: float | None = 4.0  # passes over the training text (see the module docstring)
-    max_minutes: float = 1.5
-    warmdown_ratio: float = 0.2
-    matrix_lr: float = 0.02  # nanochat's base-training learning rates
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    val_rows: int = 16  # rows of sequence_len tokens of val text for val_bpb
-    seed: int = 42
-    device: str | None = None  # None: cuda if available, else cpu
-    threads: int | None = None  # CPU threads while training (None: torch's setting); see train_tiny
-    overwrite: bool = False
-    progress: bool = True
+    out_dir: str = setting(None, "nanochat base dir to write (tokenizer/, base_checkpoints/)", required=True)
+    scienceqa: str = setting("sample", "ScienceQA source of the training text: sample | DIR (lupantech layout) | hf")
+    vocab_size: int | None = setting(None, "default: 4096 capped at one token per 64 bytes of training text (>= 512)")
+    depth: int = setting(4, "transformer layers")
+    n_embd: int | None = setting(None, "width (default: nanochat's 64 * depth)")
+    n_head: int | None = setting(None, "attention heads (default: heads of 128 channels)")
+    sequence_len: int = setting(512, "positions per row")
+    device_batch_size: int = setting(8, "rows per step")
+    steps: int | None = setting(None, "exact number of optimizer steps (deterministic weights; ignores "
+                                      "--max_epochs and --max_minutes)")
+    max_epochs: float | None = setting(4.0, "at most this many passes over the training text (see the module "
+                                            "docstring)")
+    max_minutes: float = setting(1.5, "time budget up to the final evaluation, when --steps is not given")
+    warmdown_ratio: float = setting(0.2, "fraction of the steps over which the learning rate decays to 0")
+    matrix_lr: float = setting(0.02, "Muon learning rate (nanochat's base training)")
+    embedding_lr: float = setting(0.2, "AdamW learning rate of the embedding")
+    unembedding_lr: float = setting(0.004, "AdamW learning rate of lm_head")
+    val_rows: int = setting(16, "rows of sequence_len tokens of val text for val_bpb")
+    seed: int = setting(42, "seed of the data order and the initial weights")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
+    threads: int | None = setting(None, "CPU threads while training (default: torch's); 1 is faster when other "
+                                        "jobs keep the cores busy")
+    overwrite: bool = setting(False, "replace tokenizer/ and base_checkpoints/ not written by this module")
+    progress: bool = setting(True, "show a progress bar")
 
 
-class TinyError(Exception):
+class TinyError(UserError):
     """A run that cannot start; the message says what to do."""
 
 
@@ -237,7 +241,7 @@ def warmdown_start(num_steps, warmdown_ratio):
     return int(round((1 - warmdown_ratio) * num_steps))
 
 
-def lr_multiplier(step, num_steps, warmdown_from):
+def warmdown_lr_multiplier(step, num_steps, warmdown_from):
     """1 before step `warmdown_from`, then linear down to 0 at num_steps."""
     if step < warmdown_from:
         return 1.0
@@ -254,7 +258,7 @@ def _prepare_out_dir(base_dir, overwrite):
     ours = (base_dir / MARKER_FILE).is_file()
     if (base_dir / "tokenizer").exists() and not ours and not overwrite:
         raise TinyError(f"{base_dir / 'tokenizer'} already exists and was not written by sciassist.pipelines.tiny "
-                        f"(it may belong to a published model); use an empty --out_base_dir or pass --overwrite")
+                        f"(it may belong to a published model); use an empty --out_dir or pass --overwrite")
     if ours or overwrite:
         for name in ("tokenizer", "base_checkpoints", MARKER_FILE):
             path = base_dir / name
@@ -282,8 +286,8 @@ def _model_config(settings, vocab_size):
 # ----------------------------------------------------------------------------- training
 
 def train_tiny(settings):
-    """Train the tokenizer and the model, save them under settings.out_base_dir. Returns a
-    summary dict (also written to <out_base_dir>/tiny_base.json, without the loss list).
+    """Train the tokenizer and the model, save them under settings.out_dir. Returns a
+    summary dict (also written to <out_dir>/tiny_base.json, without the loss list).
 
     settings.threads sets torch's CPU threads for the run only. On a machine whose cores are
     already busy, fewer threads are faster: on 2 shared cores under a load of ~6, a depth-4
@@ -297,9 +301,7 @@ def train_tiny(settings):
         torch.set_num_threads(previous_threads)
 
 
-def _train_tiny(settings):
-    t_start = time.time()
-    s = settings
+def _check(s):
     if s.steps is None and not s.max_minutes > 0:
         raise TinyError("give --steps N or a positive --max_minutes")
     if s.steps is not None and s.steps < 1:
@@ -308,23 +310,100 @@ def _train_tiny(settings):
         raise TinyError(f"max_epochs must be positive, got {s.max_epochs}")
     if not 0 <= s.warmdown_ratio <= 1:
         raise TinyError(f"warmdown_ratio must be in [0, 1], got {s.warmdown_ratio}")
-    base_dir = Path(s.out_base_dir).expanduser()
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+
+def _texts(source):
+    """(train documents, val documents) of a ScienceQA source."""
     try:
-        train_docs = training_corpus(s.scienceqa)
+        train_docs = training_corpus(source)
     except ScienceQAError as e:
         raise TinyError(str(e)) from e
     if not train_docs:
-        raise TinyError(f"ScienceQA source {s.scienceqa!r} has no training text")
+        raise TinyError(f"ScienceQA source {source!r} has no training text")
     try:
-        val_docs = corpus_documents(load_scienceqa(s.scienceqa, "val"))
+        val_docs = corpus_documents(load_scienceqa(source, "val"))
     except ScienceQAError:
         val_docs = []  # a directory without a val split: no val_bpb, not an error
+    return train_docs, val_docs
+
+
+@dataclass
+class Schedule:
+    """How many steps the run takes and where its warmdown starts; with --steps both are
+    known at once, otherwise they are fixed during the run from the measured speed."""
+
+    num_steps: int | None
+    warmdown_from: int | None
+    epoch_cap: int | None
+    deadline: float
+    first_step_done_at: float | None = None
+
+    def update(self, step, warmdown_ratio, bar):
+        if self.num_steps is not None:
+            return
+        # Estimate the total from the speed so far (the first step is left out: it carries
+        # one-off start-up costs) and fix it when the warmdown would begin. The learning
+        # rate is constant until then, so normally the run equals `--steps num_steps`.
+        now = time.time()
+        if now >= self.deadline and step >= 1:  # at least one step: a checkpoint is always a trained one
+            self.num_steps = self.warmdown_from = step  # budget spent before any warmdown (tiny budgets)
+        elif step >= 2:
+            estimate = step + int((self.deadline - now) * (step - 1) / max(1e-9, now - self.first_step_done_at))
+            estimate = min(estimate, self.epoch_cap) if self.epoch_cap else estimate
+            bar.total = estimate
+            if step >= warmdown_start(estimate, warmdown_ratio):
+                self.num_steps, self.warmdown_from = estimate, step
+        elif self.epoch_cap is not None and step >= warmdown_start(self.epoch_cap, warmdown_ratio):
+            self.num_steps, self.warmdown_from = self.epoch_cap, step  # a cap of 1-2 steps: no speed known yet
+
+    def multiplier(self, step):
+        return warmdown_lr_multiplier(step, self.num_steps, self.warmdown_from) if self.num_steps else 1.0
+
+
+def _pretrain(s, model, optimizers, train_tokens, schedule, device):
+    """The language-model loop; returns the per-step losses."""
+    context = autocast(device)
+    losses = []
+    data = batches(train_tokens, s.device_batch_size, s.sequence_len, s.seed)
+    bar = tqdm(total=schedule.num_steps or schedule.epoch_cap, desc="pretraining", unit="step",
+               disable=not s.progress, dynamic_ncols=True)
+    step = 0
+    model.train()
+    while True:
+        schedule.update(step, s.warmdown_ratio, bar)
+        if schedule.num_steps is not None and step >= schedule.num_steps:
+            break
+        multiplier = schedule.multiplier(step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * multiplier
+        inputs, targets, epoch = next(data)
+        with context:
+            loss = model(inputs.to(device), targets.to(device))
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        step += 1
+        if step == 1:
+            schedule.first_step_done_at = time.time()
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch, lr=f"{multiplier:.2f}")
+    bar.close()
+    return losses
+
+
+def _train_tiny(settings):
+    t_start = time.time()
+    s = settings
+    _check(s)
+    base_dir = Path(s.out_dir).expanduser()
+    device = resolve_device(s.device)
+    train_docs, val_docs = _texts(s.scienceqa)
     _prepare_out_dir(base_dir, s.overwrite)
 
-    vocab_size = choose_vocab_size(train_docs, s.vocab_size)
-    tokenizer = train_tokenizer(train_docs, vocab_size, exact=s.vocab_size is not None)
+    tokenizer = train_tokenizer(train_docs, choose_vocab_size(train_docs, s.vocab_size), exact=s.vocab_size is not None)
     vocab_size = tokenizer.get_vocab_size()
     bos = tokenizer.get_bos_token_id()
     train_tokens = tokenizer.encode(train_docs, prepend=bos)
@@ -337,69 +416,24 @@ def _train_tiny(settings):
     model.init_weights()
     optimizers = model.setup_optimizers(unembedding_lr=s.unembedding_lr, embedding_lr=s.embedding_lr,
                                         matrix_lr=s.matrix_lr, weight_decay=0.0)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
     tokens_per_step = s.device_batch_size * s.sequence_len
     print(f"tiny base: {len(train_docs)} training documents, {n_train_tokens:,} tokens, vocab {vocab_size}; "
           f"GPT depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads, "
           f"{model.num_params():,} params; {tokens_per_step:,} tokens per step on {device}")
-
-    deadline = t_start + 60 * s.max_minutes
-    # --steps fixes the schedule now; otherwise it is fixed during the run (below)
-    num_steps = s.steps
-    warmdown_from = warmdown_start(s.steps, s.warmdown_ratio) if s.steps else None
-    epoch_cap = max(1, math.ceil(s.max_epochs * n_train_tokens / tokens_per_step)) if s.max_epochs else None
-    losses = []
-    data = batches(train_tokens, s.device_batch_size, s.sequence_len, s.seed)
-    bar = tqdm(total=num_steps or epoch_cap, desc="pretraining", unit="step", disable=not s.progress,
-               dynamic_ncols=True)
-    t_first_done = None
-    step = epoch = 0
-    model.train()
+    schedule = Schedule(
+        num_steps=s.steps, warmdown_from=warmdown_start(s.steps, s.warmdown_ratio) if s.steps else None,
+        epoch_cap=max(1, math.ceil(s.max_epochs * n_train_tokens / tokens_per_step)) if s.max_epochs else None,
+        deadline=t_start + 60 * s.max_minutes)
     t_loop = time.time()
-    while True:
-        if num_steps is None:
-            # Estimate the total from the speed so far (the first step is left out: it carries
-            # one-off start-up costs) and fix it when the warmdown would begin. The learning
-            # rate is constant until then, so normally the run equals `--steps num_steps`.
-            now = time.time()
-            if now >= deadline and step >= 1:  # at least one step: a checkpoint is always a trained one
-                num_steps = warmdown_from = step  # budget spent before any warmdown (tiny budgets)
-            elif step >= 2:
-                estimate = step + int((deadline - now) * (step - 1) / max(1e-9, now - t_first_done))
-                estimate = min(estimate, epoch_cap) if epoch_cap else estimate
-                bar.total = estimate
-                if step >= warmdown_start(estimate, s.warmdown_ratio):
-                    num_steps, warmdown_from = estimate, step
-            elif epoch_cap is not None and step >= warmdown_start(epoch_cap, s.warmdown_ratio):
-                num_steps, warmdown_from = epoch_cap, step  # a cap of 1-2 steps: no speed known yet
-        if num_steps is not None and step >= num_steps:
-            break
-        multiplier = lr_multiplier(step, num_steps, warmdown_from) if num_steps is not None else 1.0
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-        inputs, targets, epoch = next(data)
-        with autocast:
-            loss = model(inputs.to(device), targets.to(device))
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        step += 1
-        if step == 1:
-            t_first_done = time.time()
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch, lr=f"{multiplier:.2f}")
-    bar.close()
+    losses = _pretrain(s, model, optimizers, train_tokens, schedule, device)
     loop_seconds = time.time() - t_loop
     train_seconds = time.time() - t_start
+    step = len(losses)
 
     model.eval()
     val_bpb = None
     if val_rows is not None:
-        with autocast:
+        with autocast(device):
             val_bpb = bits_per_byte(model, val_rows, tokenizer.token_bytes())
     # the mean over the last tenth of the steps: less noisy than the last batch alone, and
     # short runs (the sample takes 8 steps) are not averaged back to their start
@@ -409,7 +443,7 @@ def _train_tiny(settings):
     tokenizer.save(base_dir / "tokenizer")
     checkpoint_dir = base_dir / "base_checkpoints" / f"d{config.n_layer}"
     user_config = dataclasses.asdict(s)
-    user_config.update(vocab_size=vocab_size, steps=step, warmdown_from=warmdown_from)
+    user_config.update(vocab_size=vocab_size, steps=step, warmdown_from=schedule.warmdown_from)
     meta = {
         "model_config": dataclasses.asdict(config),
         "step": step,
@@ -444,41 +478,14 @@ def _train_tiny(settings):
 
 
 def build_parser():
-    d = TinySettings(out_base_dir="")
-    p = argparse.ArgumentParser(description="Train a tiny stand-in base model (tokenizer + GPT) on ScienceQA "
-                                            "training text, saved in nanochat's layout. Not a replacement for d20/d32.")
-    p.add_argument("--out_base_dir", required=True, help="nanochat base dir to write (tokenizer/, base_checkpoints/)")
-    p.add_argument("--scienceqa", default=d.scienceqa, help="sample | DIR (lupantech layout) | hf")
-    p.add_argument("--vocab_size", type=int, default=None,
-                   help="default: 4096 capped at one token per 64 bytes of training text (>= 512)")
-    p.add_argument("--depth", type=int, default=d.depth)
-    p.add_argument("--n_embd", type=int, default=None, help="default: 64 * depth")
-    p.add_argument("--n_head", type=int, default=None, help="default: heads of 128 channels")
-    p.add_argument("--sequence_len", type=int, default=d.sequence_len)
-    p.add_argument("--device_batch_size", type=int, default=d.device_batch_size)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None,
-                        help="exact number of steps (deterministic weights; ignores --max_epochs)")
-    budget.add_argument("--max_minutes", type=float, default=d.max_minutes,
-                        help=f"time budget up to the final evaluation (default {d.max_minutes})")
-    p.add_argument("--max_epochs", type=float, default=d.max_epochs,
-                   help=f"at most this many passes over the training text (default {d.max_epochs:g})")
-    p.add_argument("--warmdown_ratio", type=float, default=d.warmdown_ratio)
-    p.add_argument("--matrix_lr", type=float, default=d.matrix_lr)
-    p.add_argument("--embedding_lr", type=float, default=d.embedding_lr)
-    p.add_argument("--unembedding_lr", type=float, default=d.unembedding_lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's); 1 is faster when other jobs keep the cores busy")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace tokenizer/ and base_checkpoints/ not written by this module")
-    return p
+    return settings_parser(TinySettings, "python -m sciassist.pipelines.tiny",
+                           "Train a tiny stand-in base model (tokenizer + GPT) on ScienceQA training text, saved in "
+                           "nanochat's layout. Not a replacement for d20/d32.",
+                           renamed={"--out_base_dir": "--out_dir"})
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    settings = TinySettings(**vars(args))
+    settings = settings_from_namespace(TinySettings, build_parser().parse_args(argv))
     try:
         summary = train_tiny(settings)
     except TinyError as e:

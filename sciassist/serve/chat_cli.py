@@ -11,7 +11,6 @@ streaming a reply) are shared with the web server in sciassist.serve.web.server.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import secrets
 import sys
@@ -20,19 +19,22 @@ from dataclasses import dataclass
 
 import torch
 
-from sciassist.checkpoints import add_checkpoint_args, load_model_for_cli
+from nanochat.checkpoint import CheckpointError
+from nanochat.engine import Engine
+from sciassist.checkpoints import CheckpointSettings, resolve_from_settings
+from sciassist.common import UserError, autocast, print_error, setting, settings_from_namespace, settings_parser
+from sciassist.data.scienceqa import SYSTEM_PROMPT as TUTOR_SYSTEM_PROMPT
 
-try:
-    from sciassist.data.scienceqa import SYSTEM_PROMPT as TUTOR_SYSTEM_PROMPT
-except ImportError:  # the data module is written in parallel; the text is the contract's
-    TUTOR_SYSTEM_PROMPT = (
-        "You are a helpful science tutor for elementary through high school students. "
-        "Explain concepts clearly with examples."
-    )
 
-DEFAULT_TEMPERATURE = 0.6
-DEFAULT_TOP_K = 50
-DEFAULT_MAX_TOKENS = 512
+@dataclass
+class ChatSettings:
+    """How replies are sampled; the chat here and the web server share these."""
+
+    system_prompt: str | None = setting(TUTOR_SYSTEM_PROMPT, 'system prompt (default: the science tutor; "" for none)')
+    temperature: float = setting(0.6, "0 = greedy")
+    top_k: int | None = setting(50, "sample from the k likeliest; 0 = all")
+    max_tokens: int = setting(512, "longest answer in tokens")
+    seed: int | None = setting(None, "make answers reproducible (default: random)")
 
 
 class PromptTooLong(ValueError):
@@ -122,9 +124,7 @@ def inference_context(model):
     For direct forward passes (multiple-choice scoring); Engine.generate sets up its own."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode())
-    device = model.get_device() if hasattr(model, "get_device") else None
-    if device is not None and device.type == "cuda":
-        stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+    stack.enter_context(autocast(model.get_device()))
     return stack
 
 
@@ -138,8 +138,8 @@ def stream_reply(
     tokenizer,
     prompt_ids: list[int],
     max_tokens: int,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int | None = DEFAULT_TOP_K,
+    temperature: float = ChatSettings.temperature,
+    top_k: int | None = ChatSettings.top_k,
     seed: int | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
@@ -176,20 +176,16 @@ def stream_reply(
 
 
 @dataclass
-class ChatSettings:
-    system_prompt: str | None = TUTOR_SYSTEM_PROMPT
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int | None = DEFAULT_TOP_K
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    seed: int | None = None
+class ChatCommand(CheckpointSettings, ChatSettings):
+    """`python -m sciassist.serve.chat_cli`: the model flags, the sampling flags and -p."""
+
+    prompt: str | None = setting(None, "answer this one question, print only the answer, exit", flags=("-p",))
 
 
 class ChatSession:
     """A conversation with one loaded model; the terminal loop and tests both drive it."""
 
     def __init__(self, loaded, settings: ChatSettings):
-        from nanochat.engine import Engine
-
         self.loaded = loaded
         self.settings = settings
         self.engine = Engine(loaded.model, loaded.tokenizer)
@@ -239,34 +235,20 @@ class ChatSession:
                 self.messages.pop()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sciassist.serve.chat_cli",
-        description="Chat with a nanochat checkpoint (the science tutor by default).",
-    )
-    add_checkpoint_args(parser)
-    parser.add_argument("-p", "--prompt", default=None, help="answer this one question, print only the answer, exit")
-    parser.add_argument(
-        "--system", default=TUTOR_SYSTEM_PROMPT, help='system prompt (default: the science tutor; "" for none)'
-    )
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default 0.6)")
-    parser.add_argument(
-        "--top_k", type=int, default=DEFAULT_TOP_K, help="sample from the k likeliest; 0 = all (default 50)"
-    )
-    parser.add_argument(
-        "--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest answer in tokens (default 512)"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="make answers reproducible (default: random)")
-    return parser
+def build_parser():
+    return settings_parser(ChatCommand, "python -m sciassist.serve.chat_cli",
+                           "Chat with a nanochat checkpoint (the science tutor by default).",
+                           renamed={"--system": "--system_prompt"})
 
 
-def _check_args(parser, args) -> None:
-    if not 0.0 <= args.temperature <= 2.0:
-        parser.error("--temperature must be between 0 and 2")
-    if args.top_k < 0:
-        parser.error("--top_k must be >= 0 (0 = no top-k)")
-    if args.max_tokens < 1:
-        parser.error("--max_tokens must be >= 1")
+def check_settings(settings: ChatSettings) -> None:
+    """Raise UserError naming the flag for a sampling setting that cannot work."""
+    if not 0.0 <= settings.temperature <= 2.0:
+        raise UserError(f"--temperature must be between 0 and 2, got {settings.temperature}")
+    if settings.top_k is not None and settings.top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (0 = no top-k), got {settings.top_k}")
+    if settings.max_tokens < 1:
+        raise UserError(f"--max_tokens must be >= 1, got {settings.max_tokens}")
 
 
 def _write(text: str, stream=None) -> None:
@@ -332,21 +314,20 @@ def run_interactive(session: ChatSession, input_fn=input) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    loaded = load_model_for_cli(args)
-    if loaded is None:
-        return 2
-    settings = ChatSettings(
-        system_prompt=args.system or None,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-    )
+    command = settings_from_namespace(ChatCommand, parser.parse_args(argv))
+    try:
+        check_settings(command)
+    except UserError as err:
+        parser.error(str(err))
+    try:
+        loaded = resolve_from_settings(command)
+    except (CheckpointError, UserError) as err:
+        return print_error(err)
+    settings = ChatSettings(system_prompt=command.system_prompt or None, temperature=command.temperature,
+                            top_k=command.top_k or None, max_tokens=command.max_tokens, seed=command.seed)
     session = ChatSession(loaded, settings)
-    if args.prompt is not None:
-        return run_once(session, args.prompt)
+    if command.prompt is not None:
+        return run_once(session, command.prompt)
     return run_interactive(session)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sciassist.data import scienceqa as sqa
+from sciassist.data.answers import LETTERS, options_block
 from sciassist.data.conversations import read_conversations
 from sciassist.data.scienceqa import (
     DEFAULT_SIZES,
@@ -14,11 +15,9 @@ from sciassist.data.scienceqa import (
     SYSTEM_PROMPT,
     FormatOptions,
     ScienceQAError,
-    answer_line,
     format_record,
     load_scienceqa,
     main,
-    options_block,
     parse_size,
     percentiles,
     prepare,
@@ -121,12 +120,8 @@ def test_text_first_answer_format():
     out = format_record(make_record(), options)
     assert out["messages"][-1]["content"].startswith("The correct answer is a glass marble (B).\n\nExplanation: ")
     assert out["meta"]["answer_letter"] == "B"
-    assert answer_line(["ice", "steam"], 0, "text_first") == "The correct answer is ice (A)."
-    assert answer_line(["ice", "steam"], 0) == "The correct answer is A. ice"
     with pytest.raises(ScienceQAError, match="answer_format must be one of letter_first, text_first"):
         FormatOptions(answer_format="letter_last")
-    with pytest.raises(ScienceQAError, match="answer_format must be one of"):
-        answer_line(["ice", "steam"], 0, "words")
 
 
 def test_letter_after_options_layout():
@@ -135,8 +130,6 @@ def test_letter_after_options_layout():
     out = format_record(make_record(), options)
     user = out["messages"][0]["content"]
     assert user.endswith("\n\n" + options_block(out["meta"]["choices"], "letter_after"))
-    assert options_block(["ice", "steam"], "letter_after") == "ice (A)\nsteam (B)"
-    assert options_block(["ice", "steam"]) == "A. ice\nB. steam"
     assert out["messages"][1]["content"] == "The correct answer is B. a glass marble"
     with pytest.raises(ScienceQAError, match="options_layout must be one of letter_first, letter_after"):
         FormatOptions(options_layout="table")
@@ -255,7 +248,7 @@ def test_sample_content_is_varied():
     assert {r["subject"] for r in records} == {"natural science", "social science", "language science", None}
     assert {r["grade"] for r in records if r["grade"]} == {f"grade{g}" for g in range(1, 13)}
     assert {len(r["choices"]) for r in records} == {2, 3, 4, 5}
-    letters = [sqa.LETTERS[r["answer"]] for r in records]
+    letters = [LETTERS[r["answer"]] for r in records]
     assert min(letters.count(x) for x in "ABCD") >= 10
     assert sum(bool(r["hint"]) for r in records) >= 10
     assert sum(bool(r["lecture"]) for r in records) >= 55
@@ -480,7 +473,7 @@ def test_prepare_with_a_real_nanochat_tokenizer(tmp_path):
 
 
 def test_main_cli(tmp_path, capsys):
-    code = main(["--source", "sample", "--out", str(tmp_path), "--train_size", "5", "--val_size", "all",
+    code = main(["--scienceqa", "sample", "--out_dir", str(tmp_path), "--train_size", "5", "--val_size", "all",
                  "--splits", "train,val", "--original_format", "--no-include_background"])
     assert code == 0
     out = capsys.readouterr().out
@@ -504,9 +497,9 @@ def test_cli_flags_map_to_options():
 
 
 def test_main_reports_errors_without_traceback(tmp_path, capsys):
-    assert main(["--source", str(tmp_path / "absent"), "--out", str(tmp_path)]) == 2
+    assert main(["--scienceqa", str(tmp_path / "absent"), "--out_dir", str(tmp_path)]) == 2
     assert "error: ScienceQA source" in capsys.readouterr().err
-    assert main(["--source", "sample", "--out", str(tmp_path), "--train_size", "many"]) == 2
+    assert main(["--scienceqa", "sample", "--out_dir", str(tmp_path), "--train_size", "many"]) == 2
 
 
 # ----------------------------------------------------------------------------- the real local copy

@@ -10,7 +10,7 @@ from sciassist.pipelines.demo import DemoSettings, main, run_demo
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    result = run_demo(DemoSettings(out=str(out), base_steps=3, depth=2, num_epochs=1, eval_limit=6))
+    result = run_demo(DemoSettings(out_dir=str(out), base_steps=3, depth=2, num_epochs=1, eval_limit=6))
     assert sorted(p.name for p in (out / "data").glob("*.jsonl")) == [
         "scienceqa_test.jsonl", "scienceqa_train.jsonl", "scienceqa_val.jsonl"]
     assert list((out / "base" / "base_checkpoints" / "d2").glob("model_*.pt"))
@@ -27,5 +27,5 @@ def test_demo_runs_every_stage(tmp_path, capsys):
 
 
 def test_demo_reports_a_bad_source_without_a_traceback(tmp_path, capsys):
-    assert main(["--scienceqa", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["--scienceqa", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")]) == 1
     assert "error:" in capsys.readouterr().err

@@ -3,9 +3,9 @@ import random
 
 import pytest
 
-from sciassist.pipelines import recipes
 from sciassist.data.conversations import read_conversations
 from sciassist.data.scienceqa import FormatOptions, load_scienceqa
+from sciassist.pipelines import recipes
 
 
 def raw_question(pid="1", choices=("cat", "dog", "fish"), answer=1):

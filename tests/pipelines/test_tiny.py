@@ -73,7 +73,7 @@ def dataset(tmp_path_factory):
 
 
 def small_settings(out_dir, dataset, **overrides):
-    values = dict(out_base_dir=str(out_dir), scienceqa=str(dataset), vocab_size=300, depth=1, n_embd=64,
+    values = dict(out_dir=str(out_dir), scienceqa=str(dataset), vocab_size=300, depth=1, n_embd=64,
                   n_head=2, sequence_len=64, device_batch_size=4, steps=5, val_rows=4, progress=False,
                   device="cpu")
     values.update(overrides)
@@ -170,9 +170,9 @@ def test_bits_per_byte_counts_only_text_tokens():
 
 def test_lr_schedule():
     assert tiny.warmdown_start(10, 0.2) == 8
-    assert [tiny.lr_multiplier(s, 10, 8) for s in range(10)] == [1.0] * 8 + [1.0, 0.5]
-    assert tiny.lr_multiplier(10, 10, 8) == 0.0
-    assert tiny.lr_multiplier(0, 5, 5) == 1.0
+    assert [tiny.warmdown_lr_multiplier(s, 10, 8) for s in range(10)] == [1.0] * 8 + [1.0, 0.5]
+    assert tiny.warmdown_lr_multiplier(10, 10, 8) == 0.0
+    assert tiny.warmdown_lr_multiplier(0, 5, 5) == 1.0
 
 
 # ----------------------------------------------------------------------------- training
@@ -257,7 +257,7 @@ def test_threads_apply_to_the_run_only(tmp_path, dataset, monkeypatch):
 
 
 def test_model_config_overrides():
-    base = dict(out_base_dir="x")
+    base = dict(out_dir="x")
     config = tiny._model_config(tiny.TinySettings(depth=4, **base), 1000)
     assert (config.n_layer, config.n_embd, config.n_head, config.sequence_len) == (4, 256, 2, 512)
     config = tiny._model_config(tiny.TinySettings(depth=2, n_embd=96, n_head=3, **base), 1000)
@@ -285,13 +285,13 @@ def test_rerun_replaces_its_own_output_but_not_a_foreign_tokenizer(tmp_path, dat
 
 def test_main(tmp_path, dataset, capsys):
     base = tmp_path / "cli"
-    argv = ["--out_base_dir", str(base), "--scienceqa", str(dataset), "--vocab_size", "300", "--depth", "1",
+    argv = ["--out_dir", str(base), "--scienceqa", str(dataset), "--vocab_size", "300", "--depth", "1",
             "--n_embd", "64", "--sequence_len", "64", "--device_batch_size", "2", "--steps", "2", "--device", "cpu",
             "--threads", "1"]
     assert tiny.main(argv) == 0
     out = capsys.readouterr().out
     assert "a stand-in, not d20/d32" in out and f"load_model_from({str(base)!r}, 'base')" in out
-    assert tiny.main(["--out_base_dir", str(tmp_path / "none"), "--scienceqa", str(tmp_path / "missing")]) == 1
+    assert tiny.main(["--out_dir", str(tmp_path / "none"), "--scienceqa", str(tmp_path / "missing")]) == 1
     assert "error:" in capsys.readouterr().err
 
 

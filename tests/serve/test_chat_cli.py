@@ -1,8 +1,6 @@
-"""Tests of the terminal chat (sciassist.serve.chat_cli) and of checkpoint picking
-(sciassist.checkpoints), on the tiny random checkpoint."""
+"""Tests of the terminal chat (sciassist.serve.chat_cli), on the tiny random checkpoint."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sciassist.checkpoints import resolve_model
 from sciassist.serve import chat_cli
 from sciassist.serve.chat_cli import (
     ChatSession,
@@ -22,17 +21,6 @@ from sciassist.serve.chat_cli import (
     reply_reserve,
     run_interactive,
     stream_reply,
-)
-from sciassist.checkpoints import (
-    CheckpointChoice,
-    add_checkpoint_args,
-    choose_checkpoint,
-    default_base_dir,
-    latest_finetuned,
-    load_choice,
-    model_steps,
-    resolve_model,
-    resolve_model_from_args,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -272,7 +260,7 @@ def test_interactive_loop_ends_on_ctrl_d_and_ctrl_c(loaded, exc):
 def test_parser_defaults():
     args = build_parser().parse_args([])
     assert (args.temperature, args.top_k, args.max_tokens, args.seed) == (0.6, 50, 512, None)
-    assert args.system == TUTOR and chat_cli.TUTOR_SYSTEM_PROMPT == TUTOR
+    assert args.system_prompt == TUTOR and chat_cli.TUTOR_SYSTEM_PROMPT == TUTOR
     assert args.finetuned_dir == "finetuned_model_checkpoint" and args.checkpoint is None
 
 
@@ -326,7 +314,7 @@ def test_cli_one_shot_in_a_subprocess(tiny_base_dir, loaded):
         "sciassist.serve.chat_cli",
         "--checkpoint",
         str(checkpoint),
-        "--system",
+        "--system_prompt",
         "",
         "--temperature",
         "0",
@@ -344,116 +332,3 @@ def test_cli_one_shot_in_a_subprocess(tiny_base_dir, loaded):
     prompt = render_prompt(loaded.tokenizer, [{"role": "user", "content": question}], None, 256, 8)
     expected = "".join(stream_reply(Engine(loaded.model, loaded.tokenizer), loaded.tokenizer, prompt.ids, 8, 0.0, 50))
     assert expected.strip() and result.stdout == expected + "\n"
-
-
-# --- picking a checkpoint -------------------------------------------------------------------
-
-
-def make_finetuned_run(root, name, base_dir, step, mtime):
-    """A fine-tuned run as sciassist.train.loop writes it: model + meta + tokenizer/."""
-    run = root / name
-    run.mkdir(parents=True)
-    source = base_dir / "base_checkpoints" / "d2"
-    shutil.copy(source / "model_000000.pt", run / f"model_{step:06d}.pt")
-    shutil.copy(source / "meta_000000.json", run / f"meta_{step:06d}.json")
-    shutil.copytree(base_dir / "tokenizer", run / "tokenizer", dirs_exist_ok=True)
-    os.utime(run / f"model_{step:06d}.pt", (mtime, mtime))
-    return run
-
-
-def test_newest_finetuned_run_is_the_default(tmp_path, tiny_base_dir):
-    root = tmp_path / "finetuned_model_checkpoint"
-    make_finetuned_run(root, "long_run", tiny_base_dir, step=500, mtime=1_000_000)
-    recent = make_finetuned_run(root, "short_run", tiny_base_dir, step=20, mtime=2_000_000)
-    (root / "stray.txt").write_text("not a run")
-    assert latest_finetuned(root) == (recent, 20)
-    choice = choose_checkpoint(finetuned_dir=root, base_dir=tiny_base_dir)
-    assert (choice.kind, choice.checkpoint_dir, choice.step) == ("finetuned", recent, 20)
-    assert choice.tokenizer_dir == recent / "tokenizer"
-    assert "fine-tuned" in choice.describe() and "step 20" in choice.describe()
-    assert choice.name == "short_run"
-    loaded = load_choice(choice, device="cpu")
-    assert loaded.info()["checkpoint"] == str(recent) and loaded.info()["kind"] == "finetuned"
-    assert loaded.sequence_len == 256 and loaded.meta["model_config"]["n_layer"] == 2
-
-
-def test_model_step_applies_to_the_finetuned_run(tmp_path, tiny_base_dir):
-    root = tmp_path / "ft"
-    run = make_finetuned_run(root, "run", tiny_base_dir, step=10, mtime=1_000_000)
-    shutil.copy(run / "model_000010.pt", run / "model_000020.pt")
-    shutil.copy(run / "meta_000010.json", run / "meta_000020.json")
-    assert model_steps(run) == [10, 20]
-    assert choose_checkpoint(finetuned_dir=root, model_step=10, base_dir=tiny_base_dir).step == 10
-    with pytest.raises(Exception, match="no model file for step 30"):
-        choose_checkpoint(finetuned_dir=root, model_step=30, base_dir=tiny_base_dir)
-
-
-def test_base_dir_sft_is_preferred_over_base(tmp_path, tiny_base_dir):
-    base = tmp_path / "base"
-    shutil.copytree(tiny_base_dir, base)
-    assert choose_checkpoint(base_dir=base, finetuned_dir=tmp_path / "none").source == "base"
-    shutil.copytree(base / "base_checkpoints" / "d2", base / "chatsft_checkpoints" / "d2")
-    choice = choose_checkpoint(base_dir=base, finetuned_dir=tmp_path / "none")
-    assert (choice.kind, choice.source, choice.step) == ("base_dir", "sft", 0)
-    assert choice.checkpoint_dir == base / "chatsft_checkpoints" / "d2"
-    assert choice.name == "sft d2"
-    # An explicit source or tag skips the fine-tuned runs and the fallback order.
-    root = tmp_path / "ft"
-    make_finetuned_run(root, "run", tiny_base_dir, step=5, mtime=1_000_000)
-    assert choose_checkpoint(source="base", base_dir=base, finetuned_dir=root).source == "base"
-    assert choose_checkpoint(model_tag="d2", base_dir=base, finetuned_dir=root).source == "sft"
-
-
-def test_explicit_checkpoint_dir_or_file(tiny_base_dir):
-    directory = tiny_base_dir / "base_checkpoints" / "d2"
-    choice = choose_checkpoint(checkpoint=directory)
-    assert (choice.kind, choice.step, choice.tokenizer_dir) == ("checkpoint", 0, tiny_base_dir / "tokenizer")
-    from_file = choose_checkpoint(checkpoint=directory / "model_000000.pt")
-    assert (from_file.checkpoint_dir, from_file.step) == (directory, 0)
-    assert isinstance(from_file, CheckpointChoice)
-
-
-def test_checkpoint_errors_say_what_is_wrong(tmp_path, tiny_base_dir):
-    from nanochat.checkpoint import CheckpointError
-
-    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
-        choose_checkpoint(checkpoint=tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no model_<step>.pt files"):
-        choose_checkpoint(checkpoint=tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="not both"):
-        choose_checkpoint(checkpoint=tmp_path, source="sft")
-    with pytest.raises(CheckpointError, match="disagrees"):
-        choose_checkpoint(checkpoint=tiny_base_dir / "base_checkpoints" / "d2" / "model_000000.pt", model_step=3)
-    with pytest.raises(CheckpointError) as info:
-        choose_checkpoint(base_dir=tmp_path / "nothing", finetuned_dir=tmp_path / "ft")
-    message = str(info.value)
-    assert "no fine-tuned run" in message and "sft in" in message and "base in" in message
-    with pytest.raises(CheckpointError):
-        choose_checkpoint(source="rl", base_dir=tiny_base_dir)
-
-
-def test_default_base_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    assert default_base_dir() == tmp_path
-    monkeypatch.delenv("NANOCHAT_BASE_DIR")
-    assert default_base_dir() == Path.home() / ".cache" / "nanochat"
-
-
-def test_latest_finetuned_and_model_steps_on_missing_dirs(tmp_path):
-    assert latest_finetuned(tmp_path / "nope") is None
-    assert model_steps(tmp_path / "nope") == []
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "model_7.pt").write_bytes(b"")
-    (tmp_path / "run" / "model_x.pt").write_bytes(b"")
-    assert model_steps(tmp_path / "run") == [7]
-
-
-def test_checkpoint_args_round_trip(tiny_base_dir):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_checkpoint_args(parser)
-    args = parser.parse_args(["--base_dir", str(tiny_base_dir), "--source", "base", "--device", "cpu"])
-    loaded = resolve_model_from_args(args)
-    assert loaded.choice.source == "base" and loaded.info()["device"] == "cpu"

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from sciassist.serve.chat_cli import render_prompt, stream_reply
 from sciassist.checkpoints import resolve_model
+from sciassist.serve.chat_cli import render_prompt, stream_reply
 from sciassist.serve.web.__main__ import _is_loopback, build_parser
 from sciassist.serve.web.server import (
     MAX_MESSAGE_CHARS,
@@ -21,8 +21,6 @@ from sciassist.serve.web.server import (
     BackgroundServer,
     Gate,
     ServerSettings,
-    choice_letters,
-    choice_options,
     create_app,
 )
 
@@ -386,31 +384,12 @@ def test_index_page_is_self_contained(client):
     assert "http://" not in html and "https://" not in html and "<script src" not in html
 
 
-@pytest.mark.parametrize(
-    "text, letters",
-    [
-        ("Which is a mammal?\n\nA. shark\nB. dolphin\nC. trout", ["A", "B", "C"]),
-        ("Options: (A) rock (B) tree", []),  # options on one line are not detected
-        ("Pick one\n(A) rock\n(B) tree", ["A", "B"]),
-        ("Pick one\nA) rock\nB) tree\nD) skipped", ["A", "B"]),
-        ("Just a question about vitamin A.", []),
-        ("A. only one option", []),
-        ("B. starts late\nC. nope", []),
-        ("Which is hot?\n\nice (A)\nsteam (B)", ["A", "B"]),  # the letter_after layout
-        ("Is it (A) or not?\nmaybe (B)", []),                 # "(A)" inside a sentence's line is not an option
-    ],
-)
-def test_choice_letters(text, letters):
-    assert choice_letters(text) == letters
-
-
 def test_choice_for_a_non_multiple_choice_question(client):
     result = client.post("/choice", json={"messages": [QUESTION]}).json()
     assert result == {"letter": None, "probability": None, "probabilities": {}, "num_choices": 0}
 
 
 def test_choice_picks_the_likeliest_letter(client):
-    pytest.importorskip("sciassist.eval.run")
     question = "Which of these animals is a mammal?\n\nA. shark\nB. dolphin\nC. trout"
     response = client.post("/choice", json={"messages": [{"role": "user", "content": question}]})
     assert response.status_code == 200, response.text
@@ -423,16 +402,9 @@ def test_choice_picks_the_likeliest_letter(client):
     assert result["probability"] == pytest.approx(probabilities[result["letter"]])
 
 
-def test_choice_options_reads_both_layouts():
-    assert choice_options("Which is hot?\n\nA. ice\nB. hot steam") == [("A", "ice"), ("B", "hot steam")]
-    assert choice_options("Pick\n(A) rock\n(B) tree") == [("A", "rock"), ("B", "tree")]
-    assert choice_options("Which is hot?\n\nice (A)\nhot steam (B)") == [("A", "ice"), ("B", "hot steam")]
-    assert choice_options("A. only one") == []
-
-
 def test_choice_for_a_text_first_model_scores_answer_lines(loaded):
     # a model fine-tuned on "The correct answer is <option> (B)." answers: its meta says so
-    from sciassist.eval.run import choice_scores, softmax
+    from sciassist.eval.scoring import choice_scores, softmax
     text_first = dataclasses.replace(loaded, meta={**loaded.meta, "answer_format": "text_first"})
     question = "Which of these animals is a mammal?\n\nA. shark\nB. dolphin\nC. trout"
     with TestClient(create_app(text_first, ServerSettings(max_tokens=8))) as text_client:
@@ -457,7 +429,7 @@ def test_choice_validates_like_chat(client):
 def test_server_cli_defaults_to_loopback():
     args = build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_pending == 4
-    assert args.system.startswith("You are a helpful science tutor")
+    assert args.system_prompt.startswith("You are a helpful science tutor")
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5")
 

@@ -177,7 +177,6 @@ def test_server_errors_are_shown(page, server):
 
 
 def test_multiple_choice_answer_gets_a_badge(page):
-    pytest.importorskip("sciassist.eval.run")
     ask(page, "Why do plants need sunlight?")
     wait_until_idle(page)
     ask(page, "Which of these animals is a mammal?\n\nA. shark\nB. dolphin\nC. trout")

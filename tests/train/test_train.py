@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -9,25 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import sciassist.train.loop as train_module
-from nanochat.checkpoint import load_model
+import sciassist.train.step as step_module
+from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from sciassist.data.batching import plan_step, step_batches, tokenize_conversations
 from sciassist.data.conversations import write_conversations
-from sciassist.train.loop import (
-    TrainError,
-    TrainSettings,
+from sciassist.train.loop import train
+from sciassist.train.settings import TrainError, TrainSettings, build_parser, check_settings, settings_from_args
+from sciassist.train.setup import load_conversation_sets
+from sciassist.train.step import (
     accumulate_gradients,
-    build_parser,
-    check_settings,
     defer_interrupt,
     evaluate_loss,
     lr_multiplier,
-    main,
     peak_flops,
     set_learning_rates,
-    settings_from_args,
-    train,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +58,6 @@ def live_base_dir(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
     """tiny_base_dir's model with non-zero output projections: at nanochat's init they are
     zero, so attention gets no gradient in the first step, which would make comparisons of
     the first updates meaningless."""
-    from nanochat.checkpoint import save_checkpoint
     base_dir = tmp_path_factory.mktemp("live_base")
     model, _, meta = load_model(tiny_base_dir / "base_checkpoints" / "d2", device="cpu")
     torch.manual_seed(0)
@@ -76,7 +72,7 @@ def live_base_dir(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
 
 def tiny_settings(base_dir, data_file, out_dir, **overrides):
     # lrs x init_lr_frac 0.02 are what a 64-wide random model needs to learn in a few steps
-    values = dict(data_path=str(data_file), base_dir=str(base_dir), source="base", output_dir=str(out_dir),
+    values = dict(data_path=str(data_file), base_dir=str(base_dir), source="base", out_dir=str(out_dir),
                   output_tag="run", max_seq_len=64, target_examples_per_step=8, device_batch_size=2,
                   num_epochs=1, eval_every=2, eval_steps=2, save_every=0, matrix_lr=0.5, embedding_lr=5.0,
                   unembedding_lr=0.2, device="cpu")
@@ -99,7 +95,7 @@ def test_defaults_reproduce_the_scienceqa_run_and_every_field_is_a_flag():
     s = TrainSettings()
     assert (s.num_epochs, s.device_batch_size, s.target_examples_per_step) == (4, 8, 64)
     assert (s.unembedding_lr, s.embedding_lr, s.matrix_lr, s.init_lr_frac) == (2e-3, 1e-1, 1e-2, 0.02)
-    assert (s.eval_every, s.source, s.data_path, s.output_dir) == (25, "sft", "scienceqa", "finetuned_model_checkpoint")
+    assert (s.eval_every, s.source, s.data_path, s.out_dir) == (25, "sft", "scienceqa", "finetuned_model_checkpoint")
     help_text = build_parser().format_help()
     for f in dataclasses.fields(TrainSettings):
         assert f"--{f.name}" in help_text
@@ -116,7 +112,6 @@ def test_lr_schedule_counts_optimizer_steps():
 
 
 def test_ctrl_c_waits_for_the_end_of_an_optimizer_update():
-    import signal
     done = []
     with pytest.raises(KeyboardInterrupt):
         with defer_interrupt():
@@ -155,34 +150,6 @@ def test_evaluate_loss_is_per_supervised_token(tiny_tokenizer):
 def test_bad_settings_name_the_flag(flag, value, expected):
     with pytest.raises(TrainError, match=expected.replace("(", r"\(")):
         check_settings(TrainSettings(**{flag: value}))
-
-
-def test_cli_errors_are_short_and_say_what_to_do(tmp_path, tiny_base_dir, data_file, capsys):
-    def run(*argv):
-        code = main(list(argv))
-        return code, capsys.readouterr().err
-
-    code, err = run("--data_path", str(tmp_path / "missing.jsonl"), "--base_dir", str(tiny_base_dir),
-                    "--source", "base", "--device", "cpu")
-    assert code == 2 and "missing.jsonl not found" in err and "Traceback" not in err
-    code, err = run("--data_dir", str(tmp_path), "--base_dir", str(tiny_base_dir), "--source", "base",
-                    "--device", "cpu")
-    assert code == 2 and "scienceqa_train.jsonl not found" in err and "python -m sciassist.data.scienceqa" in err
-    code, err = run("--data_path", str(data_file), "--base_dir", str(tmp_path / "nowhere"), "--device", "cpu")
-    assert code == 2 and "looked in --base_dir" in err and str(tmp_path / "nowhere") in err
-    assert "python -m sciassist.hub" in err
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    code, err = run("--data_path", str(bad), "--base_dir", str(tiny_base_dir), "--source", "base", "--device", "cpu")
-    assert code == 2 and f"{bad}:1:" in err
-    code, err = run("--matrix_lr", "0")
-    assert code == 2 and "--matrix_lr must be a positive number" in err
-    with pytest.raises(SystemExit) as e:
-        main(["--num_epochs", "four"])
-    assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
-    code, err = run("--resume", "--output_dir", str(tmp_path), "--data_path", str(data_file),
-                    "--base_dir", str(tiny_base_dir), "--source", "base", "--device", "cpu")
-    assert code == 2 and "no resume point" in err
 
 
 # --- the loss
@@ -294,7 +261,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_ba
         if record["step"] == 5:
             raise KeyboardInterrupt
 
-    cut = dataclasses.replace(full, output_dir=str(tmp_path / "cut"))
+    cut = dataclasses.replace(full, out_dir=str(tmp_path / "cut"))
     summary = train(cut, on_step=stop_at_5)
     assert summary["status"] == "interrupted" and summary["steps_done"] == 5
     out = capsys.readouterr().out
@@ -314,7 +281,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_ba
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_best_checkpoint(tmp_path, tiny_base_dir, data_file, monkeypatch):
-    real = train_module.accumulate_gradients
+    real = step_module.accumulate_gradients
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -322,7 +289,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_best_checkpoint(tmp_path, tiny_bas
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train_module, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(step_module, "accumulate_gradients", poisoned)
     settings = tiny_settings(tiny_base_dir, data_file, tmp_path)
     with pytest.raises(TrainError, match="training loss is nan at step 3.*best checkpoint so far is kept"):
         train(settings)
@@ -346,7 +313,7 @@ def test_two_gloo_processes_match_one(tmp_path, live_base_dir, data_file):
         value = getattr(settings, f.name)
         if value is not None:
             flags += [f"--{f.name}", str(value)]
-    flags[flags.index("--output_dir") + 1] = str(tmp_path / "two")
+    flags[flags.index("--out_dir") + 1] = str(tmp_path / "two")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -368,23 +335,6 @@ def test_two_gloo_processes_match_one(tmp_path, live_base_dir, data_file):
         [r["train_loss"] for r in read_metrics(tmp_path / "one" / "run") if "train_loss" in r], rel=1e-5)
 
 
-def test_bundled_sample_run_learns_and_evaluates_after(tmp_path, tiny_base_dir):
-    from sciassist.data import scienceqa as sqa
-    sqa.prepare("sample", tmp_path / "data", sizes={"train": "all", "val": "all", "test": 0}, splits=("train", "val"))
-    settings = tiny_settings(tiny_base_dir, "scienceqa", tmp_path / "out", data_dir=str(tmp_path / "data"),
-                             max_seq_len=256, num_epochs=4, eval_every=0, eval_steps=4, eval_after=True,
-                             device_batch_size=4)
-    summary = train(settings)
-    lines = len((tmp_path / "data" / "scienceqa_train.jsonl").read_text().splitlines())
-    assert summary["status"] == "completed"
-    assert summary["train_conversations"] + summary["dropped_without_supervision"]["train"] == lines
-    assert summary["truncated"]["train"] > 0  # a 512-token vocabulary makes long questions; cut and counted
-    assert summary["final_val_loss"] < 0.8 * summary["initial_val_loss"]
-    evaluation = summary["evaluation"]
-    assert evaluation is not None and "error" not in evaluation
-    assert (tmp_path / "out" / "run" / "eval").is_dir()
-
-
 def test_resume_refuses_changed_data(tmp_path, tiny_base_dir):
     data = tmp_path / "data.jsonl"
     write_conversations(data, arithmetic_conversations(40))
@@ -399,34 +349,84 @@ def test_resume_refuses_changed_data(tmp_path, tiny_base_dir):
         train(dataclasses.replace(settings, resume=True))
 
 
-def test_without_validation_the_final_weights_are_saved(tmp_path, tiny_base_dir, data_file):
-    settings = tiny_settings(tiny_base_dir, data_file, tmp_path, val_split=0.0, num_iterations=2)
-    assert main([arg for f in dataclasses.fields(TrainSettings) if getattr(settings, f.name) is not None
-                 for arg in (f"--{f.name}", str(getattr(settings, f.name)))]) == 0
-    run_dir = tmp_path / "run"
-    _, _, meta = load_model(run_dir, device="cpu")
-    assert meta["step"] == 2 and meta["val_loss"] is None
-    assert torch.equal(resume_weights(run_dir)["lm_head.weight"], torch.load(
-        run_dir / "model_000002.pt", weights_only=True)["lm_head.weight"])
-
-
 def test_skip_bad_lines_is_an_explicit_opt_in(tmp_path, capsys):
-    from sciassist.train.loop import TrainError, TrainSettings, load_conversation_sets
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
     path = tmp_path / "data.jsonl"
     no_answer = '{"messages": [{"role": "user", "content": "no answer"}]}'
     path.write_text("\n".join([good, good, no_answer, good, "{bad"]) + "\n")
     with pytest.raises(TrainError, match=r"data.jsonl:3"):
         load_conversation_sets(TrainSettings(data_path=str(path), val_split=0))
-    train, val, _ = load_conversation_sets(TrainSettings(data_path=str(path), val_split=0, skip_bad_lines=True))
-    assert len(train) == 3 and val == []
+    kept, val, _ = load_conversation_sets(TrainSettings(data_path=str(path), val_split=0, skip_bad_lines=True))
+    assert len(kept) == 3 and val == []
     err = capsys.readouterr().err
     assert "data.jsonl:3" in err and "data.jsonl:5" in err
 
 
-def test_preset_flag_dispatches_to_the_recipes(capsys):
-    from sciassist.train.loop import main
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--preset", "no-such-recipe", "--scienceqa", "sample", "--out_dir", "unused"])
-    assert exit_info.value.code == 2
-    assert "--preset: invalid choice: 'no-such-recipe'" in capsys.readouterr().err
+def test_renamed_flags_still_work_with_a_note(capsys):
+    parsed = settings_from_args(["--output_dir", "runs", "--checkpoint_dir=sft:d20"])
+    assert parsed.out_dir == "runs" and parsed.checkpoint == "sft:d20"
+    err = capsys.readouterr().err
+    assert "--output_dir is now --out_dir" in err and "--checkpoint_dir is now --checkpoint" in err
+
+
+def test_training_starts_from_a_named_checkpoint(tmp_path, tiny_base_dir, data_file):
+    model_file = tiny_base_dir / "base_checkpoints" / "d2" / "model_000000.pt"
+    for checkpoint in ("base:d2", str(model_file)):
+        settings = tiny_settings(tiny_base_dir, data_file, tmp_path, checkpoint=checkpoint, num_iterations=1,
+                                 eval_every=0)
+        summary = train(settings)
+        assert summary["status"] == "completed" and summary["source_model"]["model_file"] == str(model_file)
+
+
+def test_ctrl_c_during_forward_backward_resumes_from_the_last_completed_step(tmp_path, tiny_base_dir, data_file,
+                                                                              monkeypatch):
+    full = tiny_settings(tiny_base_dir, data_file, tmp_path / "full")
+    train(full)
+    real = step_module.accumulate_gradients
+    calls, seen = [], []
+
+    def interrupted_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "accumulate_gradients", interrupted_in_step_3)
+    cut = dataclasses.replace(full, out_dir=str(tmp_path / "cut"))
+    summary = train(cut, on_step=seen.append)
+    assert summary["status"] == "interrupted" and summary["steps_done"] == 2
+    # each record is complete when on_step sees it: step 2 was evaluated within its iteration
+    assert [r["step"] for r in seen] == [1, 2] and "val_loss" in seen[1] and seen == read_metrics(cut.run_dir())[1:]
+    assert torch.load(cut.run_dir() / "resume" / "state.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(step_module, "accumulate_gradients", real)
+    assert train(dataclasses.replace(cut, resume=True))["steps_done"] == 4
+    weights_full, weights_cut = resume_weights(full.run_dir()), resume_weights(cut.run_dir())
+    assert all(torch.equal(weights_full[k], weights_cut[k]) for k in weights_full)
+    losses = [[(r["step"], r.get("train_loss"), r.get("val_loss")) for r in read_metrics(s.run_dir())]
+              for s in (full, cut)]
+    assert losses[0] == losses[1]
+
+
+def test_a_resume_file_without_every_part_is_refused(tmp_path, tiny_base_dir, data_file):
+    settings = tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=2, eval_every=0)
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    assert train(settings, on_step=stop)["status"] == "interrupted"
+    path = settings.run_dir() / "resume" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["rng"]
+    torch.save(state, path)
+    with pytest.raises(TrainError, match=r"state.pt is not a resume point .*missing: rng"):
+        train(dataclasses.replace(settings, resume=True))
+
+
+def test_training_imports_neither_evaluation_nor_pipelines():
+    code = ("import sys, sciassist.train.loop; "
+            "print([m for m in sys.modules if m.startswith(('sciassist.eval', 'sciassist.pipelines', "
+            "'sciassist.serve'))])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -26,11 +26,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -40,16 +39,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sciassist.serve.chat_cli import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    TUTOR_SYSTEM_PROMPT,
-    PromptTooLong,
-    inference_context,
-    render_prompt,
-    stream_reply,
-)
+from nanochat.engine import Engine
+from sciassist.common import setting
+from sciassist.data.answers import question_options
+from sciassist.eval.scoring import choice_scores, letter_probabilities, softmax
+from sciassist.serve.chat_cli import ChatSettings, PromptTooLong, inference_context, render_prompt, stream_reply
 
 log = logging.getLogger("sciassist.serve.web")
 
@@ -70,15 +64,27 @@ DISCONNECT_POLL_S = 0.25
 
 
 @dataclass
-class ServerSettings:
-    system_prompt: str | None = TUTOR_SYSTEM_PROMPT
-    temperature: float = DEFAULT_TEMPERATURE  # used when a request does not say
-    top_k: int = DEFAULT_TOP_K
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    seed: int | None = None  # fixed: every request samples reproducibly
-    max_pending: int = 4  # generations running + waiting for the model; more get 429
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    allow_origins: list[str] = field(default_factory=list)  # CORS; empty = same origin only
+class ServerSettings(ChatSettings):
+    """The sampling defaults (used when a request does not say; a fixed seed makes every
+    request reproducible) and the server's limits."""
+
+    top_k: int = setting(50, "sample from the k likeliest")
+    max_pending: int = setting(4, "generations running + waiting for the model; more get HTTP 429")
+    max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES, "larger request bodies get HTTP 413 before parsing")
+    allow_origins: list[str] = setting([], "allow this origin cross-site (CORS; default: same origin only)",
+                                       flags=("--allow_origin",))
+
+
+def settings_problem(settings: ServerSettings) -> str | None:
+    """What makes these settings unusable (defaults outside the API's limits), or None."""
+    if not (MIN_TEMPERATURE <= settings.temperature <= MAX_TEMPERATURE
+            and settings.top_k is not None and MIN_TOP_K <= settings.top_k <= MAX_TOP_K
+            and MIN_MAX_TOKENS <= settings.max_tokens <= MAX_MAX_TOKENS):
+        return (f"defaults must respect the API limits: temperature {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}, "
+                f"top_k {MIN_TOP_K}..{MAX_TOP_K}, max_tokens {MIN_MAX_TOKENS}..{MAX_MAX_TOKENS}")
+    if settings.max_pending < 1:
+        return "--max_pending must be >= 1"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,8 +195,6 @@ class ChatState:
     """The loaded model and everything that serialises access to it."""
 
     def __init__(self, loaded, settings: ServerSettings):
-        from nanochat.engine import Engine
-
         self.loaded = loaded
         self.settings = settings
         self.engine = Engine(loaded.model, loaded.tokenizer)
@@ -293,32 +297,6 @@ async def _completion_events(state: ChatState, request: Request, prompt, tempera
         stop.set()
         if not started:
             ticket.release()
-
-
-_CHOICE_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s*\S")
-_CHOICE_LINE_LETTER_AFTER = re.compile(r"^\s*\S.*\s\(([A-Z])\)\s*$")  # "<option> (A)" (--options_layout letter_after)
-
-
-def choice_options(text: str) -> list[tuple[str, str]]:
-    """(letter, option text) of a multiple-choice question's options: lines "A. ...",
-    "B) ...", "(C) ...", or "... (A)", consecutive from A. Fewer than two means it is not
-    multiple choice (an empty list)."""
-    options: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        first = _CHOICE_LINE.match(line)
-        match = first or _CHOICE_LINE_LETTER_AFTER.match(line)
-        if match and match.group(1) == chr(ord("A") + len(options)):
-            if first:
-                option = line[first.end() - 1:].strip()
-            else:
-                option = line[: line.rindex("(" + match.group(1) + ")")].strip()
-            options.append((match.group(1), option))
-    return options if len(options) >= 2 else []
-
-
-def choice_letters(text: str) -> list[str]:
-    """Letters of a multiple-choice question's options (see choice_options)."""
-    return [letter for letter, _ in choice_options(text)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,14 +431,10 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/choice")
     async def choice(body: ChatRequest):
         question = body.messages[-1].content
-        options = choice_options(question)
+        options = question_options(question)
         letters = [letter for letter, _ in options]
         if not letters:
             return {"letter": None, "probability": None, "probabilities": {}, "num_choices": 0}
-        try:
-            from sciassist.eval.run import choice_scores, letter_probabilities, softmax
-        except ImportError as err:
-            raise HTTPException(404, f"multiple-choice scoring is not available: {err}") from None
         # Scored as fine-tuning and evaluation see a question: system prompt + this
         # question alone, so the probability means the same as in the eval report.
         _render([{"role": "user", "content": question}], 1)  # a 400 if it does not fit the context

@@ -1,0 +1,198 @@
+"""What every stage needs once: the device, the precision, writing a file atomically, and a
+command line generated from a settings dataclass.
+
+Settings dataclasses are the one source of defaults. A field becomes `--<name>`; its help is
+`setting(default, help)`'s text; bools take `--x`, `--x false` and `--no_x`; Optional[T]
+fields take `none`. A renamed flag keeps working for a while: the parser rewrites it and
+says so on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+class UserError(Exception):
+    """A problem the user can fix (a bad flag, a missing file); the message says how.
+
+    Each stage has its own subclass; a command-line program prints it as one `error:` line."""
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def resolve_device(name: str | None = "auto", local_rank: int | None = None) -> torch.device:
+    """`auto` (or None): cuda if available, else mps, else cpu. Under torchrun a bare `cuda`
+    means this process's GPU (local_rank). Raises UserError for a device that is not here."""
+    wanted = "auto" if name is None else str(name).strip()
+    if wanted == "auto":
+        if torch.cuda.is_available():
+            wanted = "cuda"
+        elif torch.backends.mps.is_available():
+            wanted = "mps"
+        else:
+            wanted = "cpu"
+    try:
+        device = torch.device(wanted)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device must be {', '.join(DEVICES)}, got {name!r}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device must be {', '.join(DEVICES)}, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+    return device
+
+
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def autocast(device: torch.device, dtype: str = "auto"):
+    """The precision context for forward passes: bf16 autocast on CUDA (as nanochat runs),
+    fp32 elsewhere; `bfloat16` / `float32` force one."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (so a timer measures it); nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_json(path, data) -> Path:
+    """Write JSON atomically (a temporary file, then a rename): a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- settings -> argparse
+
+def setting(default, help: str, **cli):
+    """A settings field: its default, its --help text, and optional CLI details
+    (choices=..., flags=("-p",) for extra option strings, cli=False to keep it off the CLI)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **cli})
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+def parse_bool(text) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text):
+        return None if str(text).strip().lower() in ("none", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _default_text(value) -> str:
+    return '""' if value == "" else str(value)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: str | None = None) -> None:
+    """One --flag per field of the dataclass `cls` (see the module docstring)."""
+    target = parser.add_argument_group(group_title) if group_title else parser
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli", True) is False:
+            continue
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = meta.get("help", "")
+        if "(default" not in help_text:
+            help_text += f" (default: {_default_text(default)})"
+        kwargs = {"default": default, "help": help_text.replace("%", "%%"), "dest": f.name}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        optional = origin is typing.Union or str(origin) == "<class 'types.UnionType'>"
+        inner = next((a for a in args if a is not type(None)), kind) if optional else kind
+        flags = [f"--{f.name}", *meta.get("flags", ())]
+        if inner is bool:
+            # `--compile` alone means true; `--packing false` or `--no_packing` turns it off
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+            target.add_argument(*flags, **kwargs)
+            target.add_argument(f"--no_{f.name}", f"--no-{f.name}", dest=f.name, action="store_false",
+                                help=argparse.SUPPRESS)
+            continue
+        if typing.get_origin(inner) is list:
+            kwargs.update(action="append", default=list(default), metavar=typing.get_args(inner)[0].__name__.upper(),
+                          type=typing.get_args(inner)[0])
+            kwargs["help"] += "; repeatable"
+        elif optional:
+            kwargs.update(type=_optional(inner), metavar=inner.__name__.upper())
+        else:
+            kwargs.update(type=inner, metavar=inner.__name__.upper())
+        if meta.get("required"):
+            kwargs.pop("default")
+            kwargs["required"] = True
+        target.add_argument(*flags, **kwargs)
+
+
+class SettingsParser(argparse.ArgumentParser):
+    """An ArgumentParser that knows renamed flags: `renamed={"--old": "--new"}`."""
+
+    def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renamed = dict(renamed or {})
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        rewritten = []
+        for arg in args:
+            name, eq, value = arg.partition("=")
+            if name in self.renamed:
+                print(f"note: {name} is now {self.renamed[name]}", file=sys.stderr)
+                arg = self.renamed[name] + eq + value
+            rewritten.append(arg)
+        return super().parse_known_args(rewritten, namespace)
+
+
+def settings_parser(cls, prog: str, description: str, renamed: dict[str, str] | None = None,
+                    epilog: str | None = None) -> SettingsParser:
+    parser = SettingsParser(prog=prog, description=description, epilog=epilog, renamed=renamed,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_arguments(parser, cls)
+    return parser
+
+
+def settings_from_namespace(cls, namespace: argparse.Namespace):
+    """The dataclass `cls` from the parsed flags that are its fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(namespace).items() if k in names})
+
+
+def print_error(error: BaseException) -> int:
+    """A command-line program's answer to a problem the user can fix: one line, exit code 2."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2

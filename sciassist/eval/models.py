@@ -1,0 +1,142 @@
+"""One model on the questions: where it comes from (model_info, load_model) and how it is
+run (run_model: scored answers, generated replies, timings). `options` is a
+sciassist.eval.run.RunOptions (prompt_style, scoring, answer_format, batch_size, generate,
+max_new_tokens, sample_indices, sample_max_tokens), read by attribute.
+"""
+
+import dataclasses
+import gc
+import sys
+import time
+
+import torch
+
+from sciassist.checkpoints import choose_checkpoint, load_choice
+from sciassist.common import synchronize
+from sciassist.data.answers import ANSWER_PREFIX, parse_answer
+from sciassist.eval.questions import SCORING_MODES, EvaluationError, prompts_for
+from sciassist.eval.scoring import (
+    answer_prefix_check,
+    argmax,
+    choice_scores,
+    generate_answers,
+    letter_probabilities,
+    softmax,
+)
+
+# ----------------------------------------------------------------------------- where a model comes from
+
+def model_info(model, meta=None, spec=None, checkpoint_dir=None, step=None):
+    """The report's description of a model: where it came from, its shape, a few meta values."""
+    meta = meta or {}
+    keep = ("val_loss", "best_val_loss", "val_bpb", "source_model", "mmlu_acc", "arc_easy_acc")
+    return {
+        "spec": spec,
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
+        "step": step if step is not None else meta.get("step"),
+        "model_config": dataclasses.asdict(model.config),
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": str(model.get_device()),
+        "meta": {k: meta[k] for k in keep if k in meta},
+    }
+
+
+def load_model(spec, base_dir=None, device="auto"):
+    """(model, tokenizer, model_info) for a --base / --finetuned value (see sciassist.checkpoints)."""
+    choice = choose_checkpoint(spec, base_dir=base_dir)
+    loaded = load_choice(choice, device)
+    info = model_info(loaded.model, loaded.meta, spec=spec, checkpoint_dir=choice.checkpoint_dir, step=choice.step)
+    return loaded.model, loaded.tokenizer, info
+
+
+# ----------------------------------------------------------------------------- running it
+
+def _timed(device, work):
+    """(work(), seconds), the GPU's queued work included."""
+    t0 = time.perf_counter()
+    result = work()
+    synchronize(device)
+    return result, time.perf_counter() - t0
+
+
+def _per_s(count, seconds):
+    return count / seconds if seconds > 0 else None
+
+
+def run_model(model, tokenizer, records, options):
+    """Scoring (+ generation) of one model on the questions, as `options` (RunOptions) say.
+    Returns a dict of per-question lists (probabilities, prediction, generated,
+    generated_prediction), the longer sample replies and timings. options.scoring "choice":
+    probabilities and prediction come from choice scoring, "letter" from letter scoring."""
+    prompts, prefix = prompts_for(records, options.prompt_style)
+    if options.scoring not in SCORING_MODES:
+        raise EvaluationError(f"scoring must be one of {', '.join(SCORING_MODES)}, got {options.scoring!r}")
+    num_choices = [len(r["meta"]["choices"]) for r in records]
+    choices = [r["meta"]["choices"] for r in records]
+    device = model.get_device()
+
+    def score():
+        if options.scoring == "choice":
+            scores = choice_scores(model, tokenizer, prompts, choices, prefix, options.batch_size,
+                                   options.answer_format)
+            return [softmax(s) for s in scores]
+        return letter_probabilities(model, tokenizer, prompts, num_choices, prefix, options.batch_size)
+
+    synchronize(device)
+    probabilities, scoring_s = _timed(device, score)
+    run = {
+        "probabilities": probabilities,
+        "prediction": [argmax(p) for p in probabilities],
+        "generated": None,
+        "generated_prediction": None,
+        "samples": {},
+        "timing": {"scoring_s": scoring_s, "scoring_questions_per_s": _per_s(len(records), scoring_s)},
+        "prompt_tokens_over_sequence_len": sum(len(tokenizer.render_for_completion(p)) > model.config.sequence_len
+                                               for p in prompts),
+    }
+    if options.generate:
+        texts, generate_s = _timed(device, lambda: generate_answers(model, tokenizer, prompts, options.max_new_tokens,
+                                                                    options.batch_size))
+        run["generated"] = texts
+        run["generated_prediction"] = [parse_answer(t, k, prefix, c, options.answer_format)
+                                       for t, k, c in zip(texts, num_choices, choices, strict=True)]
+        run["timing"].update(generate_s=generate_s, generate_questions_per_s=_per_s(len(records), generate_s))
+    if options.sample_indices:
+        # longer replies for the few questions shown in samples.md (the explanation too)
+        t0 = time.perf_counter()
+        texts = generate_answers(model, tokenizer, [prompts[i] for i in options.sample_indices],
+                                 options.sample_max_tokens, options.batch_size)
+        run["samples"] = dict(zip(options.sample_indices, texts, strict=True))
+        run["timing"]["samples_s"] = time.perf_counter() - t0
+    return run
+
+
+def run_models(in_memory, specs, records, options, device, base_dir=None):
+    """Run base, then fine-tuned: each taken (popped) from `in_memory` {name: (model, tokenizer,
+    info)} or loaded from its spec in `specs` {name: spec} (onto `device`, under base_dir),
+    and freed after its run. Returns ({name: run}, {name: model_info + answer_prefix_*})."""
+    runs, infos = {}, {}
+    for name in ("base", "finetuned"):
+        if name not in in_memory and name not in specs:
+            continue
+        t0 = time.perf_counter()
+        if name in in_memory:
+            model, tokenizer, info = in_memory.pop(name)
+        else:
+            model, tokenizer, info = load_model(specs[name], base_dir, device)
+        load_s = time.perf_counter() - t0
+        print(f"[{name}] {info.get('checkpoint_dir') or info.get('spec')} step {info.get('step')}: "
+              f"{options.scoring} scoring {len(records)} questions", file=sys.stderr, flush=True)
+        run = run_model(model, tokenizer, records, options)
+        run["timing"]["load_s"] = load_s
+        matching, checked = None, None
+        if options.prompt_style == "sciassist":
+            matching, checked = answer_prefix_check(tokenizer, records, ANSWER_PREFIX, options.scoring,
+                                                    options.answer_format)
+        runs[name] = run
+        infos[name] = dict(info, answer_prefix_matches=matching, answer_prefix_checked=checked)
+        del model, tokenizer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return runs, infos

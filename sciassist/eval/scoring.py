@@ -1,0 +1,226 @@
+"""How a model's answer to a question is read: scored from its next-token probabilities, or
+generated and parsed.
+
+Letter scoring. The prompt is rendered exactly as in training (the record's messages
+without the final assistant message, then <|assistant_start|>), followed by the fixed start
+of every training answer, "The correct answer is". The answer is the letter, among the ones
+the question has (2-5), that the model finds most likely next. With a small BPE vocabulary
+" B" can be two tokens (" ", "B"), so the letters are compared as token continuations:
+prefix + " " + letter is encoded for each letter, the tokens all letters share become part
+of the prompt, and each letter is scored by the summed log-probability of its remaining
+tokens. When every remainder is one token (the usual case), a single forward pass scores
+all letters of a question.
+
+Choice scoring. Each option is scored by the summed log-probability of its whole answer line
+after the prefix, exactly as training writes it (" <L>. <option text>", or " <option text>
+(<L>)." in the text_first answer format), so a model that knows the answer's text but not
+yet its letter still gets credit. In the text_first format the letter only comes after the
+option text, so letter scoring cannot apply there and choice scoring is the rule.
+
+Both are deterministic and never give an unparseable answer. Generated answers are greedy
+replies from the KV-cache engine, read by the strict parser (sciassist.data.answers.parse_answer).
+"""
+
+import math
+
+import torch
+
+from nanochat.engine import Engine
+from sciassist.common import autocast
+from sciassist.data.answers import ANSWER_PREFIX, LETTERS, choice_lines
+from sciassist.eval.questions import EvaluationError
+
+# The model returns logits for every position (B, T, V) in fp32; cap their number per batch
+# so d20's 65,536-token vocabulary cannot exhaust memory (2**28 floats = 1 GiB, about three
+# times that at peak with the softcap's temporaries).
+LOGITS_PER_BATCH = 2**28
+
+
+# ----------------------------------------------------------------------------- continuations
+
+def _shared_and_rest(tokenizer, texts, problem):
+    """Encode each text; return the tokens all of them start with and what follows in each."""
+    encoded = [tokenizer.encode(text) for text in texts]
+    shared = 0
+    while all(len(e) > shared for e in encoded) and len({e[shared] for e in encoded}) == 1:
+        shared += 1
+    continuations = [e[shared:] for e in encoded]
+    if any(not c for c in continuations):
+        raise EvaluationError(f"{problem} ({texts})")
+    return encoded[0][:shared], continuations
+
+
+def letter_continuations(tokenizer, answer_prefix, num_choices):
+    """Tokens shared by every "<prefix> <letter>" of a question, and each letter's
+    remaining tokens. The shared tokens go into the prompt; the remainders are scored."""
+    texts = [f"{answer_prefix} {letter}" if answer_prefix else letter for letter in LETTERS[:num_choices]]
+    return _shared_and_rest(tokenizer, texts, "the tokenizer encodes one answer letter as a prefix of another")
+
+
+def choice_continuations(tokenizer, answer_prefix, choices, answer_format="letter_first"):
+    """Tokens shared by every answer line of a question (choice_lines), and each option's
+    remaining tokens. Each line is encoded whole, as the training answer is."""
+    return _shared_and_rest(tokenizer, choice_lines(answer_prefix, choices, answer_format),
+                            "one answer line is a prefix of another")
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+def _scoring_rows(context, continuations):
+    """Sequences to run for one question: (ids, [(option, position, token), ...]). Options
+    whose continuation is a single token share one sequence (the context alone); an option of
+    several tokens gets its own sequence, context + its tokens but the last."""
+    rows = []
+    singles = [(j, len(context) - 1, c[0]) for j, c in enumerate(continuations) if len(c) == 1]
+    if singles:
+        rows.append((context, singles))
+    for j, c in enumerate(continuations):
+        if len(c) > 1:
+            rows.append((context + c[:-1], [(j, len(context) - 1 + t, tok) for t, tok in enumerate(c)]))
+    return rows
+
+
+@torch.inference_mode()
+def _score_rows(model, rows, batch_size, pad_id=0):
+    """Log-probabilities of each row's target tokens. Rows are sorted by length so a batch
+    holds similar lengths; right padding cannot change earlier positions (causal attention),
+    so no mask is needed. One forward pass per batch."""
+    device = model.get_device()
+    vocab_size = model.config.vocab_size
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out = [None] * len(rows)
+    start = 0
+    while start < len(order):
+        longest = len(rows[order[start]][0])
+        n = max(1, min(batch_size, LOGITS_PER_BATCH // (longest * vocab_size)))
+        chunk = order[start:start + n]
+        start += n
+        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        for b, r in enumerate(chunk):
+            ids[b, :len(rows[r][0])] = torch.tensor(rows[r][0], dtype=torch.long)
+        with autocast(device):
+            logits = model(ids.to(device))
+        targets = [(b, position, token) for b, r in enumerate(chunk) for _, position, token in rows[r][1]]
+        batch_index, positions, tokens = (list(column) for column in zip(*targets, strict=True))
+        picked = logits[torch.tensor(batch_index, device=device), torch.tensor(positions, device=device)]
+        log_probs = picked.float().log_softmax(dim=-1)
+        values = log_probs[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)].tolist()
+        k = 0
+        for r in chunk:
+            out[r] = values[k:k + len(rows[r][1])]
+            k += len(rows[r][1])
+    return out
+
+
+def _summed_scores(model, tokenizer, prompts, question_continuations, batch_size):
+    """Per question, the summed log-probability of each option's continuation after the
+    prompt and the shared tokens. question_continuations: (shared, continuations) per question."""
+    rows, owners = [], []  # owners[i] = question index of rows[i]
+    for q, (prompt, (shared, continuations)) in enumerate(zip(prompts, question_continuations, strict=True)):
+        context = tokenizer.render_for_completion(prompt) + shared
+        for row in _scoring_rows(context, continuations):
+            rows.append(row)
+            owners.append(q)
+    values = _score_rows(model, rows, batch_size, pad_id=tokenizer.get_bos_token_id())
+    scores = [[0.0] * len(continuations) for _, continuations in question_continuations]
+    for (_, targets), q, row_values in zip(rows, owners, values, strict=True):
+        for (option, _, _), value in zip(targets, row_values, strict=True):
+            scores[q][option] += value
+    return scores
+
+
+# ----------------------------------------------------------------------------- scores
+
+def letter_scores(model, tokenizer, prompts, num_choices, answer_prefix=ANSWER_PREFIX, batch_size=32):
+    """Per question, the summed log-probability of each of its letters (see module doc).
+    prompts: message lists (or {"messages": ...}); a final assistant message is dropped."""
+    if len(prompts) != len(num_choices):
+        raise ValueError(f"{len(prompts)} prompts but {len(num_choices)} num_choices")
+    by_count = {k: letter_continuations(tokenizer, answer_prefix, k) for k in sorted(set(num_choices))}
+    return _summed_scores(model, tokenizer, prompts, [by_count[k] for k in num_choices], batch_size)
+
+
+def choice_scores(model, tokenizer, prompts, choices, answer_prefix=ANSWER_PREFIX, batch_size=32,
+                  answer_format="letter_first"):
+    """Per question, the summed log-probability of each option's whole answer line
+    (" <L>. <choice>", or " <choice> (<L>)." for text_first) after the prompt and the
+    prefix (see the module doc). choices: the option texts of each question."""
+    if len(prompts) != len(choices):
+        raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
+    if not answer_prefix:
+        raise EvaluationError("choice scoring needs the SciAssist answer prefix (prompt style sciassist)")
+    continuations = [choice_continuations(tokenizer, answer_prefix, options, answer_format) for options in choices]
+    return _summed_scores(model, tokenizer, prompts, continuations, batch_size)
+
+
+def softmax(values):
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def letter_probabilities(model, tokenizer, prompts, num_choices, answer_prefix=ANSWER_PREFIX, batch_size=32):
+    """Per question, probabilities over its letters: softmax of the letter scores (for
+    single-token letters that is the softmax of the next-token logits restricted to them)."""
+    scores = letter_scores(model, tokenizer, prompts, num_choices, answer_prefix, batch_size)
+    return [softmax(s) for s in scores]
+
+
+def argmax(values):
+    """Index of the largest value; the first one on ties (deterministic)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def generate_answers(model, tokenizer, prompts, max_tokens=32, batch_size=32):
+    """Greedy replies (text) to each prompt, decoded in batches of similar prompt lengths
+    with Engine.generate_multi (equal to decoding each prompt alone)."""
+    engine = Engine(model, tokenizer)
+    prompt_ids = [tokenizer.render_for_completion(p) for p in prompts]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    texts = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        outputs = engine.generate_multi([prompt_ids[i] for i in chunk], max_tokens=max_tokens, temperature=0.0)
+        for i, tokens in zip(chunk, outputs, strict=True):
+            texts[i] = tokenizer.decode(tokens)
+    return texts
+
+
+# ----------------------------------------------------------------------------- the scored position
+
+def _reference_answer(record):
+    """The record's reference answer text, or None when its last message is not one."""
+    message = record["messages"][-1]
+    content = message.get("content")
+    return content if message.get("role") == "assistant" and isinstance(content, str) else None
+
+
+def answer_prefix_check(tokenizer, records, answer_prefix=ANSWER_PREFIX, scoring="letter",
+                        answer_format="letter_first"):
+    """How many reference answers start with "<prefix> <gold letter>" AND tokenize so that
+    the prompt + scored tokens are a prefix of the training tokens (i.e. letter scoring
+    reads the exact position training taught). Returns (matching, checked). For choice
+    scoring: how many start with the gold option's answer line, tokenized the same way."""
+    matching = checked = 0
+    cache = {}
+    for record in records:
+        content = _reference_answer(record)
+        if content is None:
+            continue
+        checked += 1
+        meta = record["meta"]
+        if scoring == "choice":
+            start = choice_lines(answer_prefix, meta["choices"], answer_format)[meta["answer"]]
+            expected = tokenizer.encode(start)
+        else:
+            k = len(meta["choices"])
+            if k not in cache:
+                cache[k] = letter_continuations(tokenizer, answer_prefix, k)
+            shared, continuations = cache[k]
+            start = f"{answer_prefix} {LETTERS[meta['answer']]}"
+            expected = shared + continuations[meta["answer"]]
+        matching += content.startswith(start) and tokenizer.encode(content)[:len(expected)] == expected
+    return matching, checked

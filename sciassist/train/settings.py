@@ -1,0 +1,137 @@
+"""What a fine-tuning run can be told: TrainSettings (each field is a sciassist_train.py flag
+of the same name), the checks of their values, and the command line built from them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
+from sciassist.common import DTYPES, UserError, resolve_device, setting, settings_from_namespace, settings_parser
+
+# Settings that shape the run's trajectory: a resume point made with other values would
+# silently turn into a different run, so resuming refuses it.
+TRAJECTORY_FIELDS = (
+    "data_path", "data_dir", "val_path", "val_split", "max_seq_len", "source", "model_tag", "model_step",
+    "checkpoint", "num_epochs", "num_iterations", "target_examples_per_step", "matrix_lr", "embedding_lr",
+    "unembedding_lr", "weight_decay", "init_lr_frac", "warmup_steps", "grad_clip", "packing", "pack_len",
+    "eval_every", "eval_steps", "seed",
+)
+# Old flag names that still work (the parser says what they are now).
+RENAMED_FLAGS = {"--checkpoint_dir": "--checkpoint", "--output_dir": "--out_dir"}
+
+
+class TrainError(UserError):
+    """A problem the user can fix (bad flag, missing file, diverged run); the message says how."""
+
+
+@dataclass
+class TrainSettings:
+    """Every knob of a fine-tuning run; the one source of defaults for the CLI (each field
+    is a --flag of the same name), the notebook and the tests. The defaults reproduce the
+    ScienceQA fine-tune: 4 epochs, 64 examples per step, lrs 2e-3 / 1e-1 / 1e-2 scaled by
+    init_lr_frac 0.02 and decayed linearly to zero, validation every 25 steps."""
+
+    # data
+    data_path: str = setting("scienceqa", "conversations to train on: a JSONL file ({\"messages\": [...]} or a "
+                                          "bare message array per line), or 'scienceqa' for "
+                                          "<data_dir>/scienceqa_train.jsonl and scienceqa_val.jsonl (made by "
+                                          "`python -m sciassist.data.scienceqa`)")
+    data_dir: str = setting("data", "folder of the prepared scienceqa_{train,val}.jsonl files")
+    val_path: str | None = setting(None, "validation JSONL (default: scienceqa_val.jsonl for 'scienceqa', "
+                                         "else the last --val_split of --data_path)")
+    val_split: float = setting(0.1, "fraction of --data_path held out for validation when there is no --val_path "
+                                    "(the last lines of the file; 0 = no validation)")
+    skip_bad_lines: bool = setting(False, "skip malformed JSONL lines (each reported with file:line) instead of "
+                                          "stopping at the first")
+    max_seq_len: int = setting(2048, "longest conversation in positions; longer ones are truncated (and counted)")
+    # model
+    source: str = setting("sft", f"checkpoint kind in --base_dir to start from: {' | '.join(SOURCES)}")
+    model_tag: str | None = setting(None, "model folder, e.g. d20 (default: the largest d<N> present)")
+    model_step: int | None = setting(None, "checkpoint step (default: the latest)")
+    base_dir: str | None = setting(None, "nanochat base dir (default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
+    checkpoint: str | None = setting(None, f"the model to start from instead of --source/--model_tag: {SPEC_HELP} "
+                                           f"(the tokenizer is looked for beside it)")
+    # optimisation
+    num_epochs: int = setting(4, "passes over the training set")
+    num_iterations: int = setting(-1, "total optimizer steps; -1 = num_epochs x (train examples // "
+                                      "target_examples_per_step)")
+    device_batch_size: int = setting(8, "micro-batch size per GPU, in rows of max_seq_len positions (packed rows "
+                                        "are often shorter, then more of them fit); conversations when not packed")
+    target_examples_per_step: int = setting(64, "conversations per optimizer step over all GPUs (effective batch)")
+    matrix_lr: float = setting(0.01, "Muon learning rate for the transformer matrices")
+    embedding_lr: float = setting(0.1, "AdamW learning rate for the token embedding (x (n_embd/768)^-0.5)")
+    unembedding_lr: float = setting(0.002, "AdamW learning rate for lm_head (x (n_embd/768)^-0.5)")
+    weight_decay: float = setting(0.0, "Muon weight decay")
+    init_lr_frac: float = setting(0.02, "every learning rate is multiplied by this (nanochat's SFT convention)")
+    warmup_steps: int = setting(0, "linear warmup steps before the linear decay to zero")
+    grad_clip: float = setting(0.0, "clip the gradient norm to this (0 = off)")
+    packing: bool = setting(True, "pack several conversations per row (false: pad each micro-batch to its "
+                                  "longest conversation, as nanochat did)")
+    pack_len: int = setting(1024, "row width packing aims for (rows widen for longer conversations, up to "
+                                  "max_seq_len): attention is dense over a row, so shorter rows cost less")
+    # evaluation
+    eval_every: int = setting(25, "validation loss every N steps (and at step 0 and the end; 0 = only those)")
+    eval_steps: int = setting(100, "validation uses the first eval_steps x device_batch_size validation "
+                                   "conversations, the same ones at every evaluation")
+    eval_after: bool = setting(False, "evaluate the best checkpoint with sciassist.eval.run when training ends "
+                                      "(sciassist_train.py / sciassist.pipelines.finetune)")
+    # output
+    out_dir: str = setting(DEFAULT_FINETUNED_DIR, "where runs are written")
+    output_tag: str = setting("finetuned", "run name: files go to <out_dir>/<output_tag>/")
+    save_every: int = setting(250, "write a resume point every N steps (0 = only at the end / on Ctrl-C)")
+    resume: bool = setting(False, "continue the run in <out_dir>/<output_tag>/resume/ (same flags)")
+    # runtime
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    dtype: str = setting("auto", "auto | bfloat16 | float32 (auto: bfloat16 autocast on CUDA, float32 elsewhere)")
+    compile: bool = setting(False, "torch.compile the model for training")
+    seed: int = setting(42, "seed of the data order (reshuffled every epoch) and torch")
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir).expanduser() / self.output_tag
+
+
+def build_parser():
+    return settings_parser(TrainSettings, prog="sciassist_train.py", renamed=RENAMED_FLAGS,
+                           description="Fine-tune a nanochat checkpoint on chat conversations (ScienceQA by default).")
+
+
+def settings_from_args(argv=None) -> TrainSettings:
+    return settings_from_namespace(TrainSettings, build_parser().parse_args(argv))
+
+
+def check_settings(s: TrainSettings) -> None:
+    """Raise TrainError naming the flag for any value that cannot work."""
+    problems = []
+
+    def need(ok, flag, what):
+        if not ok:
+            problems.append(f"--{flag} {what}, got {getattr(s, flag)!r}")
+
+    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"):
+        value = getattr(s, name)
+        need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, "must be a positive number")
+    need(s.init_lr_frac <= 1 if isinstance(s.init_lr_frac, (int, float)) else True, "init_lr_frac", "must be <= 1")
+    need(math.isfinite(s.weight_decay) and s.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(math.isfinite(s.grad_clip) and s.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
+    need(0 <= s.val_split < 1, "val_split", "must be a fraction in [0, 1)")
+    need(s.num_epochs >= 1 or s.num_iterations > 0, "num_epochs", "must be >= 1")
+    need(s.num_iterations == -1 or s.num_iterations > 0, "num_iterations", "must be -1 (from epochs) or > 0")
+    for name in ("device_batch_size", "target_examples_per_step", "eval_steps"):
+        need(getattr(s, name) >= 1, name, "must be >= 1")
+    for name in ("eval_every", "save_every", "warmup_steps"):
+        need(getattr(s, name) >= 0, name, "must be >= 0")
+    need(s.max_seq_len >= 16, "max_seq_len", "must be >= 16")
+    need(s.pack_len >= 1, "pack_len", "must be >= 1")
+    need(s.source in SOURCES, "source", f"must be one of {', '.join(SOURCES)}")
+    need(s.model_step is None or s.model_step >= 0, "model_step", "must be >= 0")
+    need(s.dtype in DTYPES, "dtype", f"must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+    need(bool(s.output_tag) and "/" not in s.output_tag and s.output_tag not in (".", ".."),
+         "output_tag", "must be a plain folder name")
+    try:
+        resolve_device(s.device)
+    except UserError as e:
+        problems.append(str(e))
+    if problems:
+        raise TrainError("invalid settings: " + "; ".join(problems))

@@ -1,0 +1,266 @@
+"""Everything a run is made of before its first step: the processes and the device, the
+model to fine-tune, the tokenized data sets, the optimizers (the Run), and the fingerprint
+that ties a resume point to its data."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from nanochat.checkpoint import CheckpointError, default_base_dir
+from sciassist.checkpoints import choose_checkpoint, load_choice
+from sciassist.common import autocast, resolve_device
+from sciassist.data.answers import detect_answer_format
+from sciassist.data.batching import TokenizedDataset, plan_step, step_batches, steps_per_epoch, tokenize_conversations
+from sciassist.data.conversations import ConversationError, read_conversations, split_validation
+from sciassist.train.settings import TrainError, TrainSettings
+from sciassist.train.state import resume_path
+from sciassist.train.step import peak_flops
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    started_process_group: bool = False
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+@contextlib.contextmanager
+def distributed_runtime(settings: TrainSettings):
+    """The device and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA,
+    gloo on CPU, each rank on its own GPU (LOCAL_RANK). The group is left together at the end."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else None
+    device = resolve_device(settings.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    started = world_size > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if world_size > 1:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    finished = False
+    try:
+        yield Runtime(device=device, rank=rank, world_size=world_size, started_process_group=started)
+        finished = True
+    finally:
+        if started:
+            if finished:
+                # Leave together: a rank that tears its process group down while another
+                # still talks to it (rank 0 writing files) can abort at exit.
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def load_source_model(settings: TrainSettings, device):
+    """(model, tokenizer, source description) of the checkpoint to fine-tune. Training never
+    picks a fine-tuned run by itself: --checkpoint, else --source/--model_tag in --base_dir."""
+    try:
+        if settings.checkpoint:
+            choice = choose_checkpoint(settings.checkpoint, model_step=settings.model_step, base_dir=settings.base_dir)
+        else:
+            choice = choose_checkpoint(source=settings.source, model_tag=settings.model_tag,
+                                       model_step=settings.model_step, base_dir=settings.base_dir, finetuned_dir=None)
+        loaded = load_choice(choice, device)
+    except CheckpointError as e:
+        where = (f"--checkpoint {settings.checkpoint}" if settings.checkpoint else
+                 f"--base_dir {settings.base_dir or default_base_dir()} (--source {settings.source}"
+                 f"{', --model_tag ' + settings.model_tag if settings.model_tag else ''})")
+        raise TrainError(f"no model to fine-tune (looked in {where}): {e}. Download one with "
+                         f"`python -m sciassist.hub --model d20`, or point --base_dir / --checkpoint at one") from e
+    source = {"checkpoint_dir": str(choice.checkpoint_dir), "step": choice.step, "model_file": str(choice.model_file)}
+    return loaded.model, loaded.tokenizer, source
+
+
+def load_conversation_sets(settings: TrainSettings):
+    """(train records, val records, description) as the settings ask."""
+
+    def read(path, flag):
+        path = Path(path).expanduser()
+        if not path.is_file():
+            if settings.data_path == "scienceqa":
+                raise TrainError(f"{path} not found ({flag}). Prepare ScienceQA with "
+                                 f"`python -m sciassist.data.scienceqa --out_dir {settings.data_dir}` "
+                                 f"(or --data_dir DIR where the files are, or --data_path FILE.jsonl for your own "
+                                 f"conversations)")
+            raise TrainError(f"{flag}: {path} not found (expected a JSONL file, one conversation per line)")
+        try:
+            records = read_conversations(path, skip_bad=settings.skip_bad_lines)
+        except ConversationError as e:
+            raise TrainError(f"{e} (--skip_bad_lines true skips such lines and reports them)") from e
+        for bad in records.skipped:
+            print(f"skipped {path}:{bad.line}: {bad.problem}", file=sys.stderr)
+        return records
+
+    if settings.data_path == "scienceqa":
+        data_dir = Path(settings.data_dir).expanduser()
+        train = read(data_dir / "scienceqa_train.jsonl", "--data_path scienceqa")
+        val = read(settings.val_path or data_dir / "scienceqa_val.jsonl",
+                   "--val_path" if settings.val_path else "--data_path scienceqa")
+        return train, val, f"ScienceQA from {data_dir}"
+    train = read(settings.data_path, "--data_path")
+    if settings.val_path:
+        return train, read(settings.val_path, "--val_path"), f"{settings.data_path} + {settings.val_path}"
+    if settings.val_split == 0:
+        return train, [], f"{settings.data_path} (no validation)"
+    try:
+        train, val = split_validation(train, settings.val_split)
+    except ValueError as e:
+        raise TrainError(f"--val_split {settings.val_split}: {e}") from e
+    return train, val, f"{settings.data_path} (last {settings.val_split:.0%} held out for validation)"
+
+
+def data_fingerprint(*datasets):
+    """A hash of the token ids and masks: a resume point only continues the same data."""
+    h = hashlib.sha1()
+    for ds in datasets:
+        for ids, mask in zip(ds.ids, ds.masks, strict=True):
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            h.update(np.asarray(mask, dtype=np.int8).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+@dataclass
+class Run:
+    """A run ready for its first step: what stays fixed while it trains."""
+
+    settings: TrainSettings
+    runtime: Runtime
+    model: torch.nn.Module  # the GPT itself (fp32 master weights): saved, evaluated, updated
+    train_model: torch.nn.Module  # what the forward/backward calls: the model, DDP-wrapped and/or compiled
+    no_sync: object  # DDP's no_sync (None on one process)
+    optimizers: list
+    tokenizer: object
+    source: dict  # the checkpoint started from (+ the data's answer_format)
+    data_description: str
+    train_set: TokenizedDataset
+    val_set: TokenizedDataset
+    val_batches: list  # the fixed validation micro-batches (empty: no validation)
+    num_val: int  # validation conversations evaluated
+    per_epoch: int
+    num_steps: int
+    max_seq_len: int
+    pad_id: int
+    autocast: object
+    flops_per_token: float
+    peak: float | None  # dense bf16 peak FLOP/s of the GPU (None: no MFU)
+    fingerprint: str
+
+    @property
+    def device(self):
+        return self.runtime.device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.settings.run_dir()
+
+    @property
+    def resume_path(self) -> Path:
+        return resume_path(self.settings)
+
+    def log(self, message):
+        if self.runtime.is_main:
+            tqdm.write(message)  # above the progress bar while there is one
+
+    def plan(self, dataset, examples):
+        return plan_for(self.settings, self.runtime, dataset, examples)
+
+    def is_eval_step(self, step):
+        periodic = self.settings.eval_every and step % self.settings.eval_every == 0
+        return bool(self.val_batches) and (step == 0 or step == self.num_steps or bool(periodic))
+
+
+def plan_for(settings: TrainSettings, runtime: Runtime, dataset, examples):
+    """This rank's share of the micro-batches of `examples`, as the settings batch them."""
+    return plan_step(dataset, examples, settings.device_batch_size, runtime.world_size, runtime.rank,
+                     packed=settings.packing, pack_len=settings.pack_len)
+
+
+def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
+    """Load the model and the data, and build the optimizers, as the settings say."""
+    torch.manual_seed(settings.seed)
+    device = runtime.device
+    model, tokenizer, source = load_source_model(settings, device)
+    model = model.float()  # fp32 master weights (the published wte is bf16); autocast does bf16 math on CUDA
+    model.train()
+    max_seq_len = settings.max_seq_len
+    if max_seq_len > model.config.sequence_len:
+        if runtime.is_main:
+            tqdm.write(f"note: --max_seq_len {max_seq_len} is longer than the model's sequence_len "
+                       f"{model.config.sequence_len}; using {model.config.sequence_len}")
+        max_seq_len = model.config.sequence_len
+
+    train_records, val_records, data_description = load_conversation_sets(settings)
+    # kept in every checkpoint's meta: how to read this model's multiple-choice answers (chat, web page)
+    source = dict(source, answer_format=detect_answer_format(train_records))
+    train_set = tokenize_conversations(tokenizer, train_records, max_seq_len)
+    val_set = tokenize_conversations(tokenizer, val_records, max_seq_len)
+    if len(train_set) == 0:
+        raise TrainError(f"{data_description}: no training conversation has an assistant token within "
+                         f"max_seq_len={max_seq_len}")
+    per_epoch = steps_per_epoch(len(train_set), settings.target_examples_per_step)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    # The validation set is fixed: the same conversations (file order) at every evaluation.
+    val_examples = list(range(min(len(val_set), settings.eval_steps * settings.device_batch_size)))
+    val_batches = (step_batches(val_set, plan_for(settings, runtime, val_set, val_examples), pad_id, device)
+                   if val_examples else [])
+    optimizers = _optimizers(model, settings)
+    train_model, no_sync = _wrap_for_training(model, settings, runtime)
+    return Run(settings=settings, runtime=runtime, model=model, train_model=train_model, no_sync=no_sync,
+               optimizers=optimizers, tokenizer=tokenizer, source=source, data_description=data_description,
+               train_set=train_set, val_set=val_set, val_batches=val_batches, num_val=len(val_examples),
+               per_epoch=per_epoch,
+               num_steps=settings.num_iterations if settings.num_iterations > 0 else per_epoch * settings.num_epochs,
+               max_seq_len=max_seq_len, pad_id=pad_id, autocast=autocast(device, settings.dtype),
+               flops_per_token=model.estimate_flops(),
+               peak=peak_flops(device),  # MFU is against the dense bf16 peak, the number GPUs are sold by
+               fingerprint=data_fingerprint(train_set, val_set))
+
+
+def _optimizers(model, settings: TrainSettings):
+    optimizers = model.setup_optimizers(unembedding_lr=settings.unembedding_lr, embedding_lr=settings.embedding_lr,
+                                        matrix_lr=settings.matrix_lr, weight_decay=settings.weight_decay)
+    for opt in optimizers:  # nanochat's SFT: every lr starts at lr * init_lr_frac, the peak of the schedule
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["lr"] * settings.init_lr_frac
+    return optimizers
+
+
+def _wrap_for_training(model, settings: TrainSettings, runtime: Runtime):
+    """(the module the forward/backward calls, DDP's no_sync or None)."""
+    train_model, no_sync = model, None
+    if runtime.distributed:
+        # No buffer sync in forward: the only buffers are the rotary tables, the same on every
+        # rank (torch >= 2.13 names this forward_sync_buffers, older ones broadcast_buffers).
+        sync_flag = ("forward_sync_buffers" if "forward_sync_buffers" in
+                     inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+        device = runtime.device
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      **{sync_flag: False})
+        train_model, no_sync = ddp, ddp.no_sync
+    if settings.compile:
+        train_model = torch.compile(train_model)
+    return train_model, no_sync

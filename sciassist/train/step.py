@@ -1,0 +1,166 @@
+"""One optimizer step: the forward/backward over its micro-batches, the update, and the
+figures its metrics record reports; plus the validation loss and the Ctrl-C guard.
+
+Loss. Each micro-batch's loss is the SUM over its supervised tokens divided by the number
+of supervised tokens in the whole step (all ranks), so a step's gradient is the mean over
+its supervised tokens however the work was split into micro-batches and ranks, and a
+micro-batch without any supervised token adds exactly zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sciassist.data.batching import step_batches, step_examples
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU (no sparsity). Unknown GPUs report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def lr_multiplier(step, num_steps, warmup_steps=0):
+    """Linear warmup over warmup_steps, then linear decay to zero at num_steps (nanochat's
+    SFT decay is 1 - step/num_steps from the first step)."""
+    decay = max(0.0, 1.0 - step / num_steps)
+    if warmup_steps and step < warmup_steps:
+        return min((step + 1) / warmup_steps, decay)
+    return decay
+
+
+def accumulate_gradients(train_model, batches, num_supervised, autocast=None, world_size=1, no_sync=None):
+    """Forward/backward over one step's micro-batches (this rank's). Each loss is the sum
+    over its supervised tokens divided by the step's total over all ranks (times
+    world_size, since DDP averages gradients over ranks). Returns the summed loss of these
+    micro-batches (a detached tensor). no_sync: DDP's no_sync, so gradients are all-reduced
+    once, after the last micro-batch."""
+    scale = world_size / max(1, num_supervised)
+    total = None
+    for k, batch in enumerate(batches):
+        last = k == len(batches) - 1
+        sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast if autocast is not None else contextlib.nullcontext():
+                loss_sum = train_model(batch["inputs"], batch["targets"], loss_reduction="sum",
+                                       doc_ids=batch["doc_ids"])
+            (loss_sum * scale).backward()
+        loss_sum = loss_sum.detach().float()
+        total = loss_sum if total is None else total + loss_sum
+    return total
+
+
+def set_learning_rates(optimizers, multiplier):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, autocast=None, distributed=False):
+    """Mean loss per supervised token over a fixed set of collated batches (all ranks)."""
+    was_training = model.training
+    model.eval()
+    device = model.get_device()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        with autocast if autocast is not None else contextlib.nullcontext():
+            loss_sum = model(batch["inputs"], batch["targets"], loss_reduction="sum", doc_ids=batch["doc_ids"])
+        totals[0] += loss_sum.double()
+        totals[1] += batch["num_supervised"]
+    if distributed:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+
+
+@contextlib.contextmanager
+def defer_interrupt():
+    """Hold Ctrl-C until the block is done, so an interrupt never leaves the weights, the
+    optimizer state and the metrics record half-updated (a resume point must be consistent)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:  # after a block that completed: an error raised in it is not replaced
+        raise KeyboardInterrupt
+
+
+@dataclass
+class StepWork:
+    """What the forward/backward of one step processed (summed over all ranks)."""
+
+    epoch: int
+    train_loss: float  # per supervised token
+    positions: int  # padding included
+    tokens: int
+    supervised: int
+    micro_batches: int  # this rank's
+    row_len: int
+
+
+def forward_backward(run, step) -> StepWork:
+    """Batch step `step`'s conversations (a function of the seed and the step) and
+    accumulate their gradients; the gradients are ready for apply_update."""
+    s = run.settings
+    epoch, examples = step_examples(len(run.train_set), step, s.target_examples_per_step, s.seed)
+    plan = run.plan(run.train_set, examples)
+    batches = step_batches(run.train_set, plan, run.pad_id, run.device)
+    loss_sum = accumulate_gradients(run.train_model, batches, plan.num_supervised, run.autocast,
+                                    run.runtime.world_size, run.no_sync)
+    counts = torch.tensor([sum(b["num_positions"] for b in batches), sum(b["num_tokens"] for b in batches)],
+                          dtype=torch.float64, device=run.device)
+    loss_and_counts = torch.cat([loss_sum.double().view(1), counts])
+    if run.runtime.distributed:
+        dist.all_reduce(loss_and_counts)
+    loss, positions, tokens = loss_and_counts.tolist()
+    return StepWork(epoch=epoch, train_loss=loss / max(1, plan.num_supervised), positions=int(positions),
+                    tokens=int(tokens), supervised=plan.num_supervised, micro_batches=len(batches),
+                    row_len=plan.row_len)
+
+
+def apply_update(model, optimizers, multiplier, grad_clip=0.0):
+    """The optimizer update with the scheduled learning rates; returns the gradient norm
+    when clipping (grad_clip > 0), else None."""
+    set_learning_rates(optimizers, multiplier)
+    grad_norm = None
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elapsed_s) -> dict:
+    """The metrics.jsonl line of optimizer step `step` (validation adds val_loss to it)."""
+    device, world = run.device, run.runtime.world_size
+    record = {
+        "step": step, "epoch": work.epoch, "train_loss": work.train_loss, "lr_multiplier": multiplier,
+        "tokens_per_s": work.positions / seconds,  # processed positions, padding included
+        "real_tokens_per_s": work.tokens / seconds,
+        "supervised_tokens_per_s": work.supervised / seconds,
+        "token_efficiency": work.tokens / work.positions if work.positions else 0.0,
+        "micro_batches": work.micro_batches, "row_len": work.row_len,
+        "mfu": run.flops_per_token * work.positions / seconds / (run.peak * world) if run.peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "step_time_s": seconds, "elapsed_s": round(elapsed_s, 3),
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    return record

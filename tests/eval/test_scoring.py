@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from sciassist.data.answers import ANSWER_PREFIX
+from sciassist.eval import scoring
+from sciassist.eval.questions import EvaluationError
+from tests.eval.stubs import make_stub, question, record
+
+# -----------------------------------------------------------------------------
+# letter scoring
+
+
+def test_letter_scoring_picks_argmax_among_allowed_letters_only():
+    # no " L" merges: every letter is " " + L, the " " is shared and goes into the prompt,
+    # so each letter is a single scored token. After " ", E is by far the most likely, but
+    # the question only has A-C.
+    tok, model = make_stub({}, {"A": 1.0, "B": 3.0, "C": 2.0, "D": 5.0, "E": 9.0}, merged_letters=())
+    shared, continuations = scoring.letter_continuations(tok, ANSWER_PREFIX, 3)
+    assert shared == [tok.ids["The correct answer is"], tok.ids[" "]]
+    assert continuations == [[tok.ids["A"]], [tok.ids["B"]], [tok.ids["C"]]]
+    probs = scoring.letter_probabilities(model, tok, [question()], [3])[0]
+    expected = scoring.softmax([1.0, 3.0, 2.0])  # softmax over the allowed letters' logits
+    assert probs == pytest.approx(expected, abs=1e-6)
+    assert scoring.argmax(probs) == 1
+    assert model.calls == 1  # all single-token letters: one forward pass for the batch
+
+
+def test_multi_token_letter_continuation_sums_log_probs():
+    # " A" is one token; " B" and " C" are " " followed by the letter
+    tok, model = make_stub({" A": 1.0, " ": 2.0, "E": 4.0}, {"B": 6.0, "C": 0.5, "D": 3.0})
+    shared, continuations = scoring.letter_continuations(tok, ANSWER_PREFIX, 3)
+    assert shared == [tok.ids["The correct answer is"]]
+    assert continuations == [[tok.ids[" A"]], [tok.ids[" "], tok.ids["B"]], [tok.ids[" "], tok.ids["C"]]]
+    first = torch.log_softmax(model.table[tok.ids["The correct answer is"]], 0)
+    second = torch.log_softmax(model.table[tok.ids[" "]], 0)
+    scores = [first[tok.ids[" A"]].item(),
+              first[tok.ids[" "]].item() + second[tok.ids["B"]].item(),
+              first[tok.ids[" "]].item() + second[tok.ids["C"]].item()]
+    probs = scoring.letter_probabilities(model, tok, [question(), question()], [3, 2])
+    assert probs[0] == pytest.approx(scoring.softmax(scores), abs=1e-6)
+    assert probs[1] == pytest.approx(scoring.softmax(scores[:2]), abs=1e-6)
+    assert sum(probs[0]) == pytest.approx(1.0)
+    assert scoring.argmax(probs[0]) == 1  # P(" ")P(B | " ") beats P(" A") although " A" is one token
+
+
+def tiny_gpt(tokenizer, seed):
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2,
+                          n_kv_head=2, n_embd=32))
+    model.init_weights()
+    return model
+
+
+def test_letter_scoring_is_independent_of_batching(tiny_tokenizer):
+    model = tiny_gpt(tiny_tokenizer, 0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+        for block in model.transformer.h:
+            block.mlp.c_proj.weight.normal_(0, 0.2)
+    model.eval()
+    prompts = [[{"role": "user", "content": "Which is a mammal?" + " x" * n}] for n in (0, 7, 3, 12)]
+    counts = [2, 3, 4, 5]
+    one = scoring.letter_probabilities(model, tiny_tokenizer, prompts, counts, batch_size=1)
+    many = scoring.letter_probabilities(model, tiny_tokenizer, prompts, counts, batch_size=4)
+    for a, b, k in zip(one, many, counts, strict=True):
+        assert len(a) == k
+        assert a == pytest.approx(b, abs=1e-5)  # right padding must not change anything
+
+
+def test_generate_answers_match_unbatched_engine(tiny_tokenizer):
+    from nanochat.engine import Engine
+    model = tiny_gpt(tiny_tokenizer, 1)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    model.eval()
+    texts = ("Hello", "Which of these states is farthest north?", "Hi there")
+    prompts = [[{"role": "user", "content": text}] for text in texts]
+    texts = scoring.generate_answers(model, tiny_tokenizer, prompts, max_tokens=6, batch_size=2)
+    engine = Engine(model, tiny_tokenizer)
+    for prompt, text in zip(prompts, texts, strict=True):
+        ids = tiny_tokenizer.render_for_completion(prompt)
+        sequences, _ = engine.generate_batch(ids, num_samples=1, max_tokens=6, temperature=0.0)
+        assert text == tiny_tokenizer.decode(sequences[0][len(ids):])
+
+
+def test_answer_prefix_check(tiny_tokenizer):
+    records = [record("1", 1), record("2", 0)]
+    records[1]["messages"][-1]["content"] = "Answer: A"
+    assert scoring.answer_prefix_check(tiny_tokenizer, records) == (1, 2)
+
+
+# -----------------------------------------------------------------------------
+# choice scoring (--scoring choice)
+
+
+def test_choice_scoring_sums_the_whole_answer_line():
+    # after " ": A is likelier than B (letter scoring says option 0), but option 1's text C
+    # is much likelier than option 0's text B, so the whole line " B. C" wins
+    tok, model = make_stub({}, {"A": 2.0, "B": 1.0, "C": 4.0}, merged_letters=())
+    shared, continuations = scoring.choice_continuations(tok, ANSWER_PREFIX, ["B", "C"])
+    ids = tok.ids
+    assert shared == [ids["The correct answer is"], ids[" "]]
+    assert continuations == [[ids["A"], ids["."], ids[" "], ids["B"]], [ids["B"], ids["."], ids[" "], ids["C"]]]
+    lp = {t: torch.log_softmax(model.table[ids[t]], 0) for t in ("The correct answer is", " ", "A", "B", ".")}
+    expected = [lp[" "][ids["A"]] + lp["A"][ids["."]] + lp["."][ids[" "]] + lp[" "][ids["B"]],
+                lp[" "][ids["B"]] + lp["B"][ids["."]] + lp["."][ids[" "]] + lp[" "][ids["C"]]]
+    scores = scoring.choice_scores(model, tok, [question()], [["B", "C"]])[0]
+    assert scores == pytest.approx([e.item() for e in expected], abs=1e-5)
+    assert scoring.argmax(scores) == 1
+    assert scoring.argmax(scoring.letter_probabilities(model, tok, [question()], [2])[0]) == 0
+
+
+def test_choice_scoring_needs_the_answer_prefix():
+    tok, model = make_stub({}, {"A": 2.0, "B": 1.0, "C": 4.0}, merged_letters=())
+    with pytest.raises(EvaluationError, match="answer prefix"):
+        scoring.choice_scores(model, tok, [question()], [["B", "C"]], answer_prefix="")
+
+
+# the text_first answer format ("The correct answer is <option> (L).")
+
+
+def test_choice_scoring_text_first_scores_text_then_letter():
+    tok, model = make_stub({}, {"A": 2.0, "B": 1.0, "C": 4.0}, merged_letters=())
+    ids = tok.ids
+    shared, continuations = scoring.choice_continuations(tok, ANSWER_PREFIX, ["B", "C"], "text_first")
+    assert shared == [ids["The correct answer is"], ids[" "]]
+    # " B (A)." -> B, " ", "?" for "(", A, "?" for ")", "."
+    assert continuations[0] == [ids["B"], ids[" "], ids["?"], ids["A"], ids["?"], ids["."]]
+    assert continuations[1] == [ids["C"], ids[" "], ids["?"], ids["B"], ids["?"], ids["."]]
+    scores = scoring.choice_scores(model, tok, [question()], [["B", "C"]], answer_format="text_first")[0]
+    assert scoring.argmax(scores) == 1  # C after the prefix's " " outweighs B
+
+
+def test_answer_prefix_check_for_choice_scoring(tiny_tokenizer):
+    from sciassist.data.scienceqa import FormatOptions, format_record
+    raw = {"pid": "1", "question": "Which is hot?", "choices": ["ice", "steam"], "answer": 1, "hint": ""}
+    text_first = format_record(raw, FormatOptions(answer_format="text_first"))
+    assert scoring.answer_prefix_check(tiny_tokenizer, [text_first], scoring="choice",
+                                       answer_format="text_first") == (1, 1)
+    assert scoring.answer_prefix_check(tiny_tokenizer, [text_first], scoring="choice",
+                                       answer_format="letter_first") == (0, 1)

@@ -1,0 +1,147 @@
+"""The one checkpoint resolver (sciassist.checkpoints): folders, model files, source:tag[:step]
+specs, the newest fine-tuned run and the base-dir fallbacks, on the tiny checkpoint."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nanochat.checkpoint import CheckpointError
+from sciassist.checkpoints import (
+    CheckpointChoice,
+    CheckpointSettings,
+    choose_checkpoint,
+    default_base_dir,
+    latest_finetuned,
+    load_choice,
+    model_steps,
+    parse_spec,
+    resolve_from_settings,
+)
+from sciassist.common import settings_from_namespace, settings_parser
+
+
+def make_finetuned_run(root, name, base_dir, step, mtime):
+    """A fine-tuned run as sciassist.train.loop writes it: model + meta + tokenizer/."""
+    run = root / name
+    run.mkdir(parents=True)
+    source = base_dir / "base_checkpoints" / "d2"
+    shutil.copy(source / "model_000000.pt", run / f"model_{step:06d}.pt")
+    shutil.copy(source / "meta_000000.json", run / f"meta_{step:06d}.json")
+    shutil.copytree(base_dir / "tokenizer", run / "tokenizer", dirs_exist_ok=True)
+    os.utime(run / f"model_{step:06d}.pt", (mtime, mtime))
+    return run
+
+
+def test_newest_finetuned_run_is_the_default(tmp_path, tiny_base_dir):
+    root = tmp_path / "finetuned_model_checkpoint"
+    make_finetuned_run(root, "long_run", tiny_base_dir, step=500, mtime=1_000_000)
+    recent = make_finetuned_run(root, "short_run", tiny_base_dir, step=20, mtime=2_000_000)
+    (root / "stray.txt").write_text("not a run")
+    assert latest_finetuned(root) == (recent, 20)
+    choice = choose_checkpoint(finetuned_dir=root, base_dir=tiny_base_dir)
+    assert (choice.kind, choice.checkpoint_dir, choice.step) == ("finetuned", recent, 20)
+    assert choice.tokenizer_dir == recent / "tokenizer"
+    assert "fine-tuned" in choice.describe() and "step 20" in choice.describe()
+    assert choice.name == "short_run"
+    loaded = load_choice(choice, device="cpu")
+    assert loaded.info()["checkpoint"] == str(recent) and loaded.info()["kind"] == "finetuned"
+    assert loaded.sequence_len == 256 and loaded.meta["model_config"]["n_layer"] == 2
+
+
+def test_model_step_applies_to_the_finetuned_run(tmp_path, tiny_base_dir):
+    root = tmp_path / "ft"
+    run = make_finetuned_run(root, "run", tiny_base_dir, step=10, mtime=1_000_000)
+    shutil.copy(run / "model_000010.pt", run / "model_000020.pt")
+    shutil.copy(run / "meta_000010.json", run / "meta_000020.json")
+    assert model_steps(run) == [10, 20]
+    assert choose_checkpoint(finetuned_dir=root, model_step=10, base_dir=tiny_base_dir).step == 10
+    with pytest.raises(Exception, match="no model file for step 30"):
+        choose_checkpoint(finetuned_dir=root, model_step=30, base_dir=tiny_base_dir)
+
+
+def test_base_dir_sft_is_preferred_over_base(tmp_path, tiny_base_dir):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, base)
+    assert choose_checkpoint(base_dir=base, finetuned_dir=tmp_path / "none").source == "base"
+    shutil.copytree(base / "base_checkpoints" / "d2", base / "chatsft_checkpoints" / "d2")
+    choice = choose_checkpoint(base_dir=base, finetuned_dir=tmp_path / "none")
+    assert (choice.kind, choice.source, choice.step) == ("base_dir", "sft", 0)
+    assert choice.checkpoint_dir == base / "chatsft_checkpoints" / "d2"
+    assert choice.name == "sft d2"
+    # An explicit source or tag skips the fine-tuned runs and the fallback order.
+    root = tmp_path / "ft"
+    make_finetuned_run(root, "run", tiny_base_dir, step=5, mtime=1_000_000)
+    assert choose_checkpoint(source="base", base_dir=base, finetuned_dir=root).source == "base"
+    assert choose_checkpoint(model_tag="d2", base_dir=base, finetuned_dir=root).source == "sft"
+
+
+def test_explicit_checkpoint_dir_or_file(tiny_base_dir):
+    directory = tiny_base_dir / "base_checkpoints" / "d2"
+    choice = choose_checkpoint(checkpoint=directory)
+    assert (choice.kind, choice.step, choice.tokenizer_dir) == ("checkpoint", 0, tiny_base_dir / "tokenizer")
+    from_file = choose_checkpoint(checkpoint=directory / "model_000000.pt")
+    assert (from_file.checkpoint_dir, from_file.step) == (directory, 0)
+    assert isinstance(from_file, CheckpointChoice)
+
+
+def test_checkpoint_errors_say_what_is_wrong(tmp_path, tiny_base_dir):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        choose_checkpoint(checkpoint=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no model_<step>.pt files"):
+        choose_checkpoint(checkpoint=tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not both"):
+        choose_checkpoint(checkpoint=tmp_path, source="sft")
+    with pytest.raises(CheckpointError, match="disagrees"):
+        choose_checkpoint(checkpoint=tiny_base_dir / "base_checkpoints" / "d2" / "model_000000.pt", model_step=3)
+    with pytest.raises(CheckpointError) as info:
+        choose_checkpoint(base_dir=tmp_path / "nothing", finetuned_dir=tmp_path / "ft")
+    message = str(info.value)
+    assert "no fine-tuned run" in message and "sft in" in message and "base in" in message
+    with pytest.raises(CheckpointError):
+        choose_checkpoint(source="rl", base_dir=tiny_base_dir)
+
+
+def test_default_base_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert default_base_dir() == tmp_path
+    monkeypatch.delenv("NANOCHAT_BASE_DIR")
+    assert default_base_dir() == Path.home() / ".cache" / "nanochat"
+
+
+def test_latest_finetuned_and_model_steps_on_missing_dirs(tmp_path):
+    assert latest_finetuned(tmp_path / "nope") is None
+    assert model_steps(tmp_path / "nope") == []
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model_7.pt").write_bytes(b"")
+    (tmp_path / "run" / "model_x.pt").write_bytes(b"")
+    assert model_steps(tmp_path / "run") == [7]
+
+
+def test_checkpoint_settings_round_trip(tiny_base_dir):
+    parser = settings_parser(CheckpointSettings, "test", "the model flags")
+    args = parser.parse_args(["--base_dir", str(tiny_base_dir), "--source", "base", "--device", "cpu"])
+    loaded = resolve_from_settings(settings_from_namespace(CheckpointSettings, args))
+    assert loaded.choice.source == "base" and loaded.info()["device"] == "cpu"
+
+
+def test_source_specs_name_a_base_dir_checkpoint(tiny_base_dir):
+    directory = tiny_base_dir / "base_checkpoints" / "d2"
+    choice = choose_checkpoint("base:d2", base_dir=tiny_base_dir)
+    assert (choice.kind, choice.checkpoint_dir, choice.step, choice.source) == ("base_dir", directory, 0, "base")
+    assert choose_checkpoint("base", base_dir=tiny_base_dir).checkpoint_dir == directory  # default tag
+    assert choose_checkpoint("base:d2:0", base_dir=tiny_base_dir).step == 0
+    assert choose_checkpoint(str(directory)).step == 0  # a folder: its latest step
+    from_file = choose_checkpoint(str(directory / "model_000000.pt"))
+    assert (from_file.checkpoint_dir, from_file.step) == (directory, 0)
+    assert from_file.model_file == directory / "model_000000.pt"
+    assert parse_spec("sft:d20:650") == ("sft", "d20", 650) and parse_spec("chatsft:d20") == ("sft", "d20", None)
+    assert parse_spec("runs/my_run") is None
+    with pytest.raises(CheckpointError, match="neither"):
+        choose_checkpoint("nowhere/d2", base_dir=tiny_base_dir)
+    with pytest.raises(CheckpointError, match="the step must be a number"):
+        choose_checkpoint("base:d2:last", base_dir=tiny_base_dir)
+    with pytest.raises(CheckpointError, match="latest step present: 0"):
+        choose_checkpoint("base:d2:5", base_dir=tiny_base_dir)
