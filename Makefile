@@ -50,7 +50,7 @@ finetune-multi: install ## fine-tune on NGPUS GPUs with torchrun
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) sciassist_train.py $(TRAIN_FLAGS) $(ARGS)
 
 evaluate: install ## the newest fine-tuned run (or RUN=DIR) vs the model it started from (SPLIT=val|test)
-	$(PY) sciassist_evaluate.py $(if $(RUN),--finetuned $(RUN)) $(BASE_DIR_FLAG) --split $(SPLIT) $(ARGS)
+	$(PY) sciassist_evaluate.py --finetuned $(or $(RUN),newest) --base source $(BASE_DIR_FLAG) --split $(SPLIT) $(ARGS)
 
 chat: install ## talk to the latest fine-tuned model in the terminal
 	$(PY) -m sciassist.serve.chat_cli $(BASE_DIR_FLAG) $(ARGS)

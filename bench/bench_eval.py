@@ -28,6 +28,7 @@ from random_model import random_gpt  # noqa: E402
 
 from nanochat.gpt import config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
+from sciassist.common import synchronize  # noqa: E402
 from sciassist.eval.questions import load_questions, prompts_for  # noqa: E402
 from sciassist.eval.scoring import argmax, generate_answers, letter_probabilities  # noqa: E402
 
@@ -48,11 +49,6 @@ def build_model(depth, vocab_size, tokenizer_vocab, device):
     if device.type == "cuda":
         model.transformer.wte.to(dtype=torch.bfloat16)  # as nanochat keeps it on CUDA
     return model.eval()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None):
@@ -100,19 +96,19 @@ def main(argv=None):
 
     # warm-up (allocator, kernels) on a few questions, untimed
     letter_probabilities(model, tokenizer, prompts[:4], num_choices[:4], prefix, args.batch_size)
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     probs = letter_probabilities(model, tokenizer, prompts, num_choices, prefix, args.batch_size)
-    sync(device)
+    synchronize(device)
     letter_s = time.perf_counter() - t0
     accuracy = sum(argmax(p) == r["meta"]["answer"] for p, r in zip(probs, records, strict=True)) / len(records)
 
     n_gen = min(args.gen_limit or len(records), len(records))
     gen_batch = args.gen_batch_size or args.batch_size
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     texts = generate_answers(model, tokenizer, prompts[:n_gen], args.max_new_tokens, gen_batch)
-    sync(device)
+    synchronize(device)
     generate_s = time.perf_counter() - t0
     generated_tokens = sum(len(tokenizer.encode(t)) for t in texts)
 

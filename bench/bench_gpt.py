@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanochat.gpt import GPT, config_for_depth  # noqa: E402
+from sciassist.common import autocast  # noqa: E402
 from sciassist.train.step import peak_flops  # noqa: E402
 
 
@@ -28,10 +29,8 @@ def bench_depth(depth, args, device):
     step_model = torch.compile(model) if args.compile else model
     idx = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     targets = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
     def step():
-        with autocast:
+        with autocast(device):
             loss = step_model(idx, targets)
         loss.backward()
         for opt in optimizers:

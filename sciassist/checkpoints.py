@@ -8,6 +8,7 @@ Every command names a model the same way (`--checkpoint`, and the values of eval
   source[:tag[:step]] nanochat's layout under --base_dir, e.g. sft:d20, base:d4:1000
                       ({base,mid,chatsft,chatrl}_checkpoints/<tag>/; default tag: the largest
                       d<N>; default step: the latest)
+  newest              the newest fine-tuned run (below), and nothing else
   nothing             --source / --model_tag under --base_dir when given; else the newest
                       fine-tuned run (the most recently written model_*.pt under
                       finetuned_dir/*/), else the base dir's sft model, else its base model
@@ -40,7 +41,9 @@ DEFAULT_FINETUNED_DIR = "finetuned_model_checkpoint"
 # a chat-tuned model answers questions, a base model only continues text.
 FALLBACK_SOURCES = ("sft", "base")
 SOURCES = tuple(SOURCE_DIRS)
-SPEC_HELP = "a checkpoint folder, a model_<step>.pt file, or source[:tag[:step]] such as sft:d20"
+NEWEST = "newest"
+SPEC_HELP = ("a checkpoint folder, a model_<step>.pt file, source[:tag[:step]] such as sft:d20, or newest (the "
+             "newest fine-tuned run)")
 
 
 @dataclass
@@ -202,6 +205,12 @@ def choose_checkpoint(
         if source is not None or model_tag is not None:
             raise CheckpointError("give either --checkpoint or --source/--model_tag, not both")
         path = Path(checkpoint).expanduser()
+        if str(checkpoint) == NEWEST and not path.exists():
+            found = latest_finetuned(finetuned_dir or DEFAULT_FINETUNED_DIR)
+            if found is None:
+                raise CheckpointError(f"{NEWEST}: no fine-tuned run in {finetuned_dir or DEFAULT_FINETUNED_DIR}/ "
+                                      f"(train one with make finetune, or name the run's folder)")
+            return _in_folder(found[0], found[1] if model_step is None else model_step, kind="finetuned")
         spec = None if path.exists() else parse_spec(str(checkpoint))
         if spec is None:
             return _in_folder(path, model_step)

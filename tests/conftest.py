@@ -27,6 +27,16 @@ TOKENIZER_TEXTS = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny models: a second thread only adds synchronisation,
+    and on a shared, oversubscribed machine it makes every small op many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sample_dir():
     return REPO_ROOT / "data" / "sample"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.checkpoint import CheckpointError, meta_path, model_steps, read_meta
-from sciassist.checkpoints import SPEC_HELP
+from sciassist.checkpoints import NEWEST, SPEC_HELP, choose_checkpoint
 from sciassist.common import (
     UserError,
     print_error,
@@ -73,13 +73,16 @@ from sciassist.eval.table import (
 )
 from sciassist.plots import parse_training_log
 
+SOURCE_MODEL = "source"
+
 
 @dataclass
 class EvalSettings:
     """Every option of an evaluation, with its default (the CLI, the notebook, the training
     run's --eval_after and the tests all start from this)."""
 
-    base: str | None = setting(None, f"base model: {SPEC_HELP}")
+    base: str | None = setting(None, f"base model: {SPEC_HELP}, or {SOURCE_MODEL} (the model the fine-tuned run "
+                                     f"started from, read from its meta)")
     finetuned: str | None = setting(None, f"fine-tuned model, e.g. a fine-tune output dir: {SPEC_HELP}")
     base_dir: str | None = setting(None, "nanochat base dir for source[:tag[:step]] models "
                                          "(default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
@@ -299,6 +302,23 @@ def evaluate_after_training(output_dir, base=None, data_path=None, scienceqa=Non
     return evaluate(settings, models)
 
 
+def named_models(settings):
+    """The settings with --finetuned newest and --base source replaced by the folders they name."""
+    finetuned, base = settings.finetuned, settings.base
+    if finetuned == NEWEST and not Path(finetuned).exists():
+        finetuned = str(choose_checkpoint(NEWEST).checkpoint_dir)
+    if base == SOURCE_MODEL and not Path(base).exists():
+        if finetuned is None:
+            raise EvaluationError(f"--base {SOURCE_MODEL} is the model the fine-tuned run started from: give "
+                                  f"--finetuned RUN_DIR (or newest)")
+        choice = choose_checkpoint(finetuned, base_dir=settings.base_dir)
+        base = _run_meta(choice.checkpoint_dir, choice.step).get("source_model")
+        if not base or not Path(base).exists():
+            raise EvaluationError(f"--base {SOURCE_MODEL}: {choice.model_file}'s meta names no source model that "
+                                  f"exists here ({base!r}); give --base explicitly (e.g. sft:d20)")
+    return dataclasses.replace(settings, finetuned=finetuned, base=base)
+
+
 def build_arg_parser():
     return settings_parser(EvalSettings, prog="sciassist_evaluate.py",
                            description="Evaluate nanochat checkpoints on ScienceQA: letter or choice scoring, "
@@ -308,7 +328,7 @@ def build_arg_parser():
 def main(argv=None):
     settings = settings_from_namespace(EvalSettings, build_arg_parser().parse_args(argv))
     try:
-        evaluate(settings)
+        evaluate(named_models(settings))
     except (UserError, CheckpointError, OSError) as e:
         return print_error(e)
     return 0

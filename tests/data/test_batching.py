@@ -19,14 +19,7 @@ from sciassist.data.batching import (
     tokenize_conversations,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: a second thread only adds synchronisation (and contention on shared machines)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv(question, answer, system=None):

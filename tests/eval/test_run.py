@@ -141,3 +141,22 @@ def test_evaluate_text_first_file_end_to_end(tiny_base_dir, tmp_path):
     with pytest.raises(EvaluationError, match="use --scoring choice"):
         ev.evaluate(ev.EvalSettings(finetuned=str(run), data_path=str(tmp_path / "data" / "scienceqa_val.jsonl"),
                                     scoring="letter", out_dir=str(out), device="cpu"))
+
+
+def test_newest_run_against_its_source_model_as_make_evaluate_asks(tiny_base_dir, tmp_path, monkeypatch):
+    root = tmp_path / "finetuned_model_checkpoint"
+    root.mkdir()
+    run = finetuned_dir_from(tiny_base_dir, root)
+    monkeypatch.chdir(tmp_path)  # the default finetuned_dir is relative, as for a user in the repository
+    named = ev.named_models(ev.EvalSettings(finetuned="newest", base="source"))
+    assert named.finetuned == "finetuned_model_checkpoint/run"
+    assert named.base == str(tiny_base_dir / "base_checkpoints" / "d2" / "model_000000.pt")
+    assert ev.named_models(ev.EvalSettings(finetuned=str(run))).base is None  # nothing asked, nothing added
+    with pytest.raises(EvaluationError, match="--base source is the model the fine-tuned run started from"):
+        ev.named_models(ev.EvalSettings(base="source"))
+    meta = json.loads((run / "meta_000010.json").read_text())
+    (run / "meta_000010.json").write_text(json.dumps({**meta, "source_model": str(tmp_path / "gone.pt")}))
+    with pytest.raises(EvaluationError, match="names no source model that exists here"):
+        ev.named_models(ev.EvalSettings(finetuned=str(run), base="source"))
+    monkeypatch.chdir(tmp_path / "finetuned_model_checkpoint")
+    assert ev.main(["--finetuned", "newest", "--out_dir", str(tmp_path / "o")]) == 2  # no run here

@@ -9,7 +9,9 @@ from nanochat.checkpoint import load_model
 from sciassist.data import scienceqa as sqa
 from sciassist.pipelines.finetune import finetune, main
 from sciassist.train.settings import TrainSettings
-from tests.train.test_train import data_file, one_thread, resume_weights, tiny_settings  # noqa: F401 (fixtures)
+from tests.train.test_train import data_file, resume_weights, tiny_settings  # noqa: F401 (data_file is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cli_errors_are_short_and_say_what_to_do(tmp_path, tiny_base_dir, data_file, capsys):  # noqa: F811

@@ -57,14 +57,7 @@ def write_dataset(directory, n_train=30, n_val=6, n_test=4):
     return directory
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # models of 64 channels gain nothing from a second thread, and on a shared, oversubscribed
-    # machine its synchronisation makes every small op many times slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,7 @@ from sciassist.train.step import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: a second thread only adds synchronisation, and on a shared
-    # machine an oversubscribed second thread makes every small op many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def arithmetic_conversations(n=40):

@@ -35,6 +35,7 @@ from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -210,6 +211,64 @@ class ChatState:
         with self._stats_lock:
             self.stats[key] += n
 
+    def render(self, messages: list[dict], max_tokens: int):
+        """The prompt ids of a conversation (with the system prompt); a 400 if it cannot fit."""
+        loaded = self.loaded
+        try:
+            return render_prompt(loaded.tokenizer, messages, self.settings.system_prompt, loaded.sequence_len,
+                                 max_tokens)
+        except PromptTooLong as err:
+            raise HTTPException(400, str(err)) from None
+        except ValueError as err:  # the tokenizer's own conversation checks
+            raise HTTPException(400, f"messages: {err}") from None
+
+    def busy(self) -> JSONResponse:
+        return error_response(
+            429,
+            f"busy: {self.settings.max_pending} requests are already running or waiting for the model; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    def health(self) -> dict:
+        settings = self.settings
+        return {
+            "status": "ok",
+            "ready": True,
+            "model": self.loaded.info(),
+            "system_prompt": settings.system_prompt,
+            "defaults": {"temperature": settings.temperature, "top_k": settings.top_k,
+                         "max_tokens": settings.max_tokens},
+            "limits": {
+                "max_messages": MAX_MESSAGES,
+                "max_message_chars": MAX_MESSAGE_CHARS,
+                "max_total_chars": MAX_TOTAL_CHARS,
+                "temperature": [MIN_TEMPERATURE, MAX_TEMPERATURE],
+                "top_k": [MIN_TOP_K, MAX_TOP_K],
+                "max_tokens": [MIN_MAX_TOKENS, MAX_MAX_TOKENS],
+                "max_pending": settings.max_pending,
+            },
+            "pending": self.gate.count,
+            "stats": dict(self.stats),
+        }
+
+    def choice_probabilities(self, question: str, options: list[tuple[str, str]], ticket: Ticket) -> list[float]:
+        """Probabilities of a question's options, scored as fine-tuning and evaluation see a
+        question (system prompt + this question alone), so they mean what the eval report's do.
+        Runs in a worker thread; a model fine-tuned on text_first answers names the option
+        before its letter, so each option's whole answer line is scored."""
+        loaded, system_prompt = self.loaded, self.settings.system_prompt
+        content = (system_prompt + "\n\n" + question) if system_prompt else question
+        prompt = [[{"role": "user", "content": content}]]
+        try:
+            with self.model_lock, inference_context(loaded.model):
+                if loaded.meta.get("answer_format", "letter_first") == "text_first":
+                    scores = choice_scores(loaded.model, loaded.tokenizer, prompt, [[text for _, text in options]],
+                                           answer_format="text_first")
+                    return softmax(scores[0])
+                return letter_probabilities(loaded.model, loaded.tokenizer, prompt, [len(options)])[0]
+        finally:
+            ticket.release()
+
     def acquire_model(self, stop: threading.Event) -> bool:
         """Wait for the model; give up (False) if the client left while waiting."""
         while not self.model_lock.acquire(timeout=DISCONNECT_POLL_S):
@@ -371,43 +430,7 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
-            "ready": True,
-            "model": loaded.info(),
-            "system_prompt": settings.system_prompt,
-            "defaults": {
-                "temperature": settings.temperature,
-                "top_k": settings.top_k,
-                "max_tokens": settings.max_tokens,
-            },
-            "limits": {
-                "max_messages": MAX_MESSAGES,
-                "max_message_chars": MAX_MESSAGE_CHARS,
-                "max_total_chars": MAX_TOTAL_CHARS,
-                "temperature": [MIN_TEMPERATURE, MAX_TEMPERATURE],
-                "top_k": [MIN_TOP_K, MAX_TOP_K],
-                "max_tokens": [MIN_MAX_TOKENS, MAX_MAX_TOKENS],
-                "max_pending": settings.max_pending,
-            },
-            "pending": state.gate.count,
-            "stats": dict(state.stats),
-        }
-
-    def _busy():
-        return error_response(
-            429,
-            f"busy: {settings.max_pending} requests are already running or waiting for the model; retry shortly",
-            headers={"Retry-After": "1"},
-        )
-
-    def _render(messages: list[dict], max_tokens: int):
-        try:
-            return render_prompt(loaded.tokenizer, messages, settings.system_prompt, loaded.sequence_len, max_tokens)
-        except PromptTooLong as err:
-            raise HTTPException(400, str(err)) from None
-        except ValueError as err:  # the tokenizer's own conversation checks
-            raise HTTPException(400, f"messages: {err}") from None
+        return state.health()
 
     @app.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -417,10 +440,10 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
         seed = body.seed if body.seed is not None else settings.seed
         if seed is None:
             seed = secrets.randbits(31)
-        prompt = _render([m.model_dump() for m in body.messages], max_tokens)
+        prompt = state.render([m.model_dump() for m in body.messages], max_tokens)
         ticket = state.gate.try_enter()
         if ticket is None:
-            return _busy()
+            return state.busy()
         return StreamingResponse(
             _completion_events(state, request, prompt, temperature, top_k, seed, ticket),
             media_type="text/event-stream",
@@ -435,34 +458,12 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
         letters = [letter for letter, _ in options]
         if not letters:
             return {"letter": None, "probability": None, "probabilities": {}, "num_choices": 0}
-        # Scored as fine-tuning and evaluation see a question: system prompt + this
-        # question alone, so the probability means the same as in the eval report.
-        _render([{"role": "user", "content": question}], 1)  # a 400 if it does not fit the context
-        content = (settings.system_prompt + "\n\n" + question) if settings.system_prompt else question
-        answer_format = loaded.meta.get("answer_format", "letter_first")
+        state.render([{"role": "user", "content": question}], 1)  # a 400 if it does not fit the context
         ticket = state.gate.try_enter()
         if ticket is None:
-            return _busy()
-
-        def score() -> list[float]:
-            stop = threading.Event()
-            try:
-                state.acquire_model(stop)
-                try:
-                    with inference_context(loaded.model):
-                        prompt = [[{"role": "user", "content": content}]]
-                        if answer_format == "text_first":
-                            # this model names the option before its letter: score each option's answer line
-                            scores = choice_scores(loaded.model, loaded.tokenizer, prompt,
-                                                   [[text for _, text in options]], answer_format="text_first")
-                            return softmax(scores[0])
-                        return letter_probabilities(loaded.model, loaded.tokenizer, prompt, [len(letters)])[0]
-                finally:
-                    state.model_lock.release()
-            finally:
-                ticket.release()
-
-        probabilities = await asyncio.get_running_loop().run_in_executor(state.executor, score)
+            return state.busy()
+        probabilities = await asyncio.get_running_loop().run_in_executor(
+            state.executor, state.choice_probabilities, question, options, ticket)
         state.count("choices")
         best = max(range(len(letters)), key=lambda i: probabilities[i])
         return {
@@ -473,8 +474,6 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
         }
 
     if settings.allow_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.allow_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
         )
