@@ -41,7 +41,7 @@ download: install ## fetch a published checkpoint (MODEL=d20|d32) into BASE_DIR
 	$(PY) -m sciassist.hub --model $(MODEL) $(BASE_DIR_FLAG)
 
 data: install ## write data/scienceqa_{train,val,test}.jsonl (SCIENCEQA=hf|sample|DIR)
-	$(PY) -m sciassist.data.scienceqa --scienceqa $(SCIENCEQA) --out_dir data/ $(ARGS)
+	$(PY) -m sciassist.data.prepare --scienceqa $(SCIENCEQA) --out_dir data/ $(ARGS)
 
 finetune: install ## fine-tune on one GPU (DATA=file.jsonl; default: the prepared ScienceQA)
 	$(PY) sciassist_train.py $(TRAIN_FLAGS) $(ARGS)

@@ -1,6 +1,6 @@
 """
 Time preparing the full ScienceQA (every split, every question) from a local lupantech
-directory, the way `python -m sciassist.data.scienceqa --source DIR --train_size all ...` does.
+directory, the way `python -m sciassist.data.prepare --scienceqa DIR --train_size all ...` does.
 
     python bench/bench_prepare.py [--source ../shared/scienceqa] [--tokenizer_dir DIR] [--repeat 3]
 
@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from anywhere
 
 from sciassist.data import scienceqa as sqa  # noqa: E402
+from sciassist.data.prepare import prepare  # noqa: E402
 
 
 def run_once(source, out_dir, tokenizer):
@@ -26,7 +27,7 @@ def run_once(source, out_dir, tokenizer):
     rows = []
     for split in sqa.SPLITS:
         t0 = time.perf_counter()
-        report = sqa.prepare(source, out_dir, sizes={split: "all"}, splits=(split,), tokenizer=tokenizer)
+        report = prepare(source, out_dir, sizes={split: "all"}, splits=(split,), tokenizer=tokenizer)
         rows.append((split, time.perf_counter() - t0, report.splits[split]))
     return rows
 

@@ -118,8 +118,11 @@ def _default_text(value) -> str:
     return '""' if value == "" else str(value)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: str | None = None) -> None:
-    """One --flag per field of the dataclass `cls` (see the module docstring)."""
+def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: str | None = None,
+                           only_given: bool = False) -> None:
+    """One --flag per field of the dataclass `cls` (see the module docstring). only_given: a flag
+    that is not on the command line leaves no attribute at all (so a caller can tell "given"
+    from "default"); the help still shows the dataclass default."""
     target = parser.add_argument_group(group_title) if group_title else parser
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -131,7 +134,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: st
         help_text = meta.get("help", "")
         if "(default" not in help_text:
             help_text += f" (default: {_default_text(default)})"
-        kwargs = {"default": default, "help": help_text.replace("%", "%%"), "dest": f.name}
+        kwargs = {"default": argparse.SUPPRESS if only_given else default, "help": help_text.replace("%", "%%"),
+                  "dest": f.name}
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -143,11 +147,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: st
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
             target.add_argument(*flags, **kwargs)
             target.add_argument(f"--no_{f.name}", f"--no-{f.name}", dest=f.name, action="store_false",
-                                help=argparse.SUPPRESS)
+                                default=kwargs["default"], help=argparse.SUPPRESS)
             continue
         if typing.get_origin(inner) is list:
-            kwargs.update(action="append", default=list(default), metavar=typing.get_args(inner)[0].__name__.upper(),
-                          type=typing.get_args(inner)[0])
+            item = typing.get_args(inner)[0]
+            kwargs.update(action="append", default=kwargs["default"] if only_given else list(default),
+                          metavar=item.__name__.upper(), type=item)
             kwargs["help"] += "; repeatable"
         elif optional:
             kwargs.update(type=_optional(inner), metavar=inner.__name__.upper())

@@ -1,7 +1,7 @@
 """
 ScienceQA as chat conversations for supervised fine-tuning.
 
-Sources, one function (`load_scienceqa(source, split)`) and one CLI flag (`--source`):
+Sources, one function (`load_scienceqa(source, split)`) and one flag everywhere (`--scienceqa`):
   hf      the Hugging Face hub dataset derek-thomas/ScienceQA, pinned to the revision the
           original project used. Images are never decoded (only whether one exists is read).
           Hub rows carry no problem id, so pid is "<split>-<row>" (e.g. "test-17").
@@ -51,20 +51,15 @@ answer index and letter, subject, grade, topic, category, has_image, has_hint; N
 the source does not know).
 """
 
-import argparse
 import json
-import sys
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from nanochat.tokenizer import Tokenizer
-from sciassist.common import SettingsParser, UserError, print_error
+from sciassist.common import UserError, setting
 from sciassist.data.answers import ANSWER_FORMATS, LETTERS, OPTIONS_LAYOUTS, answer_line, options_block
-from sciassist.data.conversations import write_conversations
 
 SYSTEM_PROMPT = (
     "You are a helpful science tutor for elementary through high school students. "
@@ -282,13 +277,19 @@ def select_subset(records, n, seed=42):
 
 @dataclass
 class FormatOptions:
-    system_prompt: str = SYSTEM_PROMPT  # "" leaves the system message out
-    include_hint: bool = True           # hint as "Context: ..." above the question
-    image_mode: str = "caption"         # caption | keep | drop (see module docstring)
-    include_explanation: bool = True    # "Explanation: <solution>"
-    include_background: bool = True     # "Background: <lecture>"
-    answer_format: str = "letter_first"  # letter_first | text_first (see answer_line)
-    options_layout: str = "letter_first"  # letter_first "A. <choice>" | letter_after "<choice> (A)"
+    """How a question is written as a conversation (the module docstring shows the layout)."""
+
+    system_prompt: str = setting(SYSTEM_PROMPT, "system message ('' for none; default: the tutor prompt)")
+    include_hint: bool = setting(True, "the question's context as 'Context: ...' before it")
+    image_mode: str = setting("caption", "image questions: caption = add 'Image: <caption>' when known, keep = as "
+                                         "text, drop = skip them", choices=list(IMAGE_MODES))
+    include_explanation: bool = setting(True, "'Explanation: <solution>' in the answer")
+    include_background: bool = setting(True, "'Background: <lecture>' in the answer")
+    answer_format: str = setting("letter_first", "letter_first: 'The correct answer is B. <option>'; text_first: "
+                                                 "'The correct answer is <option> (B).' (what small models trained "
+                                                 "here learn best)", choices=list(ANSWER_FORMATS))
+    options_layout: str = setting("letter_first", "letter_first: 'A. <option>' lines; letter_after: "
+                                                  "'<option> (A)' lines", choices=list(OPTIONS_LAYOUTS))
 
     def __post_init__(self):
         if self.image_mode not in IMAGE_MODES:
@@ -382,194 +383,3 @@ def format_record(record, options=None):
         "has_hint": _known_hint(hint),
     }
     return {"messages": messages, "meta": meta}
-
-
-# ----------------------------------------------------------------------------- prepare
-
-def percentiles(values, qs=(50, 90, 99)):
-    """Nearest-rank percentiles plus max and mean; {} for no values."""
-    if not values:
-        return {}
-    ordered = sorted(values)
-    out = {f"p{q}": ordered[min(len(ordered) - 1, max(0, int(np.ceil(q / 100 * len(ordered))) - 1))] for q in qs}
-    out["max"] = ordered[-1]
-    out["mean"] = round(sum(ordered) / len(ordered), 1)
-    return out
-
-
-@dataclass
-class SplitStats:
-    split: str
-    path: str
-    available: int                  # records in the split
-    requested: int | None           # None = all
-    selected: int                   # after the seeded subset, before skipping
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)   # reason -> count
-    with_image: int = 0
-    image_unknown: int = 0
-    with_caption: int = 0           # image questions that were given their caption
-    with_hint: int = 0
-    hint_unknown: int = 0
-    choices: Counter = field(default_factory=Counter)   # number of choices -> count
-    letters: Counter = field(default_factory=Counter)   # answer letter -> count
-    length_unit: str = "chars"      # "tokens" when a tokenizer was given
-    lengths: dict = field(default_factory=dict)         # percentiles of conversation length
-    over_2048_tokens: int | None = None                 # would be truncated at nanochat's 2048
-
-
-@dataclass
-class PrepareReport:
-    source: str
-    out_dir: str
-    seed: int
-    options: FormatOptions
-    splits: dict  # split -> SplitStats
-
-    def format(self):
-        lines = [f"ScienceQA from {self.source} (seed {self.seed}) -> {self.out_dir}"]
-        lines.append(f"{'split':<6} {'available':>9} {'selected':>8} {'kept':>6} {'skipped':>7} "
-                     f"{'image':>6} {'caption':>7} {'hint':>6} {'hint?':>6}  file")
-        for s in self.splits.values():
-            lines.append(
-                f"{s.split:<6} {s.available:>9} {s.selected:>8} {s.kept:>6} {sum(s.skipped.values()):>7} "
-                f"{s.with_image:>6} {s.with_caption:>7} {s.with_hint:>6} {s.hint_unknown:>6}  {s.path}"
-            )
-        lines.append("(hint? = hint unknown in the source; image/caption/hint count kept records)")
-        for s in self.splits.values():
-            if s.requested is not None and s.requested > s.available:
-                lines.append(f"{s.split}: asked for {s.requested}, the split has {s.available}: took all")
-            if s.skipped:
-                why = ", ".join(f"{n} {reason}" for reason, n in s.skipped.most_common())
-                lines.append(f"{s.split} skipped: {why}")
-        for s in self.splits.values():
-            choices = " ".join(f"{k}:{v}" for k, v in sorted(s.choices.items()))
-            total = max(1, s.kept)
-            letters = " ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(s.letters.items()))
-            lines.append(f"{s.split} choices per question {choices} | answer letters {letters}")
-        for s in self.splits.values():
-            if s.lengths:
-                stats = " ".join(f"{k} {v}" for k, v in s.lengths.items())
-                extra = f" | over 2048: {s.over_2048_tokens}" if s.over_2048_tokens is not None else ""
-                lines.append(f"{s.split} length ({s.length_unit}): {stats}{extra}")
-        return "\n".join(lines)
-
-
-def prepare(source="hf", out_dir="data", sizes=None, seed=42, options=None,
-            tokenizer_dir=None, tokenizer=None, splits=SPLITS):
-    """Load, subset, format and write data/scienceqa_{split}.jsonl; returns a PrepareReport.
-
-    sizes: {split: int | "all" | None}, missing splits use DEFAULT_SIZES. Lengths are
-    counted in tokens (nanochat's render_conversation) when a tokenizer or tokenizer_dir
-    is given, else in characters of message content.
-    """
-    options = options or FormatOptions()
-    sizes = {**DEFAULT_SIZES, **(sizes or {})}
-    if tokenizer is None and tokenizer_dir is not None:
-        tokenizer = Tokenizer.from_directory(tokenizer_dir)
-    out_dir = Path(out_dir)
-    report = PrepareReport(str(resolve_source(source)), str(out_dir), seed, options, {})
-    for split in splits:
-        records = load_scienceqa(source, split)
-        requested = parse_size(sizes.get(split))
-        subset = select_subset(records, requested, seed)
-        path = out_dir / f"scienceqa_{split}.jsonl"
-        stats = SplitStats(split, str(path), len(records), requested, len(subset))
-        formatted, lengths = [], []
-        for record in subset:
-            reason = skip_reason(record, options)
-            if reason is not None:
-                stats.skipped[reason] += 1
-                continue
-            item = format_record(record, options)
-            formatted.append(item)
-            meta = item["meta"]
-            stats.with_image += meta["has_image"] is True
-            stats.image_unknown += meta["has_image"] is None
-            stats.with_caption += caption_for(record, options) is not None
-            stats.with_hint += meta["has_hint"] is True
-            stats.hint_unknown += meta["has_hint"] is None
-            stats.choices[len(meta["choices"])] += 1
-            stats.letters[meta["answer_letter"]] += 1
-            if tokenizer is not None:
-                ids, _ = tokenizer.render_conversation({"messages": item["messages"]}, max_tokens=10**9)
-                lengths.append(len(ids))
-            else:
-                lengths.append(sum(len(m["content"]) for m in item["messages"]))
-        stats.kept = len(formatted)
-        stats.lengths = percentiles(lengths)
-        if tokenizer is not None:
-            stats.length_unit = "tokens"
-            stats.over_2048_tokens = sum(n > 2048 for n in lengths)
-        if formatted:
-            write_conversations(path, formatted)
-        else:
-            # write_conversations refuses nothing-to-write; an empty split is still a file.
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("", encoding="utf-8")
-        report.splits[split] = stats
-    return report
-
-
-def build_parser():
-    p = SettingsParser(
-        prog="python -m sciassist.data.scienceqa",
-        description="Write ScienceQA as chat JSONL (scienceqa_{train,val,test}.jsonl).",
-        renamed={"--source": "--scienceqa", "--out": "--out_dir"},
-    )
-    p.add_argument("--scienceqa", default="hf", help="hf | sample | a lupantech-layout directory (default: hf)")
-    p.add_argument("--out_dir", default="data", help="output directory (default: data)")
-    for split in SPLITS:
-        p.add_argument(f"--{split}_size", default=str(DEFAULT_SIZES[split]),
-                       help=f"questions drawn from {split}, or 'all' (default: {DEFAULT_SIZES[split]})")
-    p.add_argument("--seed", type=int, default=42, help="subset seed (default: 42, as the original)")
-    p.add_argument("--splits", default=",".join(SPLITS),
-                   help="comma-separated splits to write (default: train,val,test)")
-    # Format flags default to None so that --original_format can set the base and any
-    # explicitly given flag still wins over it.
-    p.add_argument("--original_format", action="store_true",
-                   help="the original project's strings: no hint, image questions kept as text")
-    p.add_argument("--include_hint", action=argparse.BooleanOptionalAction, default=None,
-                   help="hint as 'Context: ...' before the question (default: on)")
-    p.add_argument("--image_mode", choices=IMAGE_MODES, default=None,
-                   help="image questions: caption = add 'Image: <caption>' when known, keep = as text, "
-                        "drop = skip (default: caption)")
-    p.add_argument("--include_explanation", action=argparse.BooleanOptionalAction, default=None,
-                   help="'Explanation: <solution>' in the answer (default: on)")
-    p.add_argument("--include_background", action=argparse.BooleanOptionalAction, default=None,
-                   help="'Background: <lecture>' in the answer (default: on)")
-    p.add_argument("--system_prompt", default=None, help="system message ('' for none; default: the tutor prompt)")
-    p.add_argument("--options_layout", choices=OPTIONS_LAYOUTS, default=None,
-                   help="letter_first: 'A. <option>' lines (default); letter_after: '<option> (A)' lines")
-    p.add_argument("--answer_format", choices=ANSWER_FORMATS, default=None,
-                   help="letter_first: 'The correct answer is B. <option>' (default); text_first: "
-                        "'The correct answer is <option> (B).' (what small models trained here learn best)")
-    p.add_argument("--tokenizer_dir", default=None,
-                   help="nanochat tokenizer dir (tokenizer.pkl): report lengths in tokens instead of characters")
-    return p
-
-
-def options_from_args(args):
-    base = FormatOptions.original() if args.original_format else FormatOptions()
-    given = {name: getattr(args, name) for name in
-             ("include_hint", "image_mode", "include_explanation", "include_background", "system_prompt",
-              "answer_format", "options_layout")
-             if getattr(args, name) is not None}
-    return replace(base, **given)
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-        sizes = {split: getattr(args, f"{split}_size") for split in SPLITS}
-        report = prepare(args.scienceqa, args.out_dir, sizes=sizes, seed=args.seed, options=options_from_args(args),
-                         tokenizer_dir=args.tokenizer_dir, splits=splits)
-    except ScienceQAError as e:
-        return print_error(e)
-    print(report.format())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,7 +68,7 @@ def _from_source(scienceqa, split, limit, seed, answer_format):
 def _from_file(data_path, split, limit):
     path = Path(data_path if data_path is not None else f"data/scienceqa_{split}.jsonl")
     if not path.is_file():
-        raise EvaluationError(f"{path}: no such file; prepare it with `python -m sciassist.data.scienceqa` "
+        raise EvaluationError(f"{path}: no such file; prepare it with `python -m sciassist.data.prepare` "
                               f"or evaluate straight from a source with --scienceqa sample|hf|DIR")
     records = list(read_conversations(path))
     available = len(records)

@@ -97,7 +97,7 @@ class EvalSettings:
                                    "answer line as training writes it (sciassist prompt style only); auto = letter, "
                                    "or choice for text_first answers", choices=["auto", *SCORING_MODES])
     answer_format: str = setting("auto", "letter_first | text_first: how the fine-tune's answers were written "
-                                         "(python -m sciassist.data.scienceqa --answer_format); auto reads it from "
+                                         "(python -m sciassist.data.prepare --answer_format); auto reads it from "
                                          "the evaluated file's reference answers (letter_first with --scienceqa)",
                                  choices=["auto", *ANSWER_FORMATS])
     batch_size: int = setting(32, "questions per forward pass and per generation batch")

@@ -23,6 +23,7 @@ from pathlib import Path
 from nanochat.checkpoint import CheckpointError
 from sciassist.common import UserError, setting, settings_from_namespace, settings_parser
 from sciassist.data import scienceqa as sqa
+from sciassist.data.prepare import prepare
 from sciassist.eval.run import evaluate_after_training
 from sciassist.pipelines.tiny import TinySettings, train_tiny
 from sciassist.train.loop import train
@@ -56,7 +57,7 @@ def run_demo(s):
     small = s.scienceqa == "sample"
     sizes = {"train": s.train_size or ("all" if small else "2000"), "val": s.val_size or ("all" if small else "500"),
              "test": "all" if small else "500"}
-    report = sqa.prepare(s.scienceqa, data_dir, sizes={k: sqa.parse_size(v) for k, v in sizes.items()})
+    report = prepare(s.scienceqa, data_dir, sizes={k: sqa.parse_size(v) for k, v in sizes.items()})
     print(report.format())
 
     print(f"\n== 2/4 tiny base model -> {base_dir}")

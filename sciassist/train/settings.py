@@ -37,7 +37,7 @@ class TrainSettings:
     data_path: str = setting("scienceqa", "conversations to train on: a JSONL file ({\"messages\": [...]} or a "
                                           "bare message array per line), or 'scienceqa' for "
                                           "<data_dir>/scienceqa_train.jsonl and scienceqa_val.jsonl (made by "
-                                          "`python -m sciassist.data.scienceqa`)")
+                                          "`python -m sciassist.data.prepare`)")
     data_dir: str = setting("data", "folder of the prepared scienceqa_{train,val}.jsonl files")
     val_path: str | None = setting(None, "validation JSONL (default: scienceqa_val.jsonl for 'scienceqa', "
                                          "else the last --val_split of --data_path)")

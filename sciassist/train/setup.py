@@ -102,7 +102,7 @@ def load_conversation_sets(settings: TrainSettings):
         if not path.is_file():
             if settings.data_path == "scienceqa":
                 raise TrainError(f"{path} not found ({flag}). Prepare ScienceQA with "
-                                 f"`python -m sciassist.data.scienceqa --out_dir {settings.data_dir}` "
+                                 f"`python -m sciassist.data.prepare --out_dir {settings.data_dir}` "
                                  f"(or --data_dir DIR where the files are, or --data_path FILE.jsonl for your own "
                                  f"conversations)")
             raise TrainError(f"{flag}: {path} not found (expected a JSONL file, one conversation per line)")

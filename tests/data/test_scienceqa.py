@@ -7,7 +7,6 @@ import pytest
 
 from sciassist.data import scienceqa as sqa
 from sciassist.data.answers import LETTERS, options_block
-from sciassist.data.conversations import read_conversations
 from sciassist.data.scienceqa import (
     DEFAULT_SIZES,
     HF_DATASET,
@@ -17,13 +16,11 @@ from sciassist.data.scienceqa import (
     ScienceQAError,
     format_record,
     load_scienceqa,
-    main,
     parse_size,
-    percentiles,
-    prepare,
     select_subset,
     skip_reason,
 )
+from tests.data.hub_stand_in import hub_split
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "scienceqa"
 ORIGINAL_SYSTEM = (
@@ -133,8 +130,6 @@ def test_letter_after_options_layout():
     assert out["messages"][1]["content"] == "The correct answer is B. a glass marble"
     with pytest.raises(ScienceQAError, match="options_layout must be one of letter_first, letter_after"):
         FormatOptions(options_layout="table")
-    assert sqa.options_from_args(sqa.build_parser().parse_args(["--options_layout", "letter_after"])) == \
-        FormatOptions(options_layout="letter_after")
 
 
 def test_format_options_validate_image_mode():
@@ -204,12 +199,6 @@ def test_parse_size():
         parse_size("lots")
     with pytest.raises(ScienceQAError, match=">= 0"):
         parse_size(-1)
-
-
-def test_percentiles():
-    assert percentiles([]) == {}
-    assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "max": 100, "mean": 50.5}
-    assert percentiles([7]) == {"p50": 7, "p90": 7, "p99": 7, "max": 7, "mean": 7.0}
 
 
 # ----------------------------------------------------------------------------- local directories
@@ -300,46 +289,6 @@ def test_load_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- hub (stand-in)
 
-HUB_COLUMNS = ["image", "question", "choices", "answer", "hint", "task", "grade", "subject",
-               "topic", "category", "skill", "lecture", "solution"]
-
-
-def hub_split(n, offset=0):
-    """A tiny Dataset with the hub's columns. Image bytes are not a real image, so any
-    attempt to decode them would raise: loading must never decode."""
-    features = datasets.Features({
-        "image": datasets.Image(), "question": datasets.Value("string"),
-        "choices": datasets.Sequence(datasets.Value("string")), "answer": datasets.Value("int8"),
-        **{name: datasets.Value("string") for name in HUB_COLUMNS[4:]},
-    })
-    rows = {name: [] for name in HUB_COLUMNS}
-    for i in range(n):
-        k = i + offset
-        rows["image"].append({"bytes": b"not an image", "path": None} if k % 3 == 0 else None)
-        rows["question"].append(f"Question {k}?")
-        rows["choices"].append([f"c{k}a", f"c{k}b", f"c{k}c"][: 2 + k % 2])
-        rows["answer"].append(k % 2)
-        rows["hint"].append("" if k % 2 else f"Hint {k}.")
-        for name in ("task", "grade", "subject", "topic", "category", "skill"):
-            rows[name].append(f"{name}{k}")
-        rows["lecture"].append(f"Lecture {k}." if k % 4 else "")
-        rows["solution"].append(f"Solution {k}.")
-    return datasets.Dataset.from_dict(rows, features=features)
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    hub = datasets.DatasetDict({"train": hub_split(30), "validation": hub_split(9, 100), "test": hub_split(8, 200)})
-    calls = []
-
-    def load_dataset(path, *args, revision=None, split=None, **kwargs):
-        calls.append({"path": path, "args": args, "revision": revision, "split": split, **kwargs})
-        return hub[split] if split is not None else hub
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    return hub, calls
-
-
 def test_hub_loading_uses_pinned_revision_and_never_decodes_images(fake_hub):
     hub, calls = fake_hub
     records = load_scienceqa("hf", "val")
@@ -387,119 +336,6 @@ def test_resolve_source_and_caption_for(tmp_path):
 def test_hub_rejects_unknown_split(fake_hub):
     with pytest.raises(ScienceQAError, match="the hub has splits train, val, test"):
         load_scienceqa("hf", "minitrain")
-
-
-def test_prepare_from_hub_picks_the_hub_subset_then_skips_missing_text(fake_hub, tmp_path):
-    hub, _ = fake_hub
-    # Punch holes in the train split as the real hub has (rows with no text).
-    train = hub["train"].to_dict()
-    for i in (3, 4, 11):
-        train["question"][i] = train["choices"][i] = train["answer"][i] = None
-    hub["train"] = datasets.Dataset.from_dict(train, features=hub["train"].features)
-
-    report = prepare("hf", tmp_path, sizes={"train": 20, "val": "all", "test": 3}, seed=42)
-    chosen = hub["train"].select_columns(["question"]).shuffle(seed=42).select(range(20))["question"]
-    expected = [q for q in chosen if q is not None]
-    written = read_conversations(tmp_path / "scienceqa_train.jsonl")
-    assert [r["messages"][1]["content"].split("\n\n")[-2] for r in written] == expected
-    stats = report.splits["train"]
-    assert (stats.available, stats.selected, stats.kept) == (30, 20, len(expected))
-    assert dict(stats.skipped) == {"missing question, choices, answer": 20 - len(expected)}
-    assert (report.splits["val"].kept, report.splits["test"].kept) == (9, 3)
-
-
-# ----------------------------------------------------------------------------- prepare / CLI
-
-def test_prepare_sample_writes_files_and_counts(tmp_path):
-    report = prepare("sample", tmp_path)
-    for split, kept in (("train", 40), ("val", 12), ("test", 12)):
-        records = read_conversations(tmp_path / f"scienceqa_{split}.jsonl")
-        assert len(records) == kept == report.splits[split].kept
-        assert all(r["meta"]["split"] == split for r in records)
-        assert all(r["messages"][0] == {"role": "system", "content": ORIGINAL_SYSTEM} for r in records)
-    train = report.splits["train"]
-    assert (train.available, train.requested, train.selected) == (42, DEFAULT_SIZES["train"], 42)
-    assert dict(train.skipped) == {"missing question, choices, answer": 2}
-    assert (train.with_image, train.with_caption, train.hint_unknown) == (5, 5, 2)
-    assert sum(train.choices.values()) == sum(train.letters.values()) == 40
-    assert train.length_unit == "chars" and train.lengths["max"] >= train.lengths["p50"] > 0
-    text = report.format()
-    assert "train skipped: 2 missing question, choices, answer" in text
-    assert "train: asked for 12000, the split has 42: took all" in text
-
-
-def test_prepare_subset_sizes_and_image_drop(tmp_path):
-    report = prepare("sample", tmp_path, sizes={"train": 10, "val": "all", "test": 0},
-                     options=FormatOptions(image_mode="drop"), splits=("train", "val", "test"))
-    train_pool = load_scienceqa("sample", "train")
-    picked = select_subset(train_pool, 10, seed=42)
-    expected = [r["pid"] for r in picked if skip_reason(r, FormatOptions(image_mode="drop")) is None]
-    written = read_conversations(tmp_path / "scienceqa_train.jsonl")
-    assert [r["meta"]["pid"] for r in written] == expected
-    assert not any(r["meta"]["has_image"] for r in written)
-    val = report.splits["val"]
-    assert (val.kept, val.skipped["image question dropped"]) == (10, 2)
-    assert report.splits["test"].kept == 0
-    assert (tmp_path / "scienceqa_test.jsonl").read_text() == ""
-
-
-class WordTokenizer:
-    """Stands in for nanochat's Tokenizer: one token per whitespace-separated word."""
-
-    def render_conversation(self, conversation, max_tokens=2048):
-        assert set(conversation) == {"messages"}
-        ids = [0] + [1 for m in conversation["messages"] for _ in m["content"].split()]
-        return ids[:max_tokens], [0] * len(ids[:max_tokens])
-
-
-def test_prepare_reports_token_lengths_with_a_tokenizer(tmp_path):
-    report = prepare("sample", tmp_path, splits=("val",), tokenizer=WordTokenizer())
-    val = report.splits["val"]
-    records = read_conversations(tmp_path / "scienceqa_val.jsonl")
-    lengths = sorted(1 + sum(len(m["content"].split()) for m in r["messages"]) for r in records)
-    assert val.length_unit == "tokens" and val.lengths["max"] == lengths[-1]
-    assert val.over_2048_tokens == 0
-    assert "val length (tokens):" in report.format()
-
-
-def test_prepare_with_a_real_nanochat_tokenizer(tmp_path):
-    tokenizer_module = pytest.importorskip("nanochat.tokenizer")
-    texts = [json.dumps(r) for r in load_scienceqa("sample", "train")]
-    tok = tokenizer_module.Tokenizer.train_from_iterator(texts, vocab_size=300)
-    tok.save(tmp_path / "tok")
-    report = prepare("sample", tmp_path / "out", splits=("test",), tokenizer_dir=tmp_path / "tok")
-    test = report.splits["test"]
-    assert test.length_unit == "tokens" and test.lengths["p50"] > 50
-
-
-def test_main_cli(tmp_path, capsys):
-    code = main(["--scienceqa", "sample", "--out_dir", str(tmp_path), "--train_size", "5", "--val_size", "all",
-                 "--splits", "train,val", "--original_format", "--no-include_background"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert out.startswith(f"ScienceQA from {sqa.SAMPLE_DIR} (seed 42) -> {tmp_path}")
-    train = read_conversations(tmp_path / "scienceqa_train.jsonl")
-    picked = select_subset(load_scienceqa("sample", "train"), 5)
-    assert len(train) == 5 - sum(skip_reason(r) is not None for r in picked)
-    assert not (tmp_path / "scienceqa_test.jsonl").exists()
-    assert not any("Background:" in r["messages"][-1]["content"] for r in train)
-    assert not any(r["messages"][1]["content"].startswith(("Context:", "Image:")) for r in train)
-
-
-def test_cli_flags_map_to_options():
-    parse = sqa.build_parser().parse_args
-    assert sqa.options_from_args(parse([])) == FormatOptions()
-    assert sqa.options_from_args(parse(["--original_format"])) == FormatOptions.original()
-    assert sqa.options_from_args(parse(["--original_format", "--include_hint"])) == FormatOptions(image_mode="keep")
-    args = parse(["--image_mode", "drop", "--no-include_explanation", "--system_prompt", ""])
-    assert sqa.options_from_args(args) == FormatOptions(image_mode="drop", include_explanation=False, system_prompt="")
-    assert sqa.options_from_args(parse(["--answer_format", "text_first"])) == FormatOptions(answer_format="text_first")
-
-
-def test_main_reports_errors_without_traceback(tmp_path, capsys):
-    assert main(["--scienceqa", str(tmp_path / "absent"), "--out_dir", str(tmp_path)]) == 2
-    assert "error: ScienceQA source" in capsys.readouterr().err
-    assert main(["--scienceqa", "sample", "--out_dir", str(tmp_path), "--train_size", "many"]) == 2
 
 
 # ----------------------------------------------------------------------------- the real local copy

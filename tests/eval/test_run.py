@@ -99,7 +99,7 @@ def test_run_options_resolve_auto_without_touching_the_settings():
 def test_evaluate_after_training_as_training_calls_it(tiny_base_dir, tmp_path):
     # in memory, the base found from the run's meta, the data from the prepared data dir
     from nanochat.checkpoint import load_model
-    from sciassist.data.scienceqa import prepare
+    from sciassist.data.prepare import prepare
     run = finetuned_dir_from(tiny_base_dir, tmp_path)
     data_dir = tmp_path / "data"
     prepare("sample", data_dir, sizes={"train": "all", "val": "all", "test": "all"})
@@ -121,7 +121,8 @@ def test_evaluate_after_training_as_training_calls_it(tiny_base_dir, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_text_first_file_end_to_end(tiny_base_dir, tmp_path):
-    from sciassist.data.scienceqa import FormatOptions, prepare
+    from sciassist.data.prepare import prepare
+    from sciassist.data.scienceqa import FormatOptions
     run = finetuned_dir_from(tiny_base_dir, tmp_path)
     prepare("sample", tmp_path / "data", sizes={"val": "all"}, splits=("val",),
             options=FormatOptions(answer_format="text_first"))

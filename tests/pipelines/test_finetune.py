@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import load_model
-from sciassist.data import scienceqa as sqa
+from sciassist.data.prepare import prepare
 from sciassist.pipelines.finetune import finetune, main
 from sciassist.train.settings import TrainSettings
 from tests.train.test_train import data_file, resume_weights, tiny_settings  # noqa: F401 (data_file is a fixture)
@@ -24,7 +24,7 @@ def test_cli_errors_are_short_and_say_what_to_do(tmp_path, tiny_base_dir, data_f
     assert code == 2 and "missing.jsonl not found" in err and "Traceback" not in err
     code, err = run("--data_dir", str(tmp_path), "--base_dir", str(tiny_base_dir), "--source", "base",
                     "--device", "cpu")
-    assert code == 2 and "scienceqa_train.jsonl not found" in err and "python -m sciassist.data.scienceqa" in err
+    assert code == 2 and "scienceqa_train.jsonl not found" in err and "python -m sciassist.data.prepare" in err
     code, err = run("--data_path", str(data_file), "--base_dir", str(tmp_path / "nowhere"), "--device", "cpu")
     assert code == 2 and "looked in --base_dir" in err and str(tmp_path / "nowhere") in err
     assert "python -m sciassist.hub" in err
@@ -54,7 +54,7 @@ def test_without_validation_the_final_weights_are_saved(tmp_path, tiny_base_dir,
 
 
 def test_bundled_sample_run_learns_and_evaluates_after(tmp_path, tiny_base_dir):
-    sqa.prepare("sample", tmp_path / "data", sizes={"train": "all", "val": "all", "test": 0}, splits=("train", "val"))
+    prepare("sample", tmp_path / "data", sizes={"train": "all", "val": "all", "test": 0}, splits=("train", "val"))
     settings = tiny_settings(tiny_base_dir, "scienceqa", tmp_path / "out", data_dir=str(tmp_path / "data"),
                              max_seq_len=256, num_epochs=4, eval_every=0, eval_steps=4, eval_after=True,
                              device_batch_size=4)

@@ -1,0 +1,113 @@
+"""What a request to the chat server may be: nanochat's limits, the request shapes, and the
+one error format (`{"error": "..."}` naming the field) every refusal uses."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, StrictStr, model_validator
+
+# nanochat's limits, so a client written for nanochat's server sees the same behaviour.
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
+MIN_TOP_K, MAX_TOP_K = 1, 200
+MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+# JSON can spell one character as a 12-byte surrogate-pair escape: 32,000 characters
+# can legitimately take ~400 kB, so 1 MiB never rejects a valid request.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+class ChatMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: StrictStr = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class ChatRequest(BaseModel):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    # strict: true, "5" or 5.5 are mistakes worth a clear error, not something to coerce.
+    temperature: float | None = Field(
+        default=None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False, strict=True
+    )
+    top_k: int | None = Field(default=None, ge=MIN_TOP_K, le=MAX_TOP_K, strict=True)
+    max_tokens: int | None = Field(default=None, ge=MIN_MAX_TOKENS, le=MAX_MAX_TOKENS, strict=True)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, strict=True)  # ours, not nanochat's: reproducible
+
+    @model_validator(mode="after")
+    def _check_conversation(self):
+        total = sum(len(m.content) for m in self.messages)
+        if total > MAX_TOTAL_CHARS:
+            raise ValueError(f"messages: {total} characters in total, at most {MAX_TOTAL_CHARS} allowed")
+        for index, message in enumerate(self.messages):
+            if not message.content.strip():
+                raise ValueError(f"messages[{index}].content: empty (nanochat's chat format has no empty turns)")
+            expected = "user" if index % 2 == 0 else "assistant"
+            if message.role != expected:
+                raise ValueError(
+                    f"messages[{index}].role: expected {expected!r} (roles alternate, starting with 'user'), "
+                    f"got {message.role!r}"
+                )
+        if self.messages[-1].role != "user":
+            raise ValueError("messages: the last message must be from the user")
+        return self
+
+
+def format_validation_error(exc: RequestValidationError) -> tuple[int, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (detail.get("ctx") or {}).get("error", "JSON decode error")
+        return 400, f"request body is not valid JSON ({reason} at position {detail['loc'][-1]})"
+    parts = []
+    for e in errors[:5]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ""
+        for p in loc:
+            where += f"[{p}]" if p.isdigit() else (f".{p}" if where else p)
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if message.startswith("messages"):  # our own validator's messages name their field
+            parts.append(message)
+        else:
+            parts.append(f"{where or 'request body'}: {message}")
+    if len(errors) > 5:
+        parts.append(f"... and {len(errors) - 5} more problems")
+    return 422, "; ".join(parts) or "invalid request"
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` (413) before anything parses them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body too large: at most {self.max_bytes} bytes"
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await error_response(413, message)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)  # FastAPI re-raises it as is
+            return msg
+
+        await self.app(scope, limited_receive, send)
