@@ -19,7 +19,6 @@ ever appear in the layout. Within a run the hub client retries and resumes after
 transient network errors; a run that is killed starts the unfinished file again.
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from huggingface_hub.errors import (
 )
 
 from nanochat.checkpoint import default_base_dir
+from sciassist.common import setting, settings_from_namespace, settings_parser
 
 STAGING_DIR = ".hub_downloads"
 
@@ -268,13 +268,18 @@ def download_model(name, base_dir=None, revision="main", endpoint=None):
     return [p.local_path for p in planned]
 
 
+@dataclass
+class DownloadSettings:
+    model: str = setting("d20", "d20: sdobson/nanochat (561M); d32: karpathy/nanochat-d32 (1.9B)",
+                         choices=sorted(MODELS))
+    base_dir: str | None = setting(None, "nanochat base dir (default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
+    revision: str = setting("main", "hub branch, tag or commit")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download a published nanochat checkpoint into nanochat's layout.")
-    parser.add_argument("--model", choices=sorted(MODELS), default="d20",
-                        help="d20: sdobson/nanochat (561M); d32: karpathy/nanochat-d32 (1.9B)")
-    parser.add_argument("--base_dir", default=None, help="default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
-    parser.add_argument("--revision", default="main", help="hub branch, tag or commit")
-    args = parser.parse_args(argv)
+    parser = settings_parser(DownloadSettings, "python -m sciassist.hub",
+                             "Download a published nanochat checkpoint into nanochat's layout.")
+    args = settings_from_namespace(DownloadSettings, parser.parse_args(argv))
     base_dir = Path(args.base_dir).expanduser() if args.base_dir else default_base_dir()
     try:
         download_model(args.model, base_dir, revision=args.revision)
