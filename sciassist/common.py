@@ -91,8 +91,9 @@ def write_json(path, data) -> Path:
 # ----------------------------------------------------------------------------- settings -> argparse
 
 def setting(default, help: str, **cli):
-    """A settings field: its default, its --help text, and optional CLI details
-    (choices=..., flags=("-p",) for extra option strings, cli=False to keep it off the CLI)."""
+    """A settings field: its default, its --help text, and optional details: choices=[...],
+    at_least=N / at_most=N (a number's allowed range, checked when the flag is parsed and by
+    check_ranges), flags=("-p",) for extra option strings, cli=False to keep it off the CLI."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **cli})
     return dataclasses.field(default=default, metadata={"help": help, **cli})
@@ -105,6 +106,45 @@ def parse_bool(text) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def range_problem(value, meta) -> str | None:
+    """What is wrong with a number for a field's at_least / at_most, or None (None values pass)."""
+    low, high = meta.get("at_least"), meta.get("at_most")
+    if value is None or (low is None and high is None) or isinstance(value, bool):
+        return None
+    if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        return "must be a finite number"
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must be between {low} and {high}"
+    if low is not None and value < low:
+        return f"must be >= {low}"
+    if high is not None and value > high:
+        return f"must be <= {high}"
+    return None
+
+
+def check_ranges(settings) -> None:
+    """Raise UserError naming the flag for every number of `settings` outside its field's range
+    (the same check the command line makes, for settings built in code)."""
+    problems = [f"--{f.name} {problem}, got {getattr(settings, f.name)!r}" for f in dataclasses.fields(settings)
+                if (problem := range_problem(getattr(settings, f.name), f.metadata))]
+    if problems:
+        raise UserError("invalid settings: " + "; ".join(problems))
+
+
+def _in_range(parse, meta):
+    if meta.get("at_least") is None and meta.get("at_most") is None:
+        return parse
+
+    def checked(text):
+        value = parse(text)
+        problem = range_problem(value, meta)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+    checked.__name__ = parse.__name__
+    return checked
 
 
 def _optional(kind):
@@ -155,9 +195,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: st
                           metavar=item.__name__.upper(), type=item)
             kwargs["help"] += "; repeatable"
         elif optional:
-            kwargs.update(type=_optional(inner), metavar=inner.__name__.upper())
+            kwargs.update(type=_in_range(_optional(inner), meta), metavar=inner.__name__.upper())
         else:
-            kwargs.update(type=inner, metavar=inner.__name__.upper())
+            kwargs.update(type=_in_range(inner, meta), metavar=inner.__name__.upper())
         if meta.get("required"):
             kwargs.pop("default")
             kwargs["required"] = True
