@@ -48,9 +48,16 @@ class KVCache:
         self.pos += T
 
 
+# Below this temperature sampling is greedy: it is the limit of sampling as the temperature
+# goes to 0, and dividing by a tinier one overflows (15 / 1e-38 is beyond float32).
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
 def sample_next(logits, generator, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B, 1). temperature 0 is greedy."""
-    if temperature == 0.0:
+    """logits (B, V) -> (B, 1). Temperatures below MIN_SAMPLING_TEMPERATURE (0 included) are greedy."""
+    if not temperature >= 0:  # negative or NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature < MIN_SAMPLING_TEMPERATURE:
         return logits.argmax(dim=-1, keepdim=True)
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.checkpoint import CheckpointError
-from nanochat.engine import Engine
+from nanochat.engine import MIN_SAMPLING_TEMPERATURE, Engine
 from sciassist.checkpoints import CheckpointSettings, resolve_from_settings
 from sciassist.common import UserError, autocast, print_error, setting, settings_from_namespace, settings_parser
 from sciassist.data.scienceqa import SYSTEM_PROMPT as TUTOR_SYSTEM_PROMPT
@@ -31,10 +31,11 @@ class ChatSettings:
     """How replies are sampled; the chat here and the web server share these."""
 
     system_prompt: str | None = setting(TUTOR_SYSTEM_PROMPT, 'system prompt (default: the science tutor; "" for none)')
-    temperature: float = setting(0.6, "0 = greedy")
-    top_k: int | None = setting(50, "sample from the k likeliest; 0 = all")
-    max_tokens: int = setting(512, "longest answer in tokens")
-    seed: int | None = setting(None, "make answers reproducible (default: random)")
+    temperature: float = setting(0.6, f"0 = greedy (so is anything below {MIN_SAMPLING_TEMPERATURE:g})",
+                                 at_least=0.0, at_most=2.0)
+    top_k: int | None = setting(50, "sample from the k likeliest; 0 = all", at_least=0)
+    max_tokens: int = setting(512, "longest answer in tokens", at_least=1)
+    seed: int | None = setting(None, "make answers reproducible (default: random)", at_least=0)
 
 
 class PromptTooLong(ValueError):
@@ -241,16 +242,6 @@ def build_parser():
                            renamed={"--system": "--system_prompt"})
 
 
-def check_settings(settings: ChatSettings) -> None:
-    """Raise UserError naming the flag for a sampling setting that cannot work."""
-    if not 0.0 <= settings.temperature <= 2.0:
-        raise UserError(f"--temperature must be between 0 and 2, got {settings.temperature}")
-    if settings.top_k is not None and settings.top_k < 0:
-        raise UserError(f"--top_k must be >= 0 (0 = no top-k), got {settings.top_k}")
-    if settings.max_tokens < 1:
-        raise UserError(f"--max_tokens must be >= 1, got {settings.max_tokens}")
-
-
 def _write(text: str, stream=None) -> None:
     stream = stream or sys.stdout
     stream.write(text)
@@ -314,11 +305,7 @@ def run_interactive(session: ChatSession, input_fn=input) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    command = settings_from_namespace(ChatCommand, parser.parse_args(argv))
-    try:
-        check_settings(command)
-    except UserError as err:
-        parser.error(str(err))
+    command = settings_from_namespace(ChatCommand, parser.parse_args(argv))  # numbers checked against their ranges
     try:
         loaded = resolve_from_settings(command)
     except (CheckpointError, UserError) as err:

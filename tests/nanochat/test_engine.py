@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nanochat.engine import Engine, KVCache
@@ -91,3 +92,17 @@ def test_generation_stops_at_stop_token():
     assert len(steps) == 3 and steps[2][0] == [ASSISTANT_END]
     sequences, _ = engine.generate_batch([1, 2], max_tokens=10, temperature=0.0)
     assert sequences == [[1, 2, steps[0][0][0], steps[1][0][0]]]
+
+
+def test_tiny_temperatures_are_greedy_and_negative_ones_refused():
+    from nanochat.engine import MIN_SAMPLING_TEMPERATURE, sample_next
+    logits = torch.tensor([[1.0, 3.0, 2.0], [15.0, -15.0, 14.9]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (0.0, 1e-45, 1e-38, MIN_SAMPLING_TEMPERATURE / 2):
+        assert sample_next(logits, generator, temperature).tolist() == [[1], [0]]
+        assert sample_next(logits, generator, temperature, top_k=2).tolist() == [[1], [0]]
+    sampled = sample_next(logits, generator, MIN_SAMPLING_TEMPERATURE)  # a real (very sharp) sample
+    assert torch.isfinite(logits / MIN_SAMPLING_TEMPERATURE).all() and sampled.shape == (2, 1)
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be >= 0"):
+            sample_next(logits, generator, bad)

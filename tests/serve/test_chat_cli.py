@@ -332,3 +332,14 @@ def test_cli_one_shot_in_a_subprocess(tiny_base_dir, loaded):
     prompt = render_prompt(loaded.tokenizer, [{"role": "user", "content": question}], None, 256, 8)
     expected = "".join(stream_reply(Engine(loaded.model, loaded.tokenizer), loaded.tokenizer, prompt.ids, 8, 0.0, 50))
     assert expected.strip() and result.stdout == expected + "\n"
+
+
+def test_a_tiny_temperature_answers_greedily(tiny_base_dir, capsys):
+    def answer(temperature):
+        argv = ["--base_dir", str(tiny_base_dir), "--finetuned_dir", str(tiny_base_dir / "none"),
+                "--temperature", temperature, "--max_tokens", "10", "-p", "Why is the sky blue?"]
+        assert chat_cli.main(argv) == 0
+        return capsys.readouterr()
+
+    greedy, tiny = answer("0"), answer("1e-45")
+    assert tiny.out == greedy.out and "Traceback" not in tiny.err

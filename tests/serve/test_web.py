@@ -32,7 +32,7 @@ def app(loaded):
 
 @pytest.fixture(scope="module")
 def client(app):
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
         yield c
 
 
@@ -120,7 +120,7 @@ def test_stream_is_reproducible_with_a_seed(client):
 
 def test_no_system_prompt_when_disabled(loaded):
     app = create_app(loaded, ServerSettings(system_prompt=None))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         assert c.get("/health").json()["system_prompt"] is None
         assert parse_events(post_chat(c, temperature=0.0, max_tokens=3).text)[-1] == {"done": True}
 
@@ -400,7 +400,7 @@ def test_choice_for_a_text_first_model_scores_answer_lines(loaded):
     from sciassist.eval.scoring import choice_scores, softmax
     text_first = dataclasses.replace(loaded, meta={**loaded.meta, "answer_format": "text_first"})
     question = "Which of these animals is a mammal?\n\nA. shark\nB. dolphin\nC. trout"
-    with TestClient(create_app(text_first, ServerSettings(max_tokens=8))) as text_client:
+    with TestClient(create_app(text_first, ServerSettings(max_tokens=8)), base_url="http://[::1]:8000") as text_client:
         result = text_client.post("/choice", json={"messages": [{"role": "user", "content": question}]}).json()
     system_prompt = ServerSettings().system_prompt
     prompt = [[{"role": "user", "content": f"{system_prompt}\n\n{question}" if system_prompt else question}]]
@@ -502,3 +502,52 @@ def test_load_200_requests_with_50_malformed_gives_no_5xx(loaded):
     assert set(good) <= {200, 429} and good.count(200) >= 100, (good.count(200), good.count(429))
     assert health.status_code == 200 and health.json()["pending"] == 0
     assert elapsed < 60
+
+
+# --- other sites, framing, what /health tells -----------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""])
+def test_requests_for_another_host_are_refused(client, host):
+    # DNS rebinding: a page on evil.example resolves its own name to 127.0.0.1 and calls us
+    for method, path in (("GET", "/health"), ("POST", "/chat/completions"), ("GET", "/")):
+        response = client.request(method, path, headers={"host": host}, json={"messages": [QUESTION]})
+        assert response.status_code == 421, (method, path, host)
+        assert "does not answer for host" in response.json()["error"] and "--allow_host" in response.json()["error"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:1234", "[::1]:8000", "LOCALHOST"])
+def test_loopback_names_are_answered(client, host):
+    assert client.get("/health", headers={"host": host}).status_code == 200
+
+
+def test_more_host_names_by_setting(loaded):
+    app = create_app(loaded, ServerSettings(allowed_hosts=["tutor.lan"]))
+    with TestClient(app, base_url="http://tutor.lan:8000") as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health", headers={"host": "other.lan"}).status_code == 421
+    with TestClient(create_app(loaded, ServerSettings(allowed_hosts=["*"])), base_url="http://any.name") as c:
+        assert c.get("/health").status_code == 200
+    assert build_parser().parse_args(["--allow_host", "a", "--allow_host", "b"]).allowed_hosts == ["a", "b"]
+
+
+def test_the_page_refuses_to_be_framed_and_head_is_served(client):
+    page = client.get("/")
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    head = client.head("/")
+    assert head.status_code == 200 and head.content == b"" and head.headers["x-frame-options"] == "DENY"
+    assert client.head("/health").status_code == 200
+
+
+def test_health_names_the_run_without_its_path(client, loaded):
+    model = client.get("/health").json()["model"]
+    assert model["checkpoint"] == loaded.choice.checkpoint_dir.name
+    assert "/" not in model["checkpoint"] and str(loaded.choice.checkpoint_dir.parent) not in json.dumps(model)
+
+
+def test_a_tiny_temperature_is_greedy_not_an_error(client):
+    greedy = parse_events(post_chat(client, temperature=0.0, max_tokens=6, seed=1).text)
+    tiny = post_chat(client, temperature=1e-45, max_tokens=6, seed=1)
+    assert tiny.status_code == 200 and parse_events(tiny.text) == greedy
+    assert greedy[-1] == {"done": True} and not any("error" in e for e in greedy)

@@ -52,10 +52,15 @@ def main(argv=None) -> int:
         return print_error(err)
     settings = ServerSettings(**{name: getattr(command, name) for name in ServerSettings.__dataclass_fields__})
     settings.system_prompt = settings.system_prompt or None
+    if command.host not in ("0.0.0.0", "::"):
+        settings.allowed_hosts = [*settings.allowed_hosts, command.host]  # the address it is bound to
     app = create_app(loaded, settings)
     if not _is_loopback(command.host):
         print(f"warning: serving on {command.host}: anyone who can reach it can use the model (no authentication)",
               file=sys.stderr)
+        if not settings.allowed_hosts or command.host in ("0.0.0.0", "::"):
+            print("note: requests are answered only when addressed to a loopback name or an --allow_host NAME; add "
+                  "the names clients use (this machine's name or address)", file=sys.stderr)
     print(f"SciAssist chat: {loaded.choice.describe()} -> http://{command.host}:{command.port}/", file=sys.stderr)
     # A bounded graceful shutdown: Ctrl-C should not wait for a long answer to finish.
     uvicorn.run(app, host=command.host, port=command.port, log_level="info", timeout_graceful_shutdown=3)

@@ -81,6 +81,38 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: "Example.org:8000" -> "example.org", "[::1]:80" -> "::1"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostAllowList:
+    """Answer only requests addressed to this server by a name it was told about (loopback
+    names always): a page on another site that resolves its own name to 127.0.0.1 (DNS
+    rebinding) gets a 421, never the model. "*" allows any name."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app = app
+        self.allowed = {host_name(name) for name in (*LOOPBACK_HOSTS, *allowed)}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.allowed:
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.allowed:
+                shown = header[:100] or "(none)"
+                response = error_response(421, f"this server does not answer for host {shown!r}; start it with "
+                                               f"--allow_host NAME to allow that name")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodySizeLimit:
     """Refuse request bodies over `max_bytes` (413) before anything parses them."""
 

@@ -56,6 +56,7 @@ from sciassist.serve.web.requests import (
     MIN_TOP_K,
     BodySizeLimit,
     ChatRequest,
+    HostAllowList,
     error_response,
     format_validation_error,
 )
@@ -78,6 +79,8 @@ class ServerSettings(ChatSettings):
     max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES, "larger request bodies get HTTP 413 before parsing")
     allow_origins: list[str] = setting([], "allow this origin cross-site (CORS; default: same origin only)",
                                        flags=("--allow_origin",))
+    allowed_hosts: list[str] = setting([], "answer requests addressed to this host name too (loopback names always "
+                                           "are; * = any name)", flags=("--allow_host",))
 
 
 def settings_problem(settings: ServerSettings) -> str | None:
@@ -174,7 +177,8 @@ class ChatState:
         return {
             "status": "ok",
             "ready": True,
-            "model": self.loaded.info(),
+            # the run's folder name, not its path: the page needs no more about this machine
+            "model": {**self.loaded.info(), "checkpoint": self.loaded.choice.checkpoint_dir.name},
             "system_prompt": settings.system_prompt,
             "defaults": {"temperature": settings.temperature, "top_k": settings.top_k,
                          "max_tokens": settings.max_tokens},
@@ -327,16 +331,17 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
     # The page needs nothing from elsewhere; the policy makes sure it never loads anything.
     page_headers = {
         "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
         "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",  # no other page may frame this one (clickjacking)
         "Cache-Control": "no-cache",
     }
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index():
         return HTMLResponse(index_html, headers=page_headers)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return state.health()
 
@@ -386,6 +391,7 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=settings.allow_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostAllowList, allowed=settings.allowed_hosts)
     return app
 
 
