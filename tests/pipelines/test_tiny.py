@@ -10,6 +10,7 @@ import torch
 
 from nanochat.checkpoint import load_model_from
 from sciassist.pipelines import tiny
+from sciassist.pipelines import tiny_corpus as corpus
 
 VAL_ONLY_WORD = "quokkaberry"  # appears only in the val split, in every text field
 TEST_ONLY_WORD = "zibbleworth"
@@ -78,24 +79,24 @@ def small_settings(out_dir, dataset, **overrides):
 def test_record_document_layout():
     record = {"question": "Which is a mammal?", "choices": ["cat", "trout"], "answer": 0, "hint": " Look. ",
               "caption": "A cat.", "solution": "Cats have fur.", "lecture": "Mammals have hair."}
-    assert tiny.record_document(record) == (
+    assert corpus.record_document(record) == (
         "Context: Look.\n\nImage: A cat.\n\nWhich is a mammal?\n\nA. cat\nB. trout\n\n"
         "Cats have fur.\n\nMammals have hair.")
     # missing fields (None in lost records) are left out; no question means no document
-    assert tiny.record_document({"question": "Why?", "choices": None, "hint": None, "lecture": None}) == "Why?"
-    assert tiny.record_document({"question": None, "lecture": "text"}) == ""
+    assert corpus.record_document({"question": "Why?", "choices": None, "hint": None, "lecture": None}) == "Why?"
+    assert corpus.record_document({"question": None, "lecture": "text"}) == ""
 
 
 def test_corpus_documents_keep_each_lecture_once():
     records = [{"question": f"Q{i}?", "choices": ["a", "b"], "lecture": "Shared lecture."} for i in range(3)]
-    documents = tiny.corpus_documents(records)
+    documents = corpus.corpus_documents(records)
     assert len(documents) == 3
     assert sum(d.count("Shared lecture.") for d in documents) == 1
     assert documents[0].endswith("Shared lecture.")
 
 
 def test_training_corpus_is_train_split_only(dataset):
-    documents = tiny.training_corpus(str(dataset))
+    documents = corpus.training_corpus(str(dataset))
     text = "\n".join(documents)
     assert len(documents) == 30
     assert "Which magnet fact is true for the fox?" in text
@@ -104,18 +105,18 @@ def test_training_corpus_is_train_split_only(dataset):
 
 
 def test_choose_vocab_size():
-    assert tiny.choose_vocab_size(["x" * 10], 300) == 300  # as given
-    assert tiny.choose_vocab_size(["x" * 1000]) == 512  # floor for very small text
-    assert tiny.choose_vocab_size(["x" * (64 * 1500)]) == 1024  # power of two <= bytes / 64
-    assert tiny.choose_vocab_size(["x" * (64 * 100_000)]) == 4096  # capped
+    assert corpus.choose_vocab_size(["x" * 10], 300) == 300  # as given
+    assert corpus.choose_vocab_size(["x" * 1000]) == 512  # floor for very small text
+    assert corpus.choose_vocab_size(["x" * (64 * 1500)]) == 1024  # power of two <= bytes / 64
+    assert corpus.choose_vocab_size(["x" * (64 * 100_000)]) == 4096  # capped
 
 
 def test_train_tokenizer_exact_and_automatic():
     texts = ["ab cd ef gh"] * 5
     with pytest.raises(tiny.TinyError, match="cannot train a 4096-token tokenizer"):
-        tiny.train_tokenizer(texts, 4096, exact=True)
+        corpus.train_tokenizer(texts, 4096, exact=True)
     text = "the quick brown fox jumps over the lazy dog " * 3
-    tok = tiny.train_tokenizer([text], 1024, exact=False)  # too little text for 1024 (or 512): halved
+    tok = corpus.train_tokenizer([text], 1024, exact=False)  # too little text for 1024 (or 512): halved
     assert tok.get_vocab_size() < 1024
     assert tok.decode(tok.encode(text)) == text
 
@@ -124,7 +125,7 @@ def test_train_tokenizer_exact_and_automatic():
 
 def test_batches_continue_the_stream_and_reshuffle_per_epoch():
     docs = [[100 + i] * 3 for i in range(5)]  # 15 tokens per epoch
-    gen = tiny.batches(docs, batch_size=2, seq_len=4, seed=0)
+    gen = corpus.batches(docs, batch_size=2, seq_len=4, seed=0)
     seen = []
     for _ in range(4):
         inputs, targets, epoch = next(gen)
@@ -137,14 +138,14 @@ def test_batches_continue_the_stream_and_reshuffle_per_epoch():
     # every document once per epoch, and the same order for the same seed
     first_epoch = torch.cat([seen[0][0].flatten(), seen[0][1][-1, -1:], seen[1][1].flatten()])[:15]
     assert sorted(first_epoch.tolist()) == sorted(t for d in docs for t in d)
-    again = next(tiny.batches(docs, batch_size=2, seq_len=4, seed=0))
+    again = next(corpus.batches(docs, batch_size=2, seq_len=4, seed=0))
     assert torch.equal(again[0], seen[0][0])
 
 
 def test_eval_rows():
-    rows = tiny.eval_rows([[1, 2, 3], [4, 5, 6, 7]], seq_len=2, max_rows=5)
+    rows = corpus.eval_rows([[1, 2, 3], [4, 5, 6, 7]], seq_len=2, max_rows=5)
     assert rows.tolist() == [[1, 2, 3], [4, 5, 6]]
-    assert tiny.eval_rows([[1, 2]], seq_len=4, max_rows=5) is None
+    assert corpus.eval_rows([[1, 2]], seq_len=4, max_rows=5) is None
 
 
 def test_bits_per_byte_counts_only_text_tokens():
@@ -158,7 +159,7 @@ def test_bits_per_byte_counts_only_text_tokens():
     token_bytes = torch.tensor([0, 1, 3], dtype=torch.int32)  # token 0 is a special
     rows = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 1]])
     # targets: 1,2,0 and 2,1,1 -> text tokens 5 of 6, bytes 1+3+3+1+1 = 9
-    assert tiny.bits_per_byte(ConstantLoss(), rows, token_bytes, batch_size=1) == pytest.approx(5 / 9)
+    assert corpus.bits_per_byte(ConstantLoss(), rows, token_bytes, batch_size=1) == pytest.approx(5 / 9)
 
 
 def test_lr_schedule():
@@ -292,7 +293,7 @@ def test_bundled_sample_corpus_has_no_val_or_test_text():
     from sciassist.data.scienceqa import SAMPLE_DIR, SAMPLE_FILE, load_scienceqa
     if not (SAMPLE_DIR / SAMPLE_FILE).is_file():
         pytest.skip("data/sample not written yet")
-    text = "\n".join(tiny.training_corpus("sample"))
+    text = "\n".join(corpus.training_corpus("sample"))
     for split in ("val", "test"):
         for record in load_scienceqa("sample", split):
             question = record.get("question")
