@@ -143,13 +143,18 @@ def stream_reply(
     top_k: int | None = ChatSettings.top_k,
     seed: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    outcome: dict | None = None,
 ) -> Iterator[str]:
     """Sample one assistant reply and yield its text in complete-UTF-8 pieces.
 
     Stops at a turn token (TURN_TOKENS), after max_tokens, or as soon as should_stop() is
     true (checked after every token: a client that went away frees the model). Other
     special tokens (tool-call markers; no tools run here) are left out of the text rather
-    than shown to a student as markup."""
+    than shown to a student as markup. outcome, when given, receives "tokens" (sampled, the
+    final turn token not counted) and "finish_reason": stop (a turn token), length (max_tokens)
+    or cancelled (should_stop)."""
+    outcome = {} if outcome is None else outcome
+    outcome.update(tokens=0, finish_reason="length")
     stop_ids = {tokenizer.encode_special(name) for name in TURN_TOKENS}
     special_ids = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
     if seed is None:
@@ -160,12 +165,15 @@ def stream_reply(
     ):
         token = int(token_column[0])
         if token in stop_ids:
+            outcome["finish_reason"] = "stop"
             break
+        outcome["tokens"] += 1
         if token not in special_ids:
             piece = decoder.push(token)
             if piece:
                 yield piece
         if should_stop is not None and should_stop():
+            outcome["finish_reason"] = "cancelled"
             break
     tail = decoder.flush()
     if tail:

@@ -168,7 +168,7 @@ def alternating(n, content="hi"):
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [QUESTION, QUESTION]}, "messages[1].role"),
         ({"messages": alternating(2)}, "last message must be from the user"),
-        ({"messages": [{"role": "system", "content": "be brief"}, QUESTION]}, "messages[0].role"),
+        ({"messages": [QUESTION, {"role": "system", "content": "be brief"}, QUESTION]}, "messages[1].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": "   "}]}, "messages[0].content: empty"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
@@ -551,3 +551,17 @@ def test_a_tiny_temperature_is_greedy_not_an_error(client):
     tiny = post_chat(client, temperature=1e-45, max_tokens=6, seed=1)
     assert tiny.status_code == 200 and parse_events(tiny.text) == greedy
     assert greedy[-1] == {"done": True} and not any("error" in e for e in greedy)
+
+
+def test_a_leading_system_message_replaces_the_servers_system_prompt(loaded):
+    own = {"role": "system", "content": "Answer in one word."}
+    app = create_app(loaded, ServerSettings(max_tokens=6))
+    state = app.state.chat
+    prompt = state.render([own, QUESTION], 6)
+    assert prompt.ids == render_prompt(loaded.tokenizer, [QUESTION], own["content"], loaded.sequence_len, 6).ids
+    tutor = ServerSettings().system_prompt
+    assert state.render([QUESTION], 6).ids == render_prompt(loaded.tokenizer, [QUESTION], tutor, loaded.sequence_len,
+                                                            6).ids
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        events = parse_events(c.post("/chat/completions", json={"messages": [own, QUESTION], "temperature": 0}).text)
+    assert events[-1] == {"done": True}

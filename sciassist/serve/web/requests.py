@@ -22,8 +22,31 @@ MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 class ChatMessage(BaseModel):
-    role: Literal["user", "assistant"]
+    role: Literal["system", "user", "assistant"]
     content: StrictStr = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+def conversation_problem(messages) -> str | None:
+    """What makes a conversation unusable, or None: an optional leading system message (it
+    replaces the server's system prompt), then user and assistant alternating, starting and
+    ending with the user; no empty turn; at most MAX_TOTAL_CHARS in all."""
+    total = sum(len(m.content) for m in messages)
+    if total > MAX_TOTAL_CHARS:
+        return f"messages: {total} characters in total, at most {MAX_TOTAL_CHARS} allowed"
+    first = 1 if messages and messages[0].role == "system" else 0
+    for index, message in enumerate(messages):
+        if not message.content.strip():
+            return f"messages[{index}].content: empty (nanochat's chat format has no empty turns)"
+        if index < first:
+            continue
+        expected = "user" if (index - first) % 2 == 0 else "assistant"
+        if message.role != expected:
+            where = "after the system message" if first else "starting with 'user'"
+            return (f"messages[{index}].role: expected {expected!r} (an optional system message first, then roles "
+                    f"alternate, {where}), got {message.role!r}")
+    if messages[-1].role != "user":
+        return "messages: the last message must be from the user"
+    return None
 
 
 class ChatRequest(BaseModel):
@@ -38,20 +61,9 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_conversation(self):
-        total = sum(len(m.content) for m in self.messages)
-        if total > MAX_TOTAL_CHARS:
-            raise ValueError(f"messages: {total} characters in total, at most {MAX_TOTAL_CHARS} allowed")
-        for index, message in enumerate(self.messages):
-            if not message.content.strip():
-                raise ValueError(f"messages[{index}].content: empty (nanochat's chat format has no empty turns)")
-            expected = "user" if index % 2 == 0 else "assistant"
-            if message.role != expected:
-                raise ValueError(
-                    f"messages[{index}].role: expected {expected!r} (roles alternate, starting with 'user'), "
-                    f"got {message.role!r}"
-                )
-        if self.messages[-1].role != "user":
-            raise ValueError("messages: the last message must be from the user")
+        problem = conversation_problem(self.messages)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
