@@ -15,7 +15,8 @@ from sciassist.checkpoints import resolve_model
 from sciassist.serve.chat_cli import render_prompt, stream_reply
 from sciassist.serve.web.__main__ import _is_loopback, build_parser
 from sciassist.serve.web.requests import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS
-from sciassist.serve.web.server import BackgroundServer, Gate, ServerSettings, create_app
+from sciassist.serve.web.server import BackgroundServer, ServerSettings, create_app
+from sciassist.serve.web.state import Gate
 
 QUESTION = {"role": "user", "content": "Why do plants need sunlight?"}
 

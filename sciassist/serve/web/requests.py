@@ -89,7 +89,16 @@ def format_validation_error(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts) or "invalid request"
 
 
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+OPENAI_PREFIX = "/v1/"
+
+
+def error_response(status: int, message: str, headers: dict | None = None, path: str = "") -> JSONResponse:
+    """{"error": "..."}; under /v1/ (the OpenAI-compatible API) OpenAI's shape,
+    {"error": {"message", "type", "param", "code"}}, which its clients read."""
+    if path.startswith(OPENAI_PREFIX):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        error = {"message": message, "type": kind, "param": None, "code": status}
+        return JSONResponse({"error": error}, status_code=status, headers=headers)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
