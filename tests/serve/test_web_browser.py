@@ -190,3 +190,17 @@ def test_multiple_choice_answer_gets_a_badge(page):
         path.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(path))
         assert path.stat().st_size > 10_000
+
+
+def test_a_health_without_model_info_still_reads_well(browser, server):
+    # nanochat's own server answers /health without our model fields
+    context = browser.new_context()
+    page = context.new_page()
+    page.route("**/health", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                        body='{"status": "ok"}'))
+    page.goto(server.url + "/")
+    page.wait_for_function("() => document.getElementById('model').textContent !== ''")
+    text = page.locator("#model").text_content()
+    title = page.locator("#model").get_attribute("title")
+    context.close()
+    assert text == "model" and "undefined" not in title and title == "No system prompt"
