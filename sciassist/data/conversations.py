@@ -13,7 +13,8 @@ reads cleanly here also renders cleanly for training:
     nanochat's tool-use format, an assistant content given as a list of typed parts;
   - at least one "assistant" turn (a line with nothing to learn from is an error).
 This module adds what only a file knows: which line broke. Blank lines are skipped; a
-file with no conversations at all is an error.
+file with no conversations at all is an error. A JSON array of conversations (on one line,
+or a whole file that is one JSON document) is not JSONL, and the error says so.
 """
 
 import json
@@ -41,6 +42,11 @@ def check_messages(messages, require_assistant=True):
     return None
 
 
+def _is_conversation(obj):
+    """A whole conversation ({"messages": ...} or a list), not one message."""
+    return (isinstance(obj, dict) and "messages" in obj and "role" not in obj) or isinstance(obj, list)
+
+
 def _as_record(obj):
     """Normalise one parsed JSON value to a record dict, or return a problem string."""
     if isinstance(obj, list):
@@ -51,6 +57,42 @@ def _as_record(obj):
             return f"expected a 'messages' key (keys found: {keys})"
         return obj
     return f"expected an object with 'messages' or an array of messages, got {type(obj).__name__}"
+
+
+def _whole_file_json(path):
+    """'a JSON array' / 'a JSON object' when the whole file is one JSON document spread over
+    lines (not JSONL), else None."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            obj = json.load(f)
+    except (ValueError, OSError):
+        return None
+    return {list: "a JSON array", dict: "a JSON object"}.get(type(obj))
+
+
+def _line_problem(text, lineno, path, require_assistant, first=False):
+    """(record, None) for a good line, (None, problem) for a bad one; ConversationError when
+    the file is not JSONL at all (one JSON document over several lines, checked at the
+    `first` line of content)."""
+    try:
+        # Without the newline, so an error's column points into this line.
+        obj = json.loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as e:
+        problem = f"invalid JSON ({e.msg} at column {e.colno})"
+        document = _whole_file_json(path) if first and text.lstrip().startswith(("[", "{")) else None
+        if document:  # no line of it can be read: an error even with skip_bad
+            raise ConversationError(f"{path}:{lineno}: {problem}; the whole file is {document} spread over "
+                                    f"several lines, not JSONL (one conversation per line)") from None
+        return None, problem
+    if isinstance(obj, list) and obj and all(_is_conversation(item) for item in obj):
+        count = f"{len(obj)} conversations" if len(obj) > 1 else "1 conversation"
+        return None, (f"a JSON array of {count} on one line: the file is a JSON array, not JSONL (one "
+                      f"conversation per line); write each {{\"messages\": [...]}} object on its own line")
+    record = _as_record(obj)
+    if isinstance(record, str):
+        return None, record
+    problem = check_messages(record["messages"], require_assistant)
+    return (record, None) if problem is None else (None, problem)
 
 
 @dataclass
@@ -87,25 +129,14 @@ def read_conversations(path, skip_bad=False, require_assistant=True):
     # Binary read + per-line decode so an encoding error can name its line too.
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            problem = None
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                problem = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                record, problem = None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
             else:
                 if not text.strip():
                     continue
-                try:
-                    # Without the newline, so an error's column points into this line.
-                    obj = json.loads(text.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    problem = f"invalid JSON ({e.msg} at column {e.colno})"
-                else:
-                    record = _as_record(obj)
-                    if isinstance(record, str):
-                        problem = record
-                    else:
-                        problem = check_messages(record["messages"], require_assistant)
+                record, problem = _line_problem(text, lineno, path, require_assistant, not records and not skipped)
             if problem is None:
                 records.append(record)
             elif skip_bad:
@@ -114,7 +145,8 @@ def read_conversations(path, skip_bad=False, require_assistant=True):
                 raise ConversationError(f"{path}:{lineno}: {problem}")
     result = Conversations(records, path, skipped)
     if not records:
-        why = f" ({len(skipped)} bad lines skipped)" if skipped else " (the file is empty or blank)"
+        why = (f" ({len(skipped)} bad lines skipped); the first, line {skipped[0].line}: {skipped[0].problem}"
+               if skipped else " (the file is empty or blank)")
         raise ConversationError(f"{path}: no conversations{why}")
     if skipped:
         warnings.warn(result.skipped_summary(), stacklevel=2)

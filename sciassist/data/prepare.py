@@ -10,18 +10,28 @@ formatted as a conversation (FormatOptions; every field is a flag), written to
 <out_dir>/scienceqa_<split>.jsonl, and a report of what was kept and skipped, how many
 questions have an image or a context, the choices per question, the answer-letter balance
 and length percentiles (in tokens with --tokenizer_dir).
+
+All or nothing: every split's file is written into a temporary folder inside --out_dir and
+moved in only when every split succeeded; a failure leaves --out_dir as it was. A record
+with a field of the wrong type stops the run with its file, pid and field named;
+--skip_bad_records leaves such records out instead, counted in the report.
 """
 
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from nanochat.tokenizer import Tokenizer
+from nanochat.tokenizer import Tokenizer, TokenizerLoadError
 from sciassist.common import (
     SettingsParser,
+    UserError,
     add_settings_arguments,
     print_error,
     setting,
@@ -34,6 +44,7 @@ from sciassist.data.scienceqa import (
     FormatOptions,
     ScienceQAError,
     caption_for,
+    check_seed,
     format_record,
     load_scienceqa,
     parse_size,
@@ -112,59 +123,107 @@ class PrepareReport:
         return "\n".join(lines)
 
 
+def _split_file(split, records, requested, seed, options, tokenizer, path):
+    """(SplitStats, formatted records) of one split: the seeded subset, formatted, counted."""
+    subset = select_subset(records, requested, seed)
+    stats = SplitStats(split, str(path), len(records), requested, len(subset))
+    formatted, lengths = [], []
+    for record in subset:
+        reason = skip_reason(record, options)
+        if reason is not None:
+            stats.skipped[reason] += 1
+            continue
+        item = format_record(record, options)
+        formatted.append(item)
+        meta = item["meta"]
+        stats.with_image += meta["has_image"] is True
+        stats.image_unknown += meta["has_image"] is None
+        stats.with_caption += caption_for(record, options) is not None
+        stats.with_hint += meta["has_hint"] is True
+        stats.hint_unknown += meta["has_hint"] is None
+        stats.choices[len(meta["choices"])] += 1
+        stats.letters[meta["answer_letter"]] += 1
+        if tokenizer is not None:
+            ids, _ = tokenizer.render_conversation({"messages": item["messages"]}, max_tokens=10**9)
+            lengths.append(len(ids))
+        else:
+            lengths.append(sum(len(m["content"]) for m in item["messages"]))
+    stats.kept = len(formatted)
+    stats.lengths = percentiles(lengths)
+    if tokenizer is not None:
+        stats.length_unit = "tokens"
+        stats.over_2048_tokens = sum(n > 2048 for n in lengths)
+    return stats, formatted
+
+
+def _checked_request(out_dir, sizes, seed, splits):
+    """The requested size of each split, after every argument is checked (before anything is read)."""
+    if isinstance(splits, str) or not list(splits):
+        raise ScienceQAError(f"splits must name at least one split (e.g. {','.join(SPLITS)}), got {splits!r}")
+    check_seed(seed)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ScienceQAError(f"--out_dir {out_dir} is a file, not a directory; give a directory to write "
+                             f"scienceqa_<split>.jsonl into")
+    requested = {split: parse_size(sizes.get(split), f"{split} size (--{split}_size)") for split in splits}
+    for split in requested:
+        if (out_dir / f"scienceqa_{split}.jsonl").is_dir():
+            raise ScienceQAError(f"{out_dir / f'scienceqa_{split}.jsonl'} is a directory; move it away first")
+    return requested
+
+
+@contextlib.contextmanager
+def _staging(out_dir):
+    """A temporary folder inside out_dir for the files being written, removed afterwards; on
+    failure the folders this created for out_dir are removed too (when empty)."""
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ScienceQAError(f"--out_dir {out_dir}: cannot create it ({e.strerror or e})") from None
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def prepare(source="hf", out_dir="data", sizes=None, seed=42, options=None,
-            tokenizer_dir=None, tokenizer=None, splits=SPLITS):
+            tokenizer_dir=None, tokenizer=None, splits=SPLITS, skip_bad_records=False):
     """Load, subset, format and write data/scienceqa_{split}.jsonl; returns a PrepareReport.
 
     sizes: {split: int | "all" | None}, missing splits use DEFAULT_SIZES. Lengths are
     counted in tokens (nanochat's render_conversation) when a tokenizer or tokenizer_dir
-    is given, else in characters of message content.
+    is given, else in characters of message content. All or nothing: the files are written
+    into a temporary folder inside out_dir and moved in only when every split succeeded,
+    so a failure leaves out_dir as it was. skip_bad_records: leave out (and count) records
+    with a field of the wrong type instead of stopping (sciassist.data.scienceqa.load_scienceqa).
     """
     options = options or FormatOptions()
-    sizes = {**DEFAULT_SIZES, **(sizes or {})}
-    if tokenizer is None and tokenizer_dir is not None:
-        tokenizer = Tokenizer.from_directory(tokenizer_dir)
     out_dir = Path(out_dir)
+    requested = _checked_request(out_dir, {**DEFAULT_SIZES, **(sizes or {})}, seed, splits)
+    if tokenizer is None and tokenizer_dir is not None:
+        try:
+            tokenizer = Tokenizer.from_directory(tokenizer_dir)
+        except (TokenizerLoadError, OSError) as e:
+            raise ScienceQAError(f"--tokenizer_dir: {e}") from None
     report = PrepareReport(str(resolve_source(source)), str(out_dir), seed, options, {})
-    for split in splits:
-        records = load_scienceqa(source, split)
-        requested = parse_size(sizes.get(split))
-        subset = select_subset(records, requested, seed)
-        path = out_dir / f"scienceqa_{split}.jsonl"
-        stats = SplitStats(split, str(path), len(records), requested, len(subset))
-        formatted, lengths = [], []
-        for record in subset:
-            reason = skip_reason(record, options)
-            if reason is not None:
-                stats.skipped[reason] += 1
-                continue
-            item = format_record(record, options)
-            formatted.append(item)
-            meta = item["meta"]
-            stats.with_image += meta["has_image"] is True
-            stats.image_unknown += meta["has_image"] is None
-            stats.with_caption += caption_for(record, options) is not None
-            stats.with_hint += meta["has_hint"] is True
-            stats.hint_unknown += meta["has_hint"] is None
-            stats.choices[len(meta["choices"])] += 1
-            stats.letters[meta["answer_letter"]] += 1
-            if tokenizer is not None:
-                ids, _ = tokenizer.render_conversation({"messages": item["messages"]}, max_tokens=10**9)
-                lengths.append(len(ids))
-            else:
-                lengths.append(sum(len(m["content"]) for m in item["messages"]))
-        stats.kept = len(formatted)
-        stats.lengths = percentiles(lengths)
-        if tokenizer is not None:
-            stats.length_unit = "tokens"
-            stats.over_2048_tokens = sum(n > 2048 for n in lengths)
-        if formatted:
-            write_conversations(path, formatted)
-        else:
-            # write_conversations refuses nothing-to-write; an empty split is still a file.
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("", encoding="utf-8")
-        report.splits[split] = stats
+    with _staging(out_dir) as staging:
+        for split, size in requested.items():
+            records = load_scienceqa(source, split, skip_bad_records=skip_bad_records)
+            name = f"scienceqa_{split}.jsonl"
+            stats, formatted = _split_file(split, records, size, seed, options, tokenizer, out_dir / name)
+            if formatted:
+                write_conversations(staging / name, formatted)
+            else:  # write_conversations refuses nothing-to-write; an empty split is still a file.
+                (staging / name).write_text("", encoding="utf-8")
+            report.splits[split] = stats
+        for split in requested:
+            os.replace(staging / f"scienceqa_{split}.jsonl", out_dir / f"scienceqa_{split}.jsonl")
     return report
 
 
@@ -177,12 +236,14 @@ class PrepareSettings:
     train_size: str = setting(str(DEFAULT_SIZES["train"]), "questions drawn from train, or 'all'")
     val_size: str = setting(str(DEFAULT_SIZES["val"]), "questions drawn from val, or 'all'")
     test_size: str = setting(str(DEFAULT_SIZES["test"]), "questions drawn from test, or 'all'")
-    seed: int = setting(42, "subset seed (42, as the original project)")
+    seed: int = setting(42, "subset seed (42, as the original project)", at_least=0)
     splits: str = setting(",".join(SPLITS), "comma-separated splits to write")
     original_format: bool = setting(False, "the original project's strings: no hint, image questions kept as text "
                                            "(format flags given as well still apply)")
     tokenizer_dir: str | None = setting(None, "nanochat tokenizer dir (tokenizer.pkl): report lengths in tokens "
                                               "instead of characters")
+    skip_bad_records: bool = setting(False, "leave out (and count in the report) records with a field of the wrong "
+                                            "type or out of range, instead of stopping at the first")
 
 
 def build_parser():
@@ -209,8 +270,8 @@ def main(argv=None):
         splits = [split.strip() for split in s.splits.split(",") if split.strip()]
         sizes = {split: getattr(s, f"{split}_size") for split in SPLITS}
         report = prepare(s.scienceqa, s.out_dir, sizes=sizes, seed=s.seed, options=options_from_args(args),
-                         tokenizer_dir=s.tokenizer_dir, splits=splits)
-    except ScienceQAError as e:
+                         tokenizer_dir=s.tokenizer_dir, splits=splits, skip_bad_records=s.skip_bad_records)
+    except (UserError, OSError) as e:
         return print_error(e)
     print(report.format())
     return 0

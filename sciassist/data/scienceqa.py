@@ -49,9 +49,15 @@ With include_hint off and image_mode "keep" (FormatOptions.original(), CLI
 skips questions that have an image. Every record also carries "meta" (pid, split, choices,
 answer index and letter, subject, grade, topic, category, has_image, has_hint; None where
 the source does not know).
+
+Records are checked field by field when loaded (sciassist.data.records): a bad one (a field of
+the wrong type, choices that are not 2+ strings, an answer out of range) is an error naming
+its file, pid and field, or with skip_bad_records=True (--skip_bad_records) it is kept in
+the split and skip_reason gives why, so it is skipped and counted like missing text.
 """
 
 import json
+import numbers
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +66,7 @@ import numpy as np
 
 from sciassist.common import UserError, setting
 from sciassist.data.answers import ANSWER_FORMATS, LETTERS, OPTIONS_LAYOUTS, answer_line, options_block
+from sciassist.data.records import invalid_record, json_type, missing_text, record_problem
 
 SYSTEM_PROMPT = (
     "You are a helpful science tutor for elementary through high school students. "
@@ -73,8 +80,6 @@ DEFAULT_SIZES = {"train": 12000, "val": 4000, "test": 4000}
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLE_FILE = "questions.jsonl"
 IMAGE_MODES = ("caption", "keep", "drop")
-# Fields a record needs before it can become a question; never filled in by guessing.
-TEXT_FIELDS = ("question", "choices", "answer")
 
 
 class ScienceQAError(UserError, ValueError):
@@ -95,7 +100,7 @@ def _record(pid, split, raw, has_image, caption):
         "pid": str(pid),
         "split": split,
         "question": raw.get("question"),
-        "choices": list(choices) if choices is not None else None,
+        "choices": list(choices) if isinstance(choices, (list, tuple)) else choices,
         "answer": raw.get("answer"),
         "hint": raw.get("hint"),
         "has_image": has_image,
@@ -176,31 +181,46 @@ def _read_json(path):
         raise ScienceQAError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
+def _split_pids(splits_path, pid_splits, split):
+    if split not in pid_splits:
+        raise ScienceQAError(f"{splits_path}: no split {split!r} (has: {', '.join(pid_splits)})")
+    pids = pid_splits[split]
+    if not isinstance(pids, list):
+        raise ScienceQAError(f"{splits_path}: split {split!r} must be a list of pids, got {json_type(pids)}")
+    for i, pid in enumerate(pids):
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise ScienceQAError(f"{splits_path}: split {split!r}, item {i}: {json_type(pid)} is not a pid")
+    return [str(pid) for pid in pids]
+
+
 def _load_dir(directory, split):
+    """(records, where(record, problem) -> the file a bad record's field comes from)."""
     directory = Path(directory).resolve()
     stamps = tuple(_file_stamp(directory / n) for n in ("problems.json", "pid_splits.json", "captions.json"))
     problems, pid_splits, captions = _read_dir(str(directory), stamps)
-    if split not in pid_splits:
-        raise ScienceQAError(
-            f"{directory / 'pid_splits.json'}: no split {split!r} (has: {', '.join(pid_splits)})"
-        )
     records = []
-    for pid in pid_splits[split]:
-        pid = str(pid)
-        raw = problems.get(pid)
-        if raw is None:
+    for pid in _split_pids(directory / "pid_splits.json", pid_splits, split):
+        if pid not in problems:
             raise ScienceQAError(f"{directory / 'problems.json'}: pid {pid!r} of split {split!r} is missing")
+        raw = problems[pid]
+        if not isinstance(raw, dict):
+            records.append(invalid_record(pid, split, raw))
+            continue
         # lupantech: "image" is a file name or null for no image; absent means unknown.
         has_image = bool(raw["image"]) if "image" in raw else None
         caption = captions.get(pid) if has_image else None
         records.append(_record(pid, split, raw, has_image, caption))
-    return records
+
+    def where(record, problem):
+        return directory / ("captions.json" if problem.startswith("bad caption") else "problems.json")
+    return records, where
 
 
 @lru_cache(maxsize=2)
 def _read_sample(path, stamp):
-    """All records of a questions.jsonl (the sample's format), by split in file order."""
-    by_split = {}
+    """All records of a questions.jsonl (the sample's format), by split in file order, and
+    each pid's line."""
+    by_split, lines = {}, {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -209,17 +229,20 @@ def _read_sample(path, stamp):
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ScienceQAError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(raw, dict) or not raw.get("pid") or raw.get("split") not in SPLITS:
+            if not isinstance(raw, dict) or not raw.get("pid") or raw.get("split") not in SPLITS \
+                    or isinstance(raw["pid"], bool) or not isinstance(raw["pid"], (str, int)):
                 raise ScienceQAError(f"{path}:{lineno}: expected an object with a pid and a split "
                                      f"({', '.join(SPLITS)})")
             has_image = bool(raw["image"]) if "image" in raw else None
             caption = raw.get("caption") if has_image else None
             by_split.setdefault(raw["split"], []).append(_record(raw["pid"], raw["split"], raw, has_image, caption))
-    return by_split
+            lines[str(raw["pid"])] = lineno
+    return by_split, lines
 
 
 def _load_sample(path, split):
-    return list(_read_sample(str(path), _file_stamp(path)).get(split, []))
+    by_split, lines = _read_sample(str(path), _file_stamp(path))
+    return list(by_split.get(split, [])), lambda record, problem: f"{path}:{lines[record['pid']]}"
 
 
 def resolve_source(source):
@@ -235,39 +258,62 @@ def resolve_source(source):
     return path
 
 
-def load_scienceqa(source, split):
+def load_scienceqa(source, split, skip_bad_records=False):
     """All records of one split, in the split's own order (hub row order = pid_splits
-    order), including those with missing text: `skip_reason` tells which to leave out."""
+    order), including those with missing text: `skip_reason` tells which to leave out.
+
+    A bad record (sciassist.data.records.record_problem: a field of the wrong type, choices
+    that are not 2+ strings, an answer out of range) raises ScienceQAError naming its file,
+    pid and field; with skip_bad_records=True it is returned like the others and
+    skip_reason names its problem, so it is skipped and counted."""
     where = resolve_source(source)
     if where == "hf":
-        return _load_hub(split)
-    if (where / SAMPLE_FILE).is_file() and not (where / "problems.json").exists():
+        records, origin = _load_hub(split), lambda record, problem: f"{HF_DATASET} ({split} split)"
+    elif (where / SAMPLE_FILE).is_file() and not (where / "problems.json").exists():
         if split not in SPLITS:
             raise ScienceQAError(f"{where / SAMPLE_FILE}: no split {split!r} (has: {', '.join(SPLITS)})")
-        return _load_sample(where / SAMPLE_FILE, split)
-    return _load_dir(where, split)
+        records, origin = _load_sample(where / SAMPLE_FILE, split)
+    else:
+        records, origin = _load_dir(where, split)
+    if not skip_bad_records:
+        for record in records:
+            problem = record_problem(record)
+            if problem:
+                raise ScienceQAError(f"{origin(record, problem)}: pid {record['pid']!r}: {problem}; fix the record, "
+                                     f"or skip such records with --skip_bad_records (they are counted)")
+    return records
 
 
 # ----------------------------------------------------------------------------- subsets
 
-def parse_size(value):
-    """'all' or None -> None (the whole split); otherwise a non-negative int."""
+def parse_size(value, name="size"):
+    """'all' or None -> None (the whole split); otherwise a non-negative whole number.
+    `name` (e.g. "--train_size") starts the error message."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
         return None
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ScienceQAError(f"{name} must be a whole number or 'all', got {value!r}")
     try:
         n = int(value)
-    except (TypeError, ValueError):
-        raise ScienceQAError(f"size must be a whole number or 'all', got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ScienceQAError(f"{name} must be a whole number or 'all', got {value!r}") from None
     if n < 0:
-        raise ScienceQAError(f"size must be >= 0, got {n}")
+        raise ScienceQAError(f"{name} must be >= 0, got {n}")
     return n
+
+
+def check_seed(seed, name="seed"):
+    """A subset seed: a whole number >= 0 (what numpy's default_rng accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ScienceQAError(f"{name} must be a whole number >= 0, got {seed!r}")
+    return seed
 
 
 def select_subset(records, n, seed=42):
     """The first n of the seed's permutation: exactly the rows the hub's
     `Dataset.shuffle(seed=seed).select(range(n))` returns for the same split."""
     n = parse_size(n)
-    order = np.random.default_rng(seed).permutation(len(records))
+    order = np.random.default_rng(check_seed(seed)).permutation(len(records))
     if n is not None:
         order = order[:n]
     return [records[i] for i in order]
@@ -308,20 +354,15 @@ class FormatOptions:
 
 
 def skip_reason(record, options=None):
-    """Why a record cannot be used (a short label for the report), or None."""
-    missing = [name for name in TEXT_FIELDS if record.get(name) is None]
-    if missing:
-        return "missing " + ", ".join(missing)
-    choices, answer = record["choices"], record["answer"]
-    if not isinstance(choices, list) or len(choices) < 2:
-        return "fewer than 2 choices"
-    if len(choices) > len(LETTERS):
-        return f"more than {len(LETTERS)} choices"
-    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-        return "answer index out of range"
-    if options is not None and options.image_mode == "drop" and record.get("has_image"):
-        return "image question dropped"
-    return None
+    """Why a record cannot be used (a short label for the report), or None: missing text, a
+    bad record (sciassist.data.records.record_problem), or an image question dropped."""
+    missing = missing_text(record)
+    problem = record_problem(record)
+    if problem is None and missing:
+        problem = "missing " + ", ".join(missing)
+    if problem is None and options is not None and options.image_mode == "drop" and record.get("has_image"):
+        problem = "image question dropped"
+    return problem
 
 
 def caption_for(record, options):

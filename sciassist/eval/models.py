@@ -18,6 +18,7 @@ from sciassist.eval.questions import SCORING_MODES, EvaluationError, prompts_for
 from sciassist.eval.scoring import (
     answer_prefix_check,
     argmax,
+    check_count,
     choice_scores,
     generate_answers,
     letter_probabilities,
@@ -71,6 +72,11 @@ def run_model(model, tokenizer, records, options):
     prompts, prefix = prompts_for(records, options.prompt_style)
     if options.scoring not in SCORING_MODES:
         raise EvaluationError(f"scoring must be one of {', '.join(SCORING_MODES)}, got {options.scoring!r}")
+    check_count("batch_size", options.batch_size)  # before any work, as the CLI checks them
+    if options.generate:
+        check_count("max_new_tokens", options.max_new_tokens)
+    if options.sample_indices:
+        check_count("sample_max_tokens", options.sample_max_tokens)
     num_choices = [len(r["meta"]["choices"]) for r in records]
     choices = [r["meta"]["choices"] for r in records]
     device = model.get_device()

@@ -28,9 +28,34 @@ class EvaluationError(UserError, ValueError):
 
 # ----------------------------------------------------------------------------- reading questions
 
+META_TEXT = ("pid", "split", "subject", "grade", "topic", "category")  # a string (pid: or a number) or null
+META_FLAGS = ("has_image", "has_hint")  # true, false or null (unknown)
+
+
+def _meta_problem(meta, choices):
+    """What is wrong with a meta's other fields (beside choices and answer), or None."""
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice.strip():
+            return f"meta.choices[{i}] must be a non-empty string, got {choice!r}"
+    for name in META_TEXT:
+        value = meta.get(name)
+        number_pid = name == "pid" and isinstance(value, int) and not isinstance(value, bool)
+        if value is not None and not isinstance(value, str) and not number_pid:
+            return f"meta.{name} must be a string or null, got {value!r}"
+    for name in META_FLAGS:
+        value = meta.get(name)
+        if value is not None and not isinstance(value, bool):
+            return f"meta.{name} must be true, false or null, got {value!r}"
+    letter = meta.get("answer_letter")
+    if letter is not None and letter != LETTERS[meta["answer"]]:
+        return f"meta.answer_letter {letter!r} does not match meta.answer {meta['answer']} ({LETTERS[meta['answer']]})"
+    return None
+
+
 def check_question(record, where):
-    """A ScienceQA JSONL record must carry meta with choices (2-5) and the answer index;
-    returns the number of choices."""
+    """A ScienceQA JSONL record must carry meta with choices (2-5 non-empty strings) and the
+    answer index, its other meta fields of the types sciassist.data.scienceqa writes
+    (strings or null; has_image / has_hint true, false or null); returns the number of choices."""
     meta = record.get("meta") if isinstance(record, dict) else None
     if not isinstance(meta, dict):
         raise EvaluationError(f"{where}: no 'meta' object; evaluation needs ScienceQA records as written by "
@@ -40,6 +65,9 @@ def check_question(record, where):
         raise EvaluationError(f"{where}: meta.choices must be a list of 2 to {MAX_CHOICES} options, got {choices!r}")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise EvaluationError(f"{where}: meta.answer must be an index into the {len(choices)} choices, got {answer!r}")
+    problem = _meta_problem(meta, choices)
+    if problem:
+        raise EvaluationError(f"{where}: {problem}")
     if not isinstance(record.get("messages"), list) or not record["messages"]:
         raise EvaluationError(f"{where}: no 'messages' list")
     return len(choices)
@@ -50,8 +78,8 @@ def question_pid(record, index):
     return str(pid) if pid is not None else str(index)
 
 
-def _from_source(scienceqa, split, limit, seed, answer_format):
-    raw = sqa.load_scienceqa(scienceqa, split)
+def _from_source(scienceqa, split, limit, seed, answer_format, skip_bad_records=False):
+    raw = sqa.load_scienceqa(scienceqa, split, skip_bad_records=skip_bad_records)
     available = len(raw)
     if limit is not None:
         raw = sqa.select_subset(raw, limit, seed)
@@ -80,32 +108,43 @@ def _from_file(data_path, split, limit):
     return records, info
 
 
-def load_questions(data_path=None, scienceqa=None, split="val", limit=None, seed=42, answer_format="letter_first"):
+def load_questions(data_path=None, scienceqa=None, split="val", limit=None, seed=42, answer_format="letter_first",
+                   skip_bad_records=False):
     """The questions to evaluate, as JSONL-shaped records ({"messages", "meta"}).
 
     From a prepared JSONL file (data_path; --limit takes its first N lines, as the file is
     already a seeded subset) or straight from a ScienceQA source (scienceqa = sample | hf |
     DIR; --limit draws the same seeded subset that sciassist.data.scienceqa's prepare would;
-    formatted with the default FormatOptions and `answer_format`). Returns (records,
-    description dict).
+    formatted with the default FormatOptions and `answer_format`; skip_bad_records: leave out
+    and count the source's bad records instead of stopping). Every record is checked
+    (check_question) and pids must not repeat (predictions are keyed by pid). Returns
+    (records, description dict).
     """
     if data_path is not None and scienceqa is not None:
         raise EvaluationError("give either --data_path or --scienceqa, not both")
     if limit is not None and limit < 1:
         raise EvaluationError(f"--limit must be at least 1, got {limit}")
     if scienceqa is not None:
-        records, info = _from_source(scienceqa, split, limit, seed, answer_format)
+        records, info = _from_source(scienceqa, split, limit, seed, answer_format, skip_bad_records)
     else:
         records, info = _from_file(data_path, split, limit)
     if not records:
         raise EvaluationError(f"no questions to evaluate from {info['source']} ({info['split']})")
+    seen = {}
     for i, record in enumerate(records):
         check_question(record, f"{info['source']}: record {i + 1}")
+        pid = question_pid(record, i)
+        if pid in seen:
+            raise EvaluationError(f"{info['source']}: record {i + 1}: pid {pid!r} repeats record {seen[pid] + 1}'s; "
+                                  f"each question needs its own pid (the predictions are keyed by it)")
+        seen[pid] = i
     return records, info
 
 
 def _answer_letters(train):
-    return Counter(r["meta"]["answer_letter"] for r in train if "meta" in r)
+    """Gold-letter counts of records with a usable meta.answer_letter (others are passed over)."""
+    letters = [r["meta"].get("answer_letter") for r in train if isinstance(r.get("meta"), dict)]
+    return Counter(x for x in letters if isinstance(x, str) and len(x) == 1 and x in LETTERS)
 
 
 def train_letter_counts(records, train_path=None, scienceqa=None, data_path=None, split="val"):
@@ -128,7 +167,7 @@ def train_letter_counts(records, train_path=None, scienceqa=None, data_path=None
                 if counts:
                     return counts, str(candidate)
     except Exception as e:  # the majority row is a baseline: fall back, and say so
-        fallback = Counter(r["meta"]["answer_letter"] for r in records)
+        fallback = Counter(LETTERS[r["meta"]["answer"]] for r in records)
         return fallback, f"the evaluated questions (train split unavailable: {e})"
     return Counter(LETTERS[r["meta"]["answer"]] for r in records), "the evaluated questions (no train split found)"
 

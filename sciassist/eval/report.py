@@ -39,9 +39,15 @@ def read_results_file(path):
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise EvaluationError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise EvaluationError(f"{path}: expected a JSON object (the ScienceQA results format), got "
+                              f"{type(data).__name__}")
     for key in ("acc", "correct", "count", "results"):
         if key not in data:
             raise EvaluationError(f"{path}: missing {key!r} (expected the ScienceQA results format)")
+    for key in ("acc", "correct", "count"):
+        if isinstance(data[key], bool) or not isinstance(data[key], (int, float)):
+            raise EvaluationError(f"{path}: {key!r} must be a number, got {data[key]!r}")
     if not isinstance(data["results"], dict) or not all(isinstance(v, int) for v in data["results"].values()):
         raise EvaluationError(f"{path}: 'results' must map question ids to option indices")
     if data["count"] != len(data["results"]):

@@ -39,6 +39,7 @@ from nanochat.checkpoint import CheckpointError, meta_path, model_steps, read_me
 from sciassist.checkpoints import NEWEST, SPEC_HELP, choose_checkpoint
 from sciassist.common import (
     UserError,
+    check_ranges,
     print_error,
     resolve_device,
     setting,
@@ -89,8 +90,11 @@ class EvalSettings:
     data_path: str | None = setting(None, "prepared JSONL (default: data/scienceqa_<split>.jsonl)")
     scienceqa: str | None = setting(None, "evaluate straight from a ScienceQA source instead: sample | hf | DIR")
     split: str = setting("val", "the split to evaluate: train | val | test", choices=["train", "val", "test"])
-    limit: int | None = setting(None, "at most this many questions (JSONL: the first N; source: a seeded subset)")
-    seed: int = setting(42, "subset seed with --scienceqa")
+    limit: int | None = setting(None, "at most this many questions (JSONL: the first N; source: a seeded subset)",
+                                at_least=1)
+    seed: int = setting(42, "subset seed with --scienceqa", at_least=0)
+    skip_bad_records: bool = setting(False, "with --scienceqa: leave out (and count) source records with a field of "
+                                            "the wrong type instead of stopping")
     prompt_style: str = setting("sciassist", "sciassist = the training format; nanochat = nanochat's own "
                                              "multiple-choice prompt", choices=list(PROMPT_STYLES))
     scoring: str = setting("auto", "letter = the letter after the answer prefix; choice = each option's whole "
@@ -100,12 +104,12 @@ class EvalSettings:
                                          "(python -m sciassist.data.prepare --answer_format); auto reads it from "
                                          "the evaluated file's reference answers (letter_first with --scienceqa)",
                                  choices=["auto", *ANSWER_FORMATS])
-    batch_size: int = setting(32, "questions per forward pass and per generation batch")
+    batch_size: int = setting(32, "questions per forward pass and per generation batch", at_least=1)
     generate: bool = setting(True, "generate greedy replies and parse them strictly; --no_generate skips them")
     max_new_tokens: int = setting(32, "generation length (\"The correct answer is X. <choice>\"; text_first "
-                                      "needs more for long options)")
-    num_samples: int = setting(5, "questions shown side by side in samples.md")
-    sample_max_tokens: int = setting(128, "reply length for samples.md (room for the explanation)")
+                                      "needs more for long options)", at_least=1)
+    num_samples: int = setting(5, "questions shown side by side in samples.md", at_least=0)
+    sample_max_tokens: int = setting(128, "reply length for samples.md (room for the explanation)", at_least=1)
     train_path: str | None = setting(None, "train JSONL for the majority row "
                                            "(default: scienceqa_train.jsonl beside the data)")
     metrics_path: str | None = setting(None, "metrics.jsonl of a run to re-draw (default: <finetuned>/metrics.jsonl)")
@@ -148,6 +152,7 @@ def run_options(settings, records):
 
 def _check_settings(settings, models):
     """Refuse bad settings before any model is loaded; returns {name: spec} of the models to load."""
+    check_ranges(settings)
     if settings.prompt_style not in PROMPT_STYLES:
         raise EvaluationError(f"--prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
                               f"got {settings.prompt_style!r}")
@@ -227,7 +232,7 @@ def evaluate(settings, models=None):
 
     source_format = "letter_first" if settings.answer_format == "auto" else settings.answer_format
     records, data_info = load_questions(settings.data_path, settings.scienceqa, settings.split,
-                                        settings.limit, settings.seed, source_format)
+                                        settings.limit, settings.seed, source_format, settings.skip_bad_records)
     options = run_options(settings, records)
     device = resolve_device(settings.device)
     runs, infos = run_models(models, specs, records, options, device, settings.base_dir)

@@ -36,6 +36,13 @@ from sciassist.eval.questions import EvaluationError
 LOGITS_PER_BATCH = 2**28
 
 
+def check_count(name, value):
+    """A batch size or a token count: a whole number >= 1, else EvaluationError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvaluationError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 # ----------------------------------------------------------------------------- continuations
 
 def _shared_and_rest(tokenizer, texts, problem):
@@ -85,6 +92,7 @@ def _score_rows(model, rows, batch_size, pad_id=0):
     """Log-probabilities of each row's target tokens. Rows are sorted by length so a batch
     holds similar lengths; right padding cannot change earlier positions (causal attention),
     so no mask is needed. One forward pass per batch."""
+    check_count("batch_size", batch_size)
     device = model.get_device()
     vocab_size = model.config.vocab_size
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -177,6 +185,8 @@ def argmax(values):
 def generate_answers(model, tokenizer, prompts, max_tokens=32, batch_size=32):
     """Greedy replies (text) to each prompt, decoded in batches of similar prompt lengths
     with Engine.generate_multi (equal to decoding each prompt alone)."""
+    check_count("max_tokens", max_tokens)
+    check_count("batch_size", batch_size)
     engine = Engine(model, tokenizer)
     prompt_ids = [tokenizer.render_for_completion(p) for p in prompts]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))

@@ -156,6 +156,53 @@ def test_skip_bad_with_nothing_left_is_an_error(tmp_path):
         read_conversations(path, skip_bad=True)
 
 
+def test_skip_bad_with_nothing_left_names_the_first_problem(tmp_path):
+    path = write_lines(tmp_path, ["nope", "[]"])
+    with pytest.raises(ConversationError) as error:
+        read_conversations(path, skip_bad=True)
+    assert str(error.value) == (f"{path}: no conversations (2 bad lines skipped); the first, line 1: invalid JSON "
+                                f"(Expecting value at column 1)")
+
+
+ARRAY_ON_ONE_LINE = ("a JSON array of {n} on one line: the file is a JSON array, not JSONL (one conversation per "
+                     "line); write each {{\"messages\": [...]}} object on its own line")
+
+
+@pytest.mark.parametrize("conversations, n", [
+    ([{"messages": [U1, A1]}, {"messages": [U2, A2], "meta": {}}], "2 conversations"),
+    ([{"messages": [U1, A1]}], "1 conversation"),
+    ([[U1, A1], [U2, A2]], "2 conversations"),  # bare message arrays
+])
+def test_a_json_array_of_conversations_on_one_line_says_so(tmp_path, conversations, n):
+    path = write_lines(tmp_path, [dumps({"messages": [U1, A1]}), dumps(conversations)])
+    with pytest.raises(ConversationError) as error:
+        read_conversations(path)
+    assert str(error.value) == f"{path}:2: " + ARRAY_ON_ONE_LINE.format(n=n)
+    with pytest.warns(UserWarning, match="skipped 1 bad lines"):
+        records = read_conversations(path, skip_bad=True)
+    assert records.skipped[0].problem == ARRAY_ON_ONE_LINE.format(n=n)  # counted, named: not silently lost
+
+
+@pytest.mark.parametrize("document, kind, first_line_error", [
+    ([{"messages": [U1, A1]}, {"messages": [U2, A2]}], "a JSON array", "Expecting value at column 2"),
+    ({"messages": [U1, A1]}, "a JSON object", "Expecting property name enclosed in double quotes at column 2"),
+])
+def test_a_whole_file_json_document_is_not_jsonl_even_with_skip_bad(tmp_path, document, kind, first_line_error):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    for skip_bad in (False, True):
+        with pytest.raises(ConversationError) as error:
+            read_conversations(path, skip_bad=skip_bad)
+        assert str(error.value) == (f"{path}:1: invalid JSON ({first_line_error}); the whole file is {kind} spread "
+                                    f"over several lines, not JSONL (one conversation per line)")
+
+
+def test_a_bad_first_line_that_is_no_json_document_is_a_plain_line_error(tmp_path):
+    path = write_lines(tmp_path, ["[", dumps([U1, A1])])
+    with pytest.raises(ConversationError, match=r":1: invalid JSON \(Expecting value at column 2\)$"):
+        read_conversations(path)
+
+
 def test_skipped_summary_truncates_long_lists():
     conv = Conversations([{"messages": [U1, A1]}], "f.jsonl")
     from sciassist.data.conversations import SkippedLine

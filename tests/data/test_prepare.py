@@ -12,6 +12,7 @@ from sciassist.data.scienceqa import (
     SAMPLE_DIR,
     SYSTEM_PROMPT,
     FormatOptions,
+    ScienceQAError,
     load_scienceqa,
     select_subset,
     skip_reason,
@@ -138,3 +139,89 @@ def test_main_reports_errors_without_traceback(tmp_path, capsys):
 def test_options_layout_flag():
     assert options_from_args(build_parser().parse_args(["--options_layout", "letter_after"])) == \
         FormatOptions(options_layout="letter_after")
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing left behind
+
+def bad_source(tmp_path, test_split):
+    """A lupantech directory whose train split has a bad record and whose test split is
+    `test_split` (a bad value makes the last split fail)."""
+    good = {"question": "Q", "choices": ["a", "b"], "answer": 1, "hint": "", "image": None}
+    source = tmp_path / "source"
+    source.mkdir()
+    problems = {"1": good, "2": {**good, "choices": [None, "fish"]}, "3": good, "4": good}
+    (source / "problems.json").write_text(json.dumps(problems))
+    (source / "pid_splits.json").write_text(json.dumps({"train": ["1", "2", "3"], "val": ["4"], "test": test_split}))
+    return source
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    target = tmp_path / "data"
+    target.write_text("keep me")
+    assert main(["--scienceqa", "sample", "--out_dir", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out_dir {target} is a file, not a directory; give a directory to write " \
+                  f"scienceqa_<split>.jsonl into\n"
+    assert target.read_text() == "keep me"
+    assert main(["--scienceqa", "sample", "--out_dir", str(target / "sub")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out_dir {target / 'sub'}: cannot create it")
+
+
+def test_a_failing_split_writes_nothing_and_leaves_old_files_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scienceqa_train.jsonl").write_text("the old train file\n")
+    source = bad_source(tmp_path, {"not": "a list"})
+    assert main(["--scienceqa", str(source), "--out_dir", str(out), "--skip_bad_records"]) == 2
+    assert capsys.readouterr().err == (f"error: {source / 'pid_splits.json'}: split 'test' must be a list of pids, "
+                                       f"got an object\n")
+    assert sorted(p.name for p in out.iterdir()) == ["scienceqa_train.jsonl"]  # no temporary folder either
+    assert (out / "scienceqa_train.jsonl").read_text() == "the old train file\n"
+    fresh = tmp_path / "fresh" / "data"
+    with pytest.raises(ScienceQAError, match="must be a list of pids"):
+        prepare(source, fresh, skip_bad_records=True)
+    assert not (tmp_path / "fresh").exists()  # the folders it made are gone too
+
+
+def test_bad_records_stop_prepare_or_are_skipped_and_counted(tmp_path, capsys):
+    source = bad_source(tmp_path, ["3"])
+    out = tmp_path / "out"
+    assert main(["--scienceqa", str(source), "--out_dir", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: {source / 'problems.json'}: pid '2': bad choices (choice A is null, "
+                                       f"not a string); fix the record, or skip such records with "
+                                       f"--skip_bad_records (they are counted)\n")
+    assert not out.exists()
+    assert main(["--scienceqa", str(source), "--out_dir", str(out), "--skip_bad_records"]) == 0
+    assert "train skipped: 1 bad choices (choice A is null, not a string)" in capsys.readouterr().out
+    assert sorted(r["meta"]["pid"] for r in read_conversations(out / "scienceqa_train.jsonl")) == ["1", "3"]
+    assert sorted(p.name for p in out.iterdir()) == [f"scienceqa_{s}.jsonl" for s in ("test", "train", "val")]
+    report = prepare(source, out, skip_bad_records=True)
+    assert (report.splits["train"].kept, dict(report.splits["train"].skipped)) == (
+        2, {"bad choices (choice A is null, not a string)": 1})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+])
+def test_prepare_numbers_are_refused_at_parse_time(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--scienceqa", "sample", "--out_dir", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train_size", "many"], "error: train size (--train_size) must be a whole number or 'all', got 'many'"),
+    (["--val_size", "-3"], "error: val size (--val_size) must be >= 0, got -3"),
+    (["--test_size", "2.5"], "error: test size (--test_size) must be a whole number or 'all', got '2.5'"),
+    (["--splits", ","], "error: splits must name at least one split"),
+    (["--tokenizer_dir", "nowhere"], "error: --tokenizer_dir: nowhere: no tokenizer.pkl in this directory"),
+])
+def test_prepare_bad_values_are_one_line_errors_before_anything_is_written(tmp_path, argv, message, capsys):
+    assert main(["--scienceqa", "sample", "--out_dir", str(tmp_path / "out"), *argv]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ScienceQAError, match="seed must be a whole number >= 0"):
+        prepare("sample", tmp_path / "out", seed=-1)
+    assert not (tmp_path / "out").exists()

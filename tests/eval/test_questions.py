@@ -1,7 +1,9 @@
 import json
+import re
 
 import pytest
 
+from sciassist.common import UserError
 from sciassist.data.answers import detect_answer_format
 from sciassist.eval import questions as qs
 from tests.eval.stubs import record
@@ -71,3 +73,62 @@ def test_detect_answer_format_and_resolve_scoring():
         qs.resolve_scoring("letter", "text_first")
     with pytest.raises(qs.EvaluationError, match="--answer_format must be one of"):
         qs.resolve_scoring("auto", "words")
+
+
+# ----------------------------------------------------------------------------- meta of the wrong type
+
+@pytest.mark.parametrize("change, message", [
+    ({"choices": [None, "fish", "c2"]}, "meta.choices[0] must be a non-empty string, got None"),
+    ({"choices": ["c0", ["x"], "c2"]}, "meta.choices[1] must be a non-empty string, got ['x']"),
+    ({"choices": ["c0", " ", "c2"]}, "meta.choices[1] must be a non-empty string, got ' '"),
+    ({"topic": ["physics"]}, "meta.topic must be a string or null, got ['physics']"),
+    ({"subject": 3}, "meta.subject must be a string or null, got 3"),
+    ({"pid": ["1"]}, "meta.pid must be a string or null, got ['1']"),
+    ({"has_image": "yes"}, "meta.has_image must be true, false or null, got 'yes'"),
+    ({"has_hint": 1}, "meta.has_hint must be true, false or null, got 1"),
+    ({"answer_letter": "C"}, "meta.answer_letter 'C' does not match meta.answer 1 (B)"),
+])
+def test_check_question_refuses_meta_of_the_wrong_type(tmp_path, change, message):
+    r = record("1", 1)
+    r["meta"].update(change)
+    with pytest.raises(qs.EvaluationError, match=re.escape(f"here: {message}")):
+        qs.check_question(r, "here")
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps(record("0", 0)) + "\n" + json.dumps(r) + "\n")
+    with pytest.raises(qs.EvaluationError, match=re.escape(f"{path}: record 2: {message}")):
+        qs.load_questions(data_path=path)
+
+
+def test_numeric_pids_pass_and_repeated_pids_are_refused(tmp_path):
+    r = record("1", 1)
+    r["meta"]["pid"] = 7
+    assert qs.check_question(r, "here") == 3
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps(record(pid, 0)) + "\n" for pid in ("a", "b", "a")))
+    with pytest.raises(qs.EvaluationError, match=r"record 3: pid 'a' repeats record 1's; each question needs its own"):
+        qs.load_questions(data_path=path)
+
+
+def test_a_bad_source_record_stops_evaluation_or_is_skipped_and_counted(tmp_path):
+    good = {"question": "Q", "choices": ["a", "b"], "answer": 1, "hint": "", "image": None}
+    (tmp_path / "problems.json").write_text(json.dumps({"1": good, "2": {**good, "hint": 5}}))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"val": ["1", "2"]}))
+    with pytest.raises(UserError, match=r"problems.json: pid '2': bad hint \(a number \(5\), not a string or null\)"):
+        qs.load_questions(scienceqa=str(tmp_path), split="val")
+    records, info = qs.load_questions(scienceqa=str(tmp_path), split="val", skip_bad_records=True)
+    assert [r["meta"]["pid"] for r in records] == ["1"]
+    assert info["skipped"] == {"bad hint (a number (5), not a string or null)": 1} and info["available"] == 2
+
+
+def test_majority_row_falls_back_when_the_train_file_is_unusable(tmp_path):
+    evaluated = [record("1", 1), record("2", 1), record("3", 0)]
+    for r in evaluated:
+        del r["meta"]["answer_letter"]  # check_question does not need it
+    train = tmp_path / "train.jsonl"
+    train.write_text("not json\n")
+    counts, source = qs.train_letter_counts(evaluated, train_path=train)
+    assert counts == {"B": 2, "A": 1} and source.startswith("the evaluated questions (train split unavailable: ")
+    odd = record("4", 0)
+    odd["meta"]["answer_letter"] = "AB"
+    train.write_text(json.dumps(record("5", 2)) + "\n" + json.dumps(odd) + "\n")
+    assert qs.train_letter_counts(evaluated, train_path=train) == ({"C": 1}, str(train))

@@ -18,3 +18,16 @@ def test_results_format_round_trip(tmp_path):
     write_json(path, data)
     with pytest.raises(EvaluationError, match="acc"):
         report.read_results_file(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "expected a JSON object"),
+    ('"acc correct count results"', "expected a JSON object"),
+    ('{"acc": "50", "correct": 1, "count": 2, "results": {"a": 0, "b": 1}}', "'acc' must be a number, got '50'"),
+    ('{"acc": 50, "correct": null, "count": 2, "results": {"a": 0, "b": 1}}', "'correct' must be a number"),
+])
+def test_read_results_file_refuses_the_wrong_types(tmp_path, content, message):
+    path = tmp_path / "r.json"
+    path.write_text(content)
+    with pytest.raises(EvaluationError, match=message):
+        report.read_results_file(path)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from sciassist.common import settings_from_namespace
+from sciassist.common import UserError, settings_from_namespace
 from sciassist.eval import run as ev
 from sciassist.eval.questions import EvaluationError
 from sciassist.eval.report import read_results_file
@@ -161,3 +161,37 @@ def test_newest_run_against_its_source_model_as_make_evaluate_asks(tiny_base_dir
         ev.named_models(ev.EvalSettings(finetuned=str(run), base="source"))
     monkeypatch.chdir(tmp_path / "finetuned_model_checkpoint")
     assert ev.main(["--finetuned", "newest", "--out_dir", str(tmp_path / "o")]) == 2  # no run here
+
+
+# ----------------------------------------------------------------------------- numbers in range
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "argument --batch_size: must be >= 1, got 0"),
+    (["--batch_size", "-1"], "argument --batch_size: must be >= 1, got -1"),
+    (["--max_new_tokens", "-5"], "argument --max_new_tokens: must be >= 1, got -5"),
+    (["--num_samples", "-1"], "argument --num_samples: must be >= 0, got -1"),
+    (["--sample_max_tokens", "0"], "argument --sample_max_tokens: must be >= 1, got 0"),
+    (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    (["--seed", "-2"], "argument --seed: must be >= 0, got -2"),
+])
+def test_cli_refuses_numbers_out_of_range_before_anything_runs(tmp_path, argv, message, capsys):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--finetuned", "x", "--scienceqa", "sample", "--out_dir", str(out), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_refuses_numbers_out_of_range_for_library_callers(tmp_path):
+    out = tmp_path / "o"
+    settings = ev.EvalSettings(finetuned="x", scienceqa="sample", batch_size=-1, max_new_tokens=-5, num_samples=-1,
+                               out_dir=str(out))
+    with pytest.raises(UserError) as error:
+        ev.evaluate(settings)
+    assert str(error.value) == ("invalid settings: --batch_size must be >= 1, got -1; --max_new_tokens must be >= 1, "
+                                "got -5; --num_samples must be >= 0, got -1")
+    for bad in ({"batch_size": 0}, {"limit": 0}, {"seed": -1}, {"sample_max_tokens": 0}):
+        with pytest.raises(UserError, match=f"--{next(iter(bad))} must be >= "):
+            ev.evaluate(ev.EvalSettings(finetuned="x", out_dir=str(out), **bad))
+    assert not out.exists()  # nothing written, nothing loaded
+    assert ev.build_arg_parser().parse_args(["--skip_bad_records"]).skip_bad_records is True
