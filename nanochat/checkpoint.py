@@ -12,15 +12,21 @@ later nanochat versions add tensors and change the math: they are refused, never
 import dataclasses
 import json
 import os
-import pickle
 import re
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from nanochat.files import (
+    DOWNLOAD_HINT,
+    CheckpointError,
+    atomic_write,
+    fsync_dir,
+    load_tensors_file,
+    remove_if_present,
+    write_temp,
+)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -32,8 +38,6 @@ SOURCE_DIRS = {
 }
 # nanochat's own folder names are accepted as source names too
 SOURCE_ALIASES = {"chatsft": "sft", "chatrl": "rl"}
-
-DOWNLOAD_HINT = "download a published checkpoint with `make download MODEL=d20` (or `python -m sciassist.hub`)"
 
 # what later nanochat versions (from Jan 2026) added; their presence means different math
 LATER_ERA_KEY_PATTERNS = [
@@ -47,16 +51,21 @@ LATER_ERA_KEY_PATTERNS = [
 LATER_ERA_CONFIG_KEYS = {"window_pattern"}
 SUPPORTED_FORMAT = "only the Oct 2025 - Jan 2026 nanochat checkpoint format is supported"
 CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# A checkpoint is untrusted input: these upper bounds are checked before anything is allocated
+# (GPT.init_rotary alone allocates 10 x sequence_len x head_dim / 2 values per table, so
+# `sequence_len: 10**12` would ask for terabytes). Each is far above any nanochat model (d32:
+# sequence_len 2048, n_layer 32, n_embd 2048, vocab 65,536). n_head and n_kv_head are bounded
+# by n_embd (a head has at least one channel), and n_head must divide n_embd (into an even head
+# dim, for rotary) and be a multiple of n_kv_head.
+CONFIG_LIMITS = {"sequence_len": 1_048_576, "vocab_size": 2_097_152, "n_layer": 1024, "n_embd": 65_536}
+# the rotary tables: sequence_len x head dim at most that of 1,048,576 positions of 128-channel heads
+MAX_ROTARY_SIZE = 1_048_576 * 128
 
 
 def default_base_dir():
     """nanochat's base dir: $NANOCHAT_BASE_DIR, else ~/.cache/nanochat."""
     env = os.environ.get("NANOCHAT_BASE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be found, read or loaded; the message says what to do."""
 
 
 def model_path(checkpoint_dir, step):
@@ -147,30 +156,6 @@ def find_checkpoint(base_dir, source, model_tag=None, step=None):
 # -----------------------------------------------------------------------------
 # reading files
 
-def _torch_load_file(path, map_location, what):
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} file {path} does not exist; {DOWNLOAD_HINT}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(b"version https://git-lfs"):
-        raise CheckpointError(f"{path} is a Git LFS pointer ({size} bytes), not the weights; {DOWNLOAD_HINT}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain data; refusing to unpickle it for safety"
-            ) from e
-        reason = str(e)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise CheckpointError(
-        f"{path} ({size} bytes) is unreadable: truncated or corrupt ({reason}); re-download or re-save it"
-    )
-
-
 def read_meta(path):
     """meta_<step>.json as a dict; CheckpointError when it is missing, not JSON or has no model_config."""
     path = Path(path)
@@ -210,6 +195,33 @@ def _check_model_config(model_config, path):
     not_positive = [k for k in CONFIG_FIELDS if type(model_config[k]) is not int or model_config[k] <= 0]
     if not_positive:
         raise CheckpointError(f"{path}: model_config fields {not_positive} must be positive integers")
+    too_large = [f"{k} {model_config[k]:,} (at most {limit:,})" for k, limit in CONFIG_LIMITS.items()
+                 if model_config[k] > limit]
+    if too_large:
+        raise CheckpointError(f"{path}: model_config is out of bounds: {'; '.join(too_large)}; a checkpoint this "
+                              f"large cannot be a nanochat model, refusing to allocate it")
+    problem = _config_inconsistency(model_config)
+    if problem:
+        raise CheckpointError(f"{path}: model_config does not describe a valid GPT: {problem}")
+
+
+def _config_inconsistency(c):
+    """What makes the head counts of a bounded model_config unusable, or None."""
+    if c["n_head"] > c["n_embd"]:
+        return f"n_head {c['n_head']} is more than n_embd {c['n_embd']}"
+    if c["n_kv_head"] > c["n_head"]:
+        return f"n_kv_head {c['n_kv_head']} is more than n_head {c['n_head']}"
+    if c["n_embd"] % c["n_head"]:
+        return f"n_embd {c['n_embd']} is not divisible by n_head {c['n_head']}"
+    head_dim = c["n_embd"] // c["n_head"]
+    if head_dim % 2:
+        return f"the head dim n_embd / n_head = {head_dim} is odd (rotary embeddings need an even one)"
+    if c["n_head"] % c["n_kv_head"]:
+        return f"n_head {c['n_head']} is not divisible by n_kv_head {c['n_kv_head']}"
+    if c["sequence_len"] * head_dim > MAX_ROTARY_SIZE:
+        return (f"sequence_len {c['sequence_len']:,} x head dim {head_dim} is more than {MAX_ROTARY_SIZE:,} "
+                f"(the rotary tables would not fit)")
+    return None
 
 
 def clean_state_dict_keys(state_dict):
@@ -287,7 +299,7 @@ def load_model(checkpoint_dir, step=None, device=None, tokenizer_dir=None):
             f"{model_config['vocab_size']} ({jpath}); use the tokenizer that was published with this model"
         )
 
-    state_dict = _torch_load_file(mpath, device, "model")
+    state_dict = load_tensors_file(mpath, device, "model")
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{mpath} is not a state dict (expected a flat dict of parameter name -> tensor)")
     state_dict = clean_state_dict_keys(state_dict)
@@ -300,8 +312,9 @@ def load_model(checkpoint_dir, step=None, device=None, tokenizer_dir=None):
     try:
         with torch.device("meta"):
             model = GPT(config)
-    except (AssertionError, ValueError) as e:  # e.g. n_embd not divisible by n_head
-        raise CheckpointError(f"{jpath}: model_config {model_config} does not describe a valid GPT ({e})") from e
+    except (AssertionError, ValueError) as e:  # what _check_model_config does not know of
+        raise CheckpointError(f"{jpath}: model_config {model_config} does not describe a valid GPT "
+                              f"({e or type(e).__name__})") from e
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or unexpected:
@@ -343,7 +356,7 @@ def load_model_from(base_dir, source, model_tag=None, step=None, device=None):
 
 def load_optimizer_state(checkpoint_dir, step, device=None):
     """The optimizer state saved by save_checkpoint at `step` (tensors mapped to `device`, default CPU)."""
-    return _torch_load_file(optim_path(checkpoint_dir, step), device or "cpu", "optimizer state")
+    return load_tensors_file(optim_path(checkpoint_dir, step), device or "cpu", "optimizer state")
 
 
 # -----------------------------------------------------------------------------
@@ -372,41 +385,15 @@ def _json_default(obj):
     raise TypeError(f"meta value of type {type(obj).__name__} is not JSON serializable")
 
 
-def _atomic_write(path, write_fn, mode):
-    # a temp file in the same directory, then os.replace: readers see the old file or the
-    # complete new one, never a partial write
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(checkpoint_dir, step, model, meta, optimizer_state=None):
     """
-    Write model_<step:06d>.pt (+ optim_<step:06d>.pt) and then meta_<step:06d>.json, each
-    atomically. meta is written last, so a crash mid-save never leaves a meta that points
-    at a partial model. `model` is a GPT (possibly compiled / DDP-wrapped) or a state dict;
-    keys are saved without `_orig_mod.`/`module.` so nanochat can read the file.
+    Write model_<step:06d>.pt (+ optim_<step:06d>.pt) and meta_<step:06d>.json, each atomically,
+    so that a reader never sees a model without its meta: the weights go to a temp file first,
+    then optim and meta are put in place, and the model file is renamed into place last. A kill
+    mid-save leaves at most a temp file and a meta without its model, both invisible to readers
+    (they look for model_<step>.pt) and removed by remove_partial_files. `model` is a GPT
+    (possibly compiled / DDP-wrapped) or a state dict; keys are saved without
+    `_orig_mod.`/`module.` so nanochat can read the file.
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -424,8 +411,14 @@ def save_checkpoint(checkpoint_dir, step, model, meta, optimizer_state=None):
     state_dict = {k: v.detach().cpu() for k, v in clean_state_dict_keys(state_dict).items()}
     meta_text = json.dumps(meta, indent=2, default=_json_default)  # fail before writing anything
 
-    _atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(state_dict, f), "wb")
-    if optimizer_state is not None:
-        _atomic_write(optim_path(checkpoint_dir, step), lambda f: torch.save(optimizer_state, f), "wb")
-    _atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(meta_text), "w")
-    _fsync_dir(checkpoint_dir)
+    mpath = model_path(checkpoint_dir, step)
+    model_tmp = write_temp(mpath, lambda f: torch.save(state_dict, f), "wb")
+    try:
+        if optimizer_state is not None:
+            atomic_write(optim_path(checkpoint_dir, step), lambda f: torch.save(optimizer_state, f), "wb")
+        atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(meta_text), "w")
+        os.replace(model_tmp, mpath)
+    except BaseException:
+        remove_if_present(model_tmp)
+        raise
+    fsync_dir(checkpoint_dir)

@@ -17,6 +17,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from nanochat.files import CheckpointError, load_tensors_file
+
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document / conversation starts with it
     "<|user_start|>",
@@ -39,6 +41,7 @@ ENCODING_NAME = "rustbpe"
 PICKLE_PROTOCOL = 4  # what the published tokenizer.pkl files use
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "python", "python_output")
+TOKEN_BYTES_HINT = "delete it (it is then computed from tokenizer.pkl) or re-download the tokenizer"
 
 
 class TokenizerLoadError(ValueError):
@@ -236,9 +239,9 @@ class Tokenizer:
         if tb_path.is_file():
             # keep the file's values when present: that is what bits-per-byte was measured with
             try:
-                tb = torch.load(tb_path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise TokenizerLoadError(f"{tb_path}: cannot load ({type(e).__name__}: {e})") from e
+                tb = load_tensors_file(tb_path, "cpu", "token bytes", remedy=TOKEN_BYTES_HINT)
+            except CheckpointError as e:
+                raise TokenizerLoadError(str(e)) from e
             V = tok.get_vocab_size()
             if not isinstance(tb, torch.Tensor) or tb.dtype != torch.int32 or tuple(tb.shape) != (V,):
                 got = f"{tb.dtype} {tuple(tb.shape)}" if isinstance(tb, torch.Tensor) else type(tb).__name__

@@ -145,3 +145,15 @@ def test_source_specs_name_a_base_dir_checkpoint(tiny_base_dir):
         choose_checkpoint("base:d2:last", base_dir=tiny_base_dir)
     with pytest.raises(CheckpointError, match="latest step present: 0"):
         choose_checkpoint("base:d2:5", base_dir=tiny_base_dir)
+
+
+def test_a_save_cut_short_is_invisible_to_the_resolver(tmp_path, tiny_base_dir):
+    # what a save killed after putting meta in place leaves: the meta and the model's temp file
+    root = tmp_path / "ft"
+    run = make_finetuned_run(root, "run", tiny_base_dir, step=5, mtime=1_000_000)
+    shutil.copy(run / "meta_000005.json", run / "meta_000009.json")
+    (run / ".model_000009.pt.x1y2z3.tmp").write_bytes(b"half a model")
+    assert latest_finetuned(root) == (run, 5)
+    for choice in (choose_checkpoint(finetuned_dir=root, base_dir=tiny_base_dir), choose_checkpoint(str(run))):
+        assert choice.step == 5
+        assert load_choice(choice, device="cpu").meta["step"] == 0  # the copied tiny base's meta

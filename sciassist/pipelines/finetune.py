@@ -18,8 +18,11 @@ from sciassist.common import UserError, print_error, write_json
 from sciassist.eval.run import evaluate_after_training
 from sciassist.train.loop import train
 from sciassist.train.settings import TrainError, TrainSettings, settings_from_args
+from sciassist.train.step import Terminated
 
 RECIPES_HINT = "recipes are their own command: python -m sciassist.pipelines.recipes --preset NAME ..."
+# the exit codes of a run stopped by Ctrl-C (SIGINT) or SIGTERM, as a shell reports a process killed by them
+EXIT_CODES = {"completed": 0, "interrupted": 130, "terminated": 143}
 
 
 def finetune(settings: TrainSettings, on_step=None) -> dict:
@@ -53,8 +56,9 @@ def _evaluate_after(run_dir: Path, settings: TrainSettings):
 
 
 def main(argv=None) -> int:
-    """sciassist_train.py: 0 when the run completed, 130 when interrupted, 2 on a problem the
-    user can fix (one `error:` line)."""
+    """sciassist_train.py: 0 when the run completed, 130 when interrupted (Ctrl-C), 143 when
+    terminated (SIGTERM), each with a resume point saved; 2 on a problem the user can fix (one
+    `error:` line)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--preset" or a.startswith("--preset=") for a in args):
         return print_error(TrainError(RECIPES_HINT))
@@ -63,7 +67,11 @@ def main(argv=None) -> int:
         summary = finetune(settings)
     except (UserError, CheckpointError) as e:
         return print_error(e)
-    return 130 if summary["status"] == "interrupted" else 0
+    except KeyboardInterrupt as e:  # before the first step or after the last: nothing more to save
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{how} while the run was starting or finishing; nothing more was saved", file=sys.stderr)
+        return EXIT_CODES["terminated" if isinstance(e, Terminated) else "interrupted"]
+    return EXIT_CODES.get(summary["status"], 0)
 
 
 if __name__ == "__main__":

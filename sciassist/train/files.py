@@ -7,6 +7,9 @@
   loss_curve.png                     redrawn at every evaluation
   run_summary.json                   written at the end
   resume/state.pt                    everything --resume needs (sciassist.train.state)
+
+A run starting in the folder first removes what writes that were killed midway left there
+(remove_leftovers), with a note.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import threading
 from pathlib import Path
 
 from nanochat.checkpoint import meta_path, model_path, optim_path, save_checkpoint
+from nanochat.files import remove_partial_files
 from sciassist.plots import plot_loss_curve
 from sciassist.train.settings import TrainError
+from sciassist.train.state import RESUME_DIR, temp_path
 
 METRICS_FILE = "metrics.jsonl"
 # what a fresh run removes from a folder an earlier run wrote (the resume point excepted)
@@ -81,6 +86,21 @@ def checkpoint_meta(run, step, val_loss, best) -> dict:
 def remove_checkpoint(run_dir, step):
     for path in (model_path(run_dir, step), meta_path(run_dir, step), optim_path(run_dir, step)):
         path.unlink(missing_ok=True)
+
+
+def remove_leftovers(run) -> None:
+    """Remove what killed writes left in the run folder: checkpoint temp files (as large as the
+    model), meta/optim files without their model, a model without its meta (from an older
+    version, which wrote the model first) and the resume point's temp file; a note names them."""
+    if not run.runtime.is_main:
+        return
+    removed = remove_partial_files(run.run_dir)
+    resume_tmp = temp_path(run.resume_path)
+    if resume_tmp.is_file():
+        resume_tmp.unlink()
+        removed.append(f"{RESUME_DIR}/{resume_tmp.name}")
+    if removed:
+        run.log(f"note: removed what an interrupted save left in {run.run_dir}: {', '.join(removed)}")
 
 
 def open_run_dir(run, metrics) -> None:

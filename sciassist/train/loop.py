@@ -22,6 +22,12 @@ reshuffled); --num_iterations overrides the total. Warmup, the linear decay to z
 The loop (as nanochat's chat_sft.py): the validation of step 0, then per step the
 forward/backward, and, with Ctrl-C held back, the update, the validation if due and the
 step's record; then the resume point if due. The files are described in sciassist.train.files.
+
+Stopping. Ctrl-C (SIGINT) and SIGTERM (schedulers, `timeout`, `docker stop`, Colab) stop a run
+the same way: the resume point of the last completed step is saved, and the run ends with
+status "interrupted" (Ctrl-C) or "terminated" (SIGTERM); sciassist_train.py exits 130 or 143.
+More signals while the resume point is being saved are held, with a notice, never cutting the
+save short.
 """
 
 from __future__ import annotations
@@ -34,17 +40,27 @@ import time
 from tqdm import tqdm
 
 from sciassist.common import synchronize, write_json
-from sciassist.train.files import BestCheckpointWriter, append_record, checkpoint_meta, open_run_dir
+from sciassist.train.files import (
+    BestCheckpointWriter,
+    append_record,
+    checkpoint_meta,
+    open_run_dir,
+    remove_leftovers,
+)
 from sciassist.train.settings import TrainError, TrainSettings, check_settings
 from sciassist.train.setup import Run, distributed_runtime, prepare_run
 from sciassist.train.state import Progress, ResumeState, resume_path, start_or_resume
 from sciassist.train.step import (
+    SAVING_NOTICE,
+    Terminated,
     apply_update,
     defer_interrupt,
     evaluate_loss,
     forward_backward,
     lr_multiplier,
     step_record,
+    stop_signals,
+    stopping,
 )
 
 
@@ -57,14 +73,16 @@ def train(settings: TrainSettings, on_step=None) -> dict:
 
     on_step(record): called after every optimizer step with that step's metrics record
     (a notebook can plot live; tests stop runs with it). A KeyboardInterrupt, from Ctrl-C
-    or from on_step, saves a resume point and returns a summary with status "interrupted".
+    or from on_step, saves a resume point and returns a summary with status "interrupted";
+    SIGTERM does the same with status "terminated".
     """
     check_settings(settings)
     if settings.resume and not resume_path(settings).is_file():
         raise TrainError(f"--resume: no resume point at {resume_path(settings)}; run without --resume to start "
                          f"fresh (or check --out_dir / --output_tag)")
-    with distributed_runtime(settings) as runtime:
+    with stop_signals(), distributed_runtime(settings) as runtime:
         run = prepare_run(settings, runtime)
+        remove_leftovers(run)
         progress = start_or_resume(run)
         open_run_dir(run, progress.metrics)
         _describe(run)
@@ -88,50 +106,24 @@ def train(settings: TrainSettings, on_step=None) -> dict:
 
 def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
     """Train from progress.step to the end; returns (status, error): completed, interrupted
-    (Ctrl-C or on_step raised KeyboardInterrupt) or diverged."""
-    settings, device = run.settings, run.device
+    (Ctrl-C or on_step raised KeyboardInterrupt), terminated (SIGTERM) or diverged."""
     writer = BestCheckpointWriter(run.run_dir)
     bar = tqdm(total=run.num_steps, initial=progress.step, disable=not run.runtime.is_main, dynamic_ncols=True,
                mininterval=1.0, desc="fine-tuning", file=sys.stderr)
+    saved = []  # the steps whose resume point was saved
     status, error = "completed", None
     try:
-        if progress.step == 0 and not progress.metrics and run.val_batches:  # a fresh run: where it starts from
-            with defer_interrupt():
-                record = {"step": 0, "elapsed_s": round(progress.elapsed(), 3)}
-                _validate(run, progress, writer, record)
-                _keep(run, progress, record)
-        while progress.step < run.num_steps:
-            synchronize(device)
-            t0 = time.time()  # from here: batching, forward/backward, update (what a step costs)
-            work = forward_backward(run, progress.step)
-            if not math.isfinite(work.train_loss):
-                raise _Diverged(f"training loss is {work.train_loss} at step {progress.step + 1}")
-            multiplier = lr_multiplier(progress.step, run.num_steps, settings.warmup_steps)
-            with defer_interrupt():  # the weights, the optimizers and the records change together
-                grad_norm = apply_update(run.model, run.optimizers, multiplier, settings.grad_clip)
-                synchronize(device)
-                seconds = max(time.time() - t0, 1e-9)
-                progress.step += 1
-                progress.totals["positions"] += work.positions
-                progress.totals["tokens"] += work.tokens
-                progress.totals["supervised"] += work.supervised
-                record = step_record(run, progress.step, work, multiplier, grad_norm, seconds, progress.elapsed())
-                if run.is_eval_step(progress.step):
-                    _validate(run, progress, writer, record)
-                _keep(run, progress, record)
-            if settings.save_every and progress.step % settings.save_every == 0 and progress.step < run.num_steps:
+        _steps(run, progress, writer, bar, on_step, saved)
+    except KeyboardInterrupt as e:
+        status = "terminated" if isinstance(e, Terminated) else "interrupted"
+        with stopping():
+            if saved[-1:] != [progress.step]:
                 _save_resume(run, progress)
-            bar.update(1)
-            bar.set_postfix(loss=f"{work.train_loss:.4f}", lr=f"{multiplier:.3f}",
-                            tok_s=f"{work.positions / seconds:,.0f}", refresh=False)
-            if on_step is not None:
-                on_step(record)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        _save_resume(run, progress)
-        run.log(f"\ninterrupted at step {progress.step}/{run.num_steps}; resume point saved in {run.resume_path}.\n"
-                f"Continue with the same flags plus --resume, e.g.: python sciassist_train.py "
-                f"{_flags_text(settings)} --resume")
+            how = "terminated (SIGTERM)" if status == "terminated" else "interrupted"
+            run.log(f"\n{how} at step {progress.step}/{run.num_steps}; resume point saved in {run.resume_path}.\n"
+                    f"Continue with the same flags plus --resume, e.g.: python sciassist_train.py "
+                    f"{_flags_text(run.settings)} --resume")
+            writer.wait()
     except _Diverged as e:
         status, error = "diverged", str(e)
     finally:
@@ -139,13 +131,54 @@ def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
         writer.wait()
 
     if status == "completed":
-        _save_resume(run, progress)
-        if not run.val_batches:  # nothing to choose the best by: the final weights are the result
-            progress.best = {"step": progress.step, "val_loss": None}
-            if run.runtime.is_main:
-                writer.save(progress.step, run.model, checkpoint_meta(run, progress.step, None, progress.best), None)
-                writer.wait()
+        with stopping():
+            if saved[-1:] != [progress.step]:
+                _save_resume(run, progress)
+            if not run.val_batches:  # nothing to choose the best by: the final weights are the result
+                progress.best = {"step": progress.step, "val_loss": None}
+                if run.runtime.is_main:
+                    writer.save(progress.step, run.model, checkpoint_meta(run, progress.step, None, progress.best),
+                                None)
+                    writer.wait()
     return status, error
+
+
+def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_step, saved: list) -> None:
+    """The validation of a fresh run's step 0, then the steps from progress.step to the end."""
+    settings, device = run.settings, run.device
+    if progress.step == 0 and not progress.metrics and run.val_batches:  # a fresh run: where it starts from
+        with defer_interrupt():
+            record = {"step": 0, "elapsed_s": round(progress.elapsed(), 3)}
+            _validate(run, progress, writer, record)
+            _keep(run, progress, record)
+    while progress.step < run.num_steps:
+        synchronize(device)
+        t0 = time.time()  # from here: batching, forward/backward, update (what a step costs)
+        work = forward_backward(run, progress.step)
+        if not math.isfinite(work.train_loss):
+            raise _Diverged(f"training loss is {work.train_loss} at step {progress.step + 1}")
+        multiplier = lr_multiplier(progress.step, run.num_steps, settings.warmup_steps)
+        with defer_interrupt():  # the weights, the optimizers and the records change together
+            grad_norm = apply_update(run.model, run.optimizers, multiplier, settings.grad_clip)
+            synchronize(device)
+            seconds = max(time.time() - t0, 1e-9)
+            progress.step += 1
+            progress.totals["positions"] += work.positions
+            progress.totals["tokens"] += work.tokens
+            progress.totals["supervised"] += work.supervised
+            record = step_record(run, progress.step, work, multiplier, grad_norm, seconds, progress.elapsed())
+            if run.is_eval_step(progress.step):
+                _validate(run, progress, writer, record)
+            _keep(run, progress, record)
+        if settings.save_every and progress.step % settings.save_every == 0 and progress.step < run.num_steps:
+            with defer_interrupt(SAVING_NOTICE):  # a signal now stops the run once this resume point is saved
+                _save_resume(run, progress)
+                saved.append(progress.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{work.train_loss:.4f}", lr=f"{multiplier:.3f}",
+                        tok_s=f"{work.positions / seconds:,.0f}", refresh=False)
+        if on_step is not None:
+            on_step(record)
 
 
 def _validate(run: Run, progress: Progress, writer: BestCheckpointWriter, record: dict) -> None:

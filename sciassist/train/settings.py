@@ -3,12 +3,22 @@ of the same name), the checks of their values, and the command line built from t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.checkpoint import CONFIG_LIMITS
 from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
-from sciassist.common import DTYPES, UserError, resolve_device, setting, settings_from_namespace, settings_parser
+from sciassist.common import (
+    DTYPES,
+    UserError,
+    range_problem,
+    resolve_device,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+)
 
 # Settings that shape the run's trajectory: a resume point made with other values would
 # silently turn into a different run, so resuming refuses it.
@@ -20,6 +30,14 @@ TRAJECTORY_FIELDS = (
 )
 # Old flag names that still work (the parser says what they are now).
 RENAMED_FLAGS = {"--checkpoint_dir": "--checkpoint", "--output_dir": "--out_dir"}
+# The upper ends of the number flags' ranges (each far beyond any sensible run, so a typo fails
+# when the flag is parsed rather than after loading the model): positions as nanochat.checkpoint
+# bounds a model's sequence_len; steps; conversations per step or micro-batch; learning rates.
+MAX_POSITIONS = CONFIG_LIMITS["sequence_len"]
+MAX_STEPS = 10**9
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_000_000
+MAX_LR = 100.0
 
 
 class TrainError(UserError):
@@ -42,51 +60,62 @@ class TrainSettings:
     val_path: str | None = setting(None, "validation JSONL (default: scienceqa_val.jsonl for 'scienceqa', "
                                          "else the last --val_split of --data_path)")
     val_split: float = setting(0.1, "fraction of --data_path held out for validation when there is no --val_path "
-                                    "(the last lines of the file; 0 = no validation)")
+                                    "(the last lines of the file; 0 = no validation)", at_least=0, at_most=1)
     skip_bad_lines: bool = setting(False, "skip malformed JSONL lines (each reported with file:line) instead of "
                                           "stopping at the first")
-    max_seq_len: int = setting(2048, "longest conversation in positions; longer ones are truncated (and counted)")
+    max_seq_len: int = setting(2048, "longest conversation in positions; longer ones are truncated (and counted)",
+                               at_least=16, at_most=MAX_POSITIONS)
     # model
     source: str = setting("sft", f"checkpoint kind in --base_dir to start from: {' | '.join(SOURCES)}")
     model_tag: str | None = setting(None, "model folder, e.g. d20 (default: the largest d<N> present)")
-    model_step: int | None = setting(None, "checkpoint step (default: the latest)")
+    model_step: int | None = setting(None, "checkpoint step (default: the latest)", at_least=0)
     base_dir: str | None = setting(None, "nanochat base dir (default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
     checkpoint: str | None = setting(None, f"the model to start from instead of --source/--model_tag: {SPEC_HELP} "
                                            f"(the tokenizer is looked for beside it)")
     # optimisation
-    num_epochs: int = setting(4, "passes over the training set")
+    num_epochs: int = setting(4, "passes over the training set", at_least=0, at_most=MAX_EPOCHS)
     num_iterations: int = setting(-1, "total optimizer steps; -1 = num_epochs x (train examples // "
-                                      "target_examples_per_step)")
+                                      "target_examples_per_step)", at_least=-1, at_most=MAX_STEPS)
     device_batch_size: int = setting(8, "micro-batch size per GPU, in rows of max_seq_len positions (packed rows "
-                                        "are often shorter, then more of them fit); conversations when not packed")
-    target_examples_per_step: int = setting(64, "conversations per optimizer step over all GPUs (effective batch)")
-    matrix_lr: float = setting(0.01, "Muon learning rate for the transformer matrices")
-    embedding_lr: float = setting(0.1, "AdamW learning rate for the token embedding (x (n_embd/768)^-0.5)")
-    unembedding_lr: float = setting(0.002, "AdamW learning rate for lm_head (x (n_embd/768)^-0.5)")
-    weight_decay: float = setting(0.0, "Muon weight decay")
-    init_lr_frac: float = setting(0.02, "every learning rate is multiplied by this (nanochat's SFT convention)")
-    warmup_steps: int = setting(0, "linear warmup steps before the linear decay to zero")
-    grad_clip: float = setting(0.0, "clip the gradient norm to this (0 = off)")
+                                        "are often shorter, then more of them fit); conversations when not packed",
+                                     at_least=1, at_most=MAX_BATCH)
+    target_examples_per_step: int = setting(64, "conversations per optimizer step over all GPUs (effective batch)",
+                                            at_least=1, at_most=MAX_BATCH)
+    matrix_lr: float = setting(0.01, "Muon learning rate for the transformer matrices", at_least=0, at_most=MAX_LR)
+    embedding_lr: float = setting(0.1, "AdamW learning rate for the token embedding (x (n_embd/768)^-0.5)",
+                                  at_least=0, at_most=MAX_LR)
+    unembedding_lr: float = setting(0.002, "AdamW learning rate for lm_head (x (n_embd/768)^-0.5)", at_least=0,
+                                    at_most=MAX_LR)
+    weight_decay: float = setting(0.0, "Muon weight decay", at_least=0, at_most=MAX_LR)
+    init_lr_frac: float = setting(0.02, "every learning rate is multiplied by this (nanochat's SFT convention)",
+                                  at_least=0, at_most=1)
+    warmup_steps: int = setting(0, "linear warmup steps before the linear decay to zero", at_least=0,
+                                at_most=MAX_STEPS)
+    grad_clip: float = setting(0.0, "clip the gradient norm to this (0 = off)", at_least=0, at_most=1e6)
     packing: bool = setting(True, "pack several conversations per row (false: pad each micro-batch to its "
                                   "longest conversation, as nanochat did)")
     pack_len: int = setting(1024, "row width packing aims for (rows widen for longer conversations, up to "
-                                  "max_seq_len): attention is dense over a row, so shorter rows cost less")
+                                  "max_seq_len): attention is dense over a row, so shorter rows cost less",
+                            at_least=1, at_most=MAX_POSITIONS)
     # evaluation
-    eval_every: int = setting(25, "validation loss every N steps (and at step 0 and the end; 0 = only those)")
+    eval_every: int = setting(25, "validation loss every N steps (and at step 0 and the end; 0 = only those)",
+                              at_least=0, at_most=MAX_STEPS)
     eval_steps: int = setting(100, "validation uses the first eval_steps x device_batch_size validation "
-                                   "conversations, the same ones at every evaluation")
+                                   "conversations, the same ones at every evaluation", at_least=1, at_most=MAX_STEPS)
     eval_after: bool = setting(False, "evaluate the best checkpoint with sciassist.eval.run when training ends "
                                       "(sciassist_train.py / sciassist.pipelines.finetune)")
     # output
     out_dir: str = setting(DEFAULT_FINETUNED_DIR, "where runs are written")
     output_tag: str = setting("finetuned", "run name: files go to <out_dir>/<output_tag>/")
-    save_every: int = setting(250, "write a resume point every N steps (0 = only at the end / on Ctrl-C)")
+    save_every: int = setting(250, "write a resume point every N steps (0 = only at the end / on Ctrl-C)",
+                              at_least=0, at_most=MAX_STEPS)
     resume: bool = setting(False, "continue the run in <out_dir>/<output_tag>/resume/ (same flags)")
     # runtime
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
     dtype: str = setting("auto", "auto | bfloat16 | float32 (auto: bfloat16 autocast on CUDA, float32 elsewhere)")
     compile: bool = setting(False, "torch.compile the model for training")
-    seed: int = setting(42, "seed of the data order (reshuffled every epoch) and torch")
+    seed: int = setting(42, "seed of the data order (reshuffled every epoch) and torch", at_least=0,
+                        at_most=2**63 - 1)
 
     def run_dir(self) -> Path:
         return Path(self.out_dir).expanduser() / self.output_tag
@@ -133,5 +162,9 @@ def check_settings(s: TrainSettings) -> None:
         resolve_device(s.device)
     except UserError as e:
         problems.append(str(e))
+    # every number's range (as the command line checks it), for the flags not named above
+    named = {problem.split()[0] for problem in problems}
+    problems += [f"--{f.name} {problem}, got {getattr(s, f.name)!r}" for f in dataclasses.fields(s)
+                 if f"--{f.name}" not in named and (problem := range_problem(getattr(s, f.name), f.metadata))]
     if problems:
         raise TrainError("invalid settings: " + "; ".join(problems))

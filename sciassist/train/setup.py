@@ -99,6 +99,10 @@ def load_conversation_sets(settings: TrainSettings):
 
     def read(path, flag):
         path = Path(path).expanduser()
+        if path.is_dir():
+            hint = f" (ScienceQA files prepared in it: --data_path scienceqa --data_dir {path})" \
+                if flag == "--data_path" else ""
+            raise TrainError(f"{flag}: {path} is a directory; expected a JSONL file, one conversation per line{hint}")
         if not path.is_file():
             if settings.data_path == "scienceqa":
                 raise TrainError(f"{path} not found ({flag}). Prepare ScienceQA with "
@@ -109,7 +113,10 @@ def load_conversation_sets(settings: TrainSettings):
         try:
             records = read_conversations(path, skip_bad=settings.skip_bad_lines)
         except ConversationError as e:
-            raise TrainError(f"{e} (--skip_bad_lines true skips such lines and reports them)") from e
+            hint = "" if settings.skip_bad_lines else " (--skip_bad_lines true skips such lines and reports them)"
+            raise TrainError(f"{e}{hint}") from e
+        except OSError as e:
+            raise TrainError(f"{flag}: cannot read {path} ({e.strerror or e})") from e
         for bad in records.skipped:
             print(f"skipped {path}:{bad.line}: {bad.problem}", file=sys.stderr)
         return records

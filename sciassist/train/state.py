@@ -1,12 +1,11 @@
 """Where a run is (Progress) and what a resume point holds (ResumeState): one file,
-resume/state.pt, saved whole every --save_every steps, at the end and on Ctrl-C, and
+resume/state.pt, saved whole every --save_every steps, at the end and on Ctrl-C or SIGTERM, and
 loaded whole by --resume, which continues bit for bit where the run stopped."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,14 +13,22 @@ from pathlib import Path
 
 import torch
 
+from nanochat.files import CheckpointError, load_tensors_file
 from sciassist.train.settings import TRAJECTORY_FIELDS, TrainError, TrainSettings
 
 RESUME_DIR = "resume"
 RESUME_FILE = "state.pt"
+FRESH_START = "start a new run without --resume (or another --output_tag)"
 
 
 def resume_path(settings: TrainSettings) -> Path:
     return settings.run_dir() / RESUME_DIR / RESUME_FILE
+
+
+def temp_path(path) -> Path:
+    """Where ResumeState.save writes before the rename (a killed save leaves it behind)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
 
 
 @dataclass
@@ -51,6 +58,26 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# what each part of a resume point must be (checked on loading: the file is untrusted input)
+FIELD_TYPES = {"model": dict, "optimizers": list, "rng": dict, "step": int, "metrics": list, "best": dict,
+               "elapsed_s": float, "totals": dict, "settings": dict, "data_fingerprint": str, "num_steps": int,
+               "epoch": int, "step_in_epoch": int}
+
+
+def _wrong_types(data: dict) -> list[str]:
+    """The parts of a loaded resume point that are not of the kind FIELD_TYPES says."""
+    def fits(value, kind):
+        if isinstance(value, bool):
+            return kind is bool
+        return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+    wrong = [f"{name} is {type(data[name]).__name__}, not {kind.__name__}" for name, kind in FIELD_TYPES.items()
+             if not fits(data[name], kind)]
+    if not wrong and not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+        wrong.append("model is not a state dict of tensors")
+    return wrong
 
 
 @dataclass
@@ -83,28 +110,50 @@ class ResumeState:
                    epoch=progress.step // run.per_epoch, step_in_epoch=progress.step % run.per_epoch)
 
     def save(self, path) -> None:
-        """Atomically: a crash while saving leaves the previous resume point intact."""
+        """Atomically: a crash while saving leaves the previous resume point intact (and a
+        failed save no temp file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, tmp)
-        os.replace(tmp, path)
+        tmp = temp_path(path)
+        try:
+            torch.save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path, device) -> ResumeState:
+        """The resume point in `path`, or a one-line TrainError saying what is wrong with it."""
         try:
-            data = torch.load(path, map_location=device, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise TrainError(f"{path} cannot be read as a resume point ({e}); start a new run without --resume "
-                             f"(or another --output_tag)") from e
+            data = load_tensors_file(path, device, "resume point", remedy=FRESH_START)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from e
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if not isinstance(data, dict) or n not in data]
         unexpected = sorted(set(data) - set(names)) if isinstance(data, dict) else []
         if missing or unexpected:
             raise TrainError(f"{path} is not a resume point this version can continue (missing: "
                              f"{', '.join(missing) or 'none'}; unexpected: {', '.join(unexpected) or 'none'}); "
-                             f"start a new run without --resume (or another --output_tag)")
+                             f"{FRESH_START}")
+        wrong = _wrong_types(data)
+        if wrong:
+            raise TrainError(f"{path} is a damaged resume point ({'; '.join(wrong[:3])}); {FRESH_START}")
         return cls(**data)
+
+    def check_model(self, model, path) -> None:
+        """Refuse the resume point of another model: the state dict's keys and shapes must be the model's."""
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in self.model.items()}
+        if found == expected:
+            return
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        shapes = [f"{k} {list(found[k])} there, {list(expected[k])} now" for k in sorted(set(found) & set(expected))
+                  if found[k] != expected[k]]
+        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}" for label, items in
+                 (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if items]
+        raise TrainError(f"{path} is the resume point of another model ({'; '.join(parts)}); resume with the model "
+                         f"it was made from, or {FRESH_START}")
 
     def check_compatible(self, settings: TrainSettings, fingerprint: str, path) -> None:
         """Refuse to continue with other trajectory settings or other data."""
@@ -117,12 +166,16 @@ class ResumeState:
             raise TrainError(f"{path} was made with different training/validation data (or a different tokenizer); "
                              f"resume needs exactly the same data")
 
-    def restore(self, model, optimizers) -> Progress:
+    def restore(self, model, optimizers, path) -> Progress:
         """Put the weights, the optimizer states and the random generators back; the counters."""
-        model.load_state_dict(self.model)
-        for opt, opt_state in zip(optimizers, self.optimizers, strict=True):
-            opt.load_state_dict(opt_state)
-        set_rng_state(self.rng)
+        try:
+            model.load_state_dict(self.model)
+            for opt, opt_state in zip(optimizers, self.optimizers, strict=True):
+                opt.load_state_dict(opt_state)
+            set_rng_state(self.rng)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TrainError(f"{path} does not fit this run ({reason}); {FRESH_START}") from e
         return Progress(step=self.step, metrics=list(self.metrics), best=dict(self.best), totals=dict(self.totals),
                         elapsed_before=self.elapsed_s)
 
@@ -132,8 +185,9 @@ def start_or_resume(run) -> Progress:
     if not run.settings.resume:
         return Progress()
     state = ResumeState.load(run.resume_path, run.device)
+    state.check_model(run.model, run.resume_path)
     state.check_compatible(run.settings, run.fingerprint, run.resume_path)
-    progress = state.restore(run.model, run.optimizers)
+    progress = state.restore(run.model, run.optimizers, run.resume_path)
     best_step = progress.best["step"]
     if best_step is not None and not (run.run_dir / f"model_{best_step:06d}.pt").is_file():
         # removed meanwhile (e.g. by a fresh run started in the same folder): the next

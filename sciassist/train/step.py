@@ -1,5 +1,6 @@
 """One optimizer step: the forward/backward over its micro-batches, the update, and the
-figures its metrics record reports; plus the validation loss and the Ctrl-C guard.
+figures its metrics record reports; plus the validation loss and the guard of Ctrl-C and
+SIGTERM (StopSignals).
 
 Loss. Each micro-batch's loss is the SUM over its supervised tokens divided by the number
 of supervised tokens in the whole step (all ranks), so a step's gradient is the mean over
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -18,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from sciassist.data.batching import step_batches, step_examples
+
+SAVING_NOTICE = "saving the resume point, one moment"
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (no sparsity). Unknown GPUs report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -84,12 +88,111 @@ def evaluate_loss(model, batches, autocast=None, distributed=False):
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `timeout`, `docker stop`, Colab): it stops a run as Ctrl-C does."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_exception(signum):
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+class StopSignals:
+    """The handler of SIGINT and SIGTERM while a training run is in progress (main thread).
+
+    The first signal raises KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) where the run
+    is, unless a defer_interrupt() block holds it until the block ends. From then on the run is
+    stopping: further signals are held for good and only answered with a notice, so the resume
+    point being saved is never cut short."""
+
+    def __init__(self):
+        self.deferring = 0
+        self.pending = None  # the first signal held by defer_interrupt()
+        self.notice = None  # what a held signal is answered with while deferring (None: nothing)
+        self.stopping = False
+
+    def __call__(self, signum, frame):
+        if self.stopping:
+            _notice(SAVING_NOTICE)
+        elif self.deferring:
+            if self.notice:
+                _notice(self.notice)
+            self.pending = self.pending or signum
+        else:
+            self.stopping = True
+            raise _stop_exception(signum)
+
+
+def _notice(message):
+    try:  # from a signal handler: never let a busy stream turn the notice into an error
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def _in_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+def _active_guard():
+    handler = signal.getsignal(signal.SIGINT) if _in_main_thread() else None
+    return handler if isinstance(handler, StopSignals) else None
+
+
 @contextlib.contextmanager
-def defer_interrupt():
-    """Hold Ctrl-C until the block is done, so an interrupt never leaves the weights, the
-    optimizer state and the metrics record half-updated (a resume point must be consistent)."""
-    if threading.current_thread() is not threading.main_thread():
+def stop_signals():
+    """Handle Ctrl-C and SIGTERM with a StopSignals for the block (in the main thread; elsewhere
+    nothing changes); the previous handlers are put back afterwards."""
+    if not _in_main_thread():
+        yield None
+        return
+    guard = StopSignals()
+    previous = {signum: signal.signal(signum, guard) for signum in STOP_SIGNALS}
+    try:
+        yield guard
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stopping():
+    """The run is stopping (saving its resume point): hold every signal in the block, with a
+    notice. The state before is put back afterwards."""
+    guard = _active_guard()
+    if guard is None:
         yield
+        return
+    before, guard.stopping = guard.stopping, True
+    try:
+        yield
+    finally:
+        guard.stopping = before
+
+
+@contextlib.contextmanager
+def defer_interrupt(notice=None):
+    """Hold Ctrl-C (and, in a run, SIGTERM) until the block is done, so an interrupt never leaves
+    the weights, the optimizer state and the metrics record half-updated (a resume point must be
+    consistent). notice: printed when a signal is held (for blocks that take a while)."""
+    if not _in_main_thread():
+        yield
+        return
+    guard = _active_guard()
+    if guard is not None:
+        guard.deferring += 1
+        before, guard.notice = guard.notice, notice or guard.notice
+        try:
+            yield
+        finally:
+            guard.deferring -= 1
+            guard.notice = before
+        if guard.pending is not None and not guard.deferring and not guard.stopping:
+            guard.stopping = True  # after a block that completed: an error raised in it is not replaced
+            raise _stop_exception(guard.pending)
         return
     received = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))

@@ -1,5 +1,9 @@
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -13,11 +17,14 @@ from nanochat.checkpoint import (
     load_model,
     load_model_from,
     load_optimizer_state,
+    model_steps,
     save_checkpoint,
 )
+from nanochat.files import load_tensors_file, remove_partial_files
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 256 + len(SPECIAL_TOKENS)  # a byte-level tokenizer: no training needed
 CONFIG = dict(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
@@ -306,3 +313,90 @@ def test_clean_state_dict_keys():
     keys = {"_orig_mod.lm_head.weight": 1, "module._orig_mod.transformer.wte.weight": 2, "lm": 3}
     cleaned = clean_state_dict_keys(keys)
     assert cleaned == {"lm_head.weight": 1, "transformer.wte.weight": 2, "lm": 3}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"sequence_len": 10**12}, "out of bounds: sequence_len 1,000,000,000,000 (at most 1,048,576)"),
+    ({"n_layer": 5000, "vocab_size": 10**7},
+     "vocab_size 10,000,000 (at most 2,097,152); n_layer 5,000 (at most 1,024)"),
+    ({"n_embd": 2**20}, "n_embd 1,048,576 (at most 65,536)"),
+    ({"n_head": 128}, "does not describe a valid GPT: n_head 128 is more than n_embd 64"),
+    ({"n_kv_head": 4}, "does not describe a valid GPT: n_kv_head 4 is more than n_head 2"),
+    ({"n_head": 3, "n_kv_head": 3}, "does not describe a valid GPT: n_embd 64 is not divisible by n_head 3"),
+    ({"n_head": 64, "n_kv_head": 1}, "does not describe a valid GPT: the head dim n_embd / n_head = 1 is odd"),
+    ({"n_head": 4, "n_kv_head": 3}, "does not describe a valid GPT: n_head 4 is not divisible by n_kv_head 3"),
+    ({"sequence_len": 1_048_576, "n_embd": 512, "n_head": 2}, "sequence_len 1,048,576 x head dim 256 is more than"),
+])
+def test_model_config_is_bounded_before_anything_is_allocated(tmp_path, tokenizer_dir, change, problem):
+    _, checkpoint_dir = make_base_dir(tmp_path, tokenizer_dir)
+    write_published(checkpoint_dir, 1, published_state_dict(tiny_model()), model_config={**CONFIG, **change})
+    with pytest.raises(CheckpointError) as info:
+        load_model(checkpoint_dir, device="cpu")
+    message = str(info.value)
+    assert message.startswith(f"{checkpoint_dir / 'meta_000001.json'}: model_config ") and problem in message
+    assert "\n" not in message and "()" not in message
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "model file {path} is empty (0 bytes; a write that was cut short?); re-download or re-save it"),
+    (b"PK\x03\x04 not really a zip", "model file {path} (21 bytes) is unreadable: truncated or corrupt "
+                                   "(PytorchStreamReader failed reading zip archive: not a ZIP archive); "
+                                   "re-download or re-save it"),
+    (None, "{path} holds Python objects other than tensors and plain data (nanochat.gpt.GPTConfig); refusing to "
+           "unpickle it for safety; re-download or re-save it"),
+])
+def test_unreadable_model_files_are_one_line(tmp_path, tokenizer_dir, content, problem):
+    _, checkpoint_dir = make_base_dir(tmp_path, tokenizer_dir)
+    write_published(checkpoint_dir, 1, published_state_dict(tiny_model()))
+    path = checkpoint_dir / "model_000001.pt"
+    if content is None:
+        torch.save({"transformer.wte.weight": torch.zeros(2), "config": GPTConfig()}, path)
+    else:
+        path.write_bytes(content)
+    for load in (lambda: load_model(checkpoint_dir, device="cpu"), lambda: load_tensors_file(path, what="model")):
+        with pytest.raises(CheckpointError) as info:
+            load()
+        message = str(info.value)
+        assert problem.format(path=path) in message and "\n" not in message and "weights_only" not in message
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import torch
+import nanochat.checkpoint as checkpoint
+from nanochat.gpt import GPT, GPTConfig
+
+real_replace = os.replace
+
+def replace(src, dst):
+    if os.path.basename(dst) == "model_000005.pt":  # meta is in place, the model not yet: killed here
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+checkpoint.os.replace = replace
+torch.manual_seed(0)
+checkpoint.save_checkpoint(sys.argv[1], 5, GPT(GPTConfig(**{config})), {{}})
+"""
+
+
+def test_a_save_killed_midway_leaves_no_model_without_meta(tmp_path, tokenizer_dir):
+    _, checkpoint_dir = make_base_dir(tmp_path, tokenizer_dir)
+    save_checkpoint(checkpoint_dir, 1, tiny_model(), {})
+    script = KILLED_SAVE.format(config=CONFIG)
+    result = subprocess.run([sys.executable, "-c", script, str(checkpoint_dir)], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    names = sorted(os.listdir(checkpoint_dir))
+    temp = [n for n in names if n.startswith(".model_000005.pt.") and n.endswith(".tmp")]
+    assert len(temp) == 1 and "meta_000005.json" in names and "model_000005.pt" not in names
+    # readers see the complete checkpoint only
+    assert model_steps(checkpoint_dir) == [1] and find_last_step(checkpoint_dir) == 1
+    _, _, meta = load_model(checkpoint_dir, device="cpu")
+    assert meta["step"] == 1
+    # and the next run in the folder sweeps what the killed save left
+    (checkpoint_dir / "model_000009.pt").write_bytes(b"an older version's model without meta")
+    (checkpoint_dir / "optim_000007.pt").write_bytes(b"")
+    assert remove_partial_files(checkpoint_dir) == sorted(
+        [temp[0], "meta_000005.json", "model_000009.pt", "optim_000007.pt"])
+    assert sorted(os.listdir(checkpoint_dir)) == ["meta_000001.json", "model_000001.pt"]
+    assert remove_partial_files(tmp_path / "nowhere") == []

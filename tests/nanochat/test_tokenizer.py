@@ -221,6 +221,28 @@ def test_bad_token_bytes_file(tok, tmp_path):
         Tokenizer.from_directory(tmp_path)
 
 
+@pytest.mark.parametrize("damage, problem", [
+    ("pickle", "holds Python objects other than tensors and plain data ("),
+    ("truncated", "is unreadable: truncated or corrupt"),
+    ("empty", "is empty (0 bytes"),
+])
+def test_unreadable_token_bytes_is_one_line_and_never_runs(tok, tmp_path, damage, problem):
+    tok.save(tmp_path)
+    path, marker = tmp_path / "token_bytes.pt", tmp_path / "pwned"
+    if damage == "pickle":  # a non-weights-only object: refused without running it
+        torch.save({"lengths": _Evil(marker)}, path)
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(TokenizerLoadError) as info:
+        Tokenizer.from_directory(tmp_path)
+    message = str(info.value)
+    assert message.startswith(("token bytes file " + str(path), str(path))) and problem in message
+    assert "\n" not in message and "weights_only" not in message and "delete it" in message
+    assert damage != "pickle" or "system); refusing to unpickle it for safety" in message
+    assert not marker.exists()
+
+
 # -----------------------------------------------------------------------------
 # chat rendering
 
