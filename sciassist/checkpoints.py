@@ -19,6 +19,7 @@ tested and printed without reading gigabytes.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from nanochat.checkpoint import (
     find_checkpoint,
     find_tokenizer_dir,
     load_model,
+    meta_path,
     model_path,
     model_steps,
     parse_model_file,
@@ -122,6 +124,19 @@ class CheckpointSettings:
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
 
 
+def complete_steps(checkpoint_dir) -> list[int]:
+    """The steps of a folder whose model_<step>.pt has its meta_<step>.json; a model without
+    one (a save cut short by an older version) is passed over with a note, not a refusal."""
+    steps = []
+    for step in model_steps(checkpoint_dir):
+        if meta_path(checkpoint_dir, step).is_file():
+            steps.append(step)
+        else:
+            print(f"note: {model_path(checkpoint_dir, step)} has no {meta_path(checkpoint_dir, step).name} (a save "
+                  f"cut short?); passed over", file=sys.stderr)
+    return steps
+
+
 def latest_finetuned(finetuned_dir: str | Path = DEFAULT_FINETUNED_DIR) -> tuple[Path, int] | None:
     """(run_dir, step) of the most recently written model_*.pt under finetuned_dir/*/.
 
@@ -134,7 +149,7 @@ def latest_finetuned(finetuned_dir: str | Path = DEFAULT_FINETUNED_DIR) -> tuple
     for run_dir in sorted(finetuned_dir.iterdir()):
         if not run_dir.is_dir():
             continue
-        for step in model_steps(run_dir):
+        for step in complete_steps(run_dir):
             mtime = model_path(run_dir, step).stat().st_mtime
             if best is None or mtime > best[0]:
                 best = (mtime, run_dir, step)
@@ -158,7 +173,7 @@ def _in_folder(path: Path, model_step: int | None, kind: str = "checkpoint") -> 
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory, and neither a model_<step>.pt file nor "
                               f"source[:tag[:step]] (e.g. sft:d20, base:d4:1000)")
-    steps = model_steps(path)
+    steps = complete_steps(path)
     if not steps:
         raise CheckpointError(f"{path}: no model_<step>.pt files in this directory")
     step = steps[-1] if model_step is None else int(model_step)

@@ -157,3 +157,13 @@ def test_a_save_cut_short_is_invisible_to_the_resolver(tmp_path, tiny_base_dir):
     for choice in (choose_checkpoint(finetuned_dir=root, base_dir=tiny_base_dir), choose_checkpoint(str(run))):
         assert choice.step == 5
         assert load_choice(choice, device="cpu").meta["step"] == 0  # the copied tiny base's meta
+
+
+def test_a_model_without_its_meta_is_passed_over_with_a_note(tmp_path, tiny_base_dir, capsys):
+    root = tmp_path / "ft"
+    run = make_finetuned_run(root, "run", tiny_base_dir, step=10, mtime=1_000_000)
+    shutil.copy(run / "model_000010.pt", run / "model_000020.pt")  # as an older version's cut-short save left it
+    choice = choose_checkpoint(checkpoint=run)
+    assert choice.step == 10 and latest_finetuned(root) == (run, 10)
+    assert "model_000020.pt has no meta_000020.json" in capsys.readouterr().err
+    assert load_choice(choice, device="cpu").meta["model_config"]["n_layer"] == 2
