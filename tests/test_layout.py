@@ -13,7 +13,7 @@ LAYERS = {
     "sciassist.checkpoints": 2, "sciassist.hub": 2,
     "sciassist.data": 3,
     "sciassist.train": 4, "sciassist.eval": 4,
-    "sciassist.serve": 5, "sciassist.pipelines": 5,
+    "sciassist.serve": 5, "sciassist.pipelines": 5, "sciassist.export": 5,
 }
 OURS = ("nanochat", "sciassist")
 

@@ -62,6 +62,7 @@ from sciassist.train.step import (
     stop_signals,
     stopping,
 )
+from sciassist.train.tracking import open_tracker
 
 
 class _Diverged(Exception):
@@ -85,8 +86,12 @@ def train(settings: TrainSettings, on_step=None) -> dict:
         remove_leftovers(run)
         progress = start_or_resume(run)
         open_run_dir(run, progress.metrics)
+        run.tracker = open_tracker(settings, run.run_dir, progress.step, runtime.is_main)
         _describe(run)
-        status, error = _loop(run, progress, on_step)
+        try:
+            status, error = _loop(run, progress, on_step)
+        finally:
+            run.tracker.close()
         summary = run_summary(run, progress, status, error)
         if runtime.is_main:
             write_json(run.run_dir / "run_summary.json", summary)
@@ -202,6 +207,7 @@ def _validate(run: Run, progress: Progress, writer: BestCheckpointWriter, record
 def _keep(run: Run, progress: Progress, record: dict) -> None:
     progress.metrics.append(record)
     append_record(run, record)
+    run.tracker.log(record)
 
 
 def _save_resume(run: Run, progress: Progress) -> None:

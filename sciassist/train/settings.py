@@ -40,6 +40,9 @@ MAX_BATCH = 1_000_000
 MAX_LR = 100.0
 
 
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
 class TrainError(UserError):
     """A problem the user can fix (bad flag, missing file, diverged run); the message says how."""
 
@@ -110,6 +113,9 @@ class TrainSettings:
     save_every: int = setting(250, "write a resume point every N steps (0 = only at the end / on Ctrl-C)",
                               at_least=0, at_most=MAX_STEPS)
     resume: bool = setting(False, "continue the run in <out_dir>/<output_tag>/resume/ (same flags)")
+    report_to: str = setting("none", "where metrics also go: none | tensorboard | wandb (metrics.jsonl and "
+                                     "loss_curve.png are always written)", choices=list(REPORT_TO))
+    wandb_project: str = setting("sciassist", "the Weights & Biases project of --report_to wandb")
     # runtime
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
     dtype: str = setting("auto", "auto | bfloat16 | float32 (auto: bfloat16 autocast on CUDA, float32 elsewhere)")
@@ -156,6 +162,7 @@ def check_settings(s: TrainSettings) -> None:
     need(s.source in SOURCES, "source", f"must be one of {', '.join(SOURCES)}")
     need(s.model_step is None or s.model_step >= 0, "model_step", "must be >= 0")
     need(s.dtype in DTYPES, "dtype", f"must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+    need(s.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}")
     need(bool(s.output_tag) and "/" not in s.output_tag and s.output_tag not in (".", ".."),
          "output_tag", "must be a plain folder name")
     try:

@@ -9,7 +9,7 @@ import hashlib
 import inspect
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from sciassist.data.conversations import ConversationError, read_conversations, 
 from sciassist.train.settings import TrainError, TrainSettings
 from sciassist.train.state import resume_path
 from sciassist.train.step import peak_flops
+from sciassist.train.tracking import Tracker
 
 
 @dataclass
@@ -175,6 +176,7 @@ class Run:
     flops_per_token: float
     peak: float | None  # dense bf16 peak FLOP/s of the GPU (None: no MFU)
     fingerprint: str
+    tracker: Tracker = field(default_factory=Tracker)  # --report_to (set once the start step is known)
 
     @property
     def device(self):

@@ -1,0 +1,512 @@
+"""
+Export a nanochat checkpoint to a Hugging Face transformers folder, loadable with no custom code:
+
+    python -m sciassist.export --checkpoint finetuned_model_checkpoint/sciassist --out_dir hf/sciassist
+    python -m sciassist.export --checkpoint sft:d20 --out_dir hf/d20 --dtype bfloat16 --push_to_hub me/d20
+
+The folder (transformers' NanoChat architecture, `model_type: nanochat`):
+
+  config.json             NanoChatConfig: the sizes, rope theta 10000, logit softcap 15, RMSNorm eps =
+                          float32 machine epsilon (what F.rms_norm uses), untied embeddings
+  model.safetensors       the weights under transformers' names (weight_names)
+  generation_config.json  the stop tokens (<|assistant_end|>, <|bos|>) and the chat's sampling defaults
+  tokenizer.json          the tiktoken BPE as a byte-level BPE of the `tokenizers` library: the same
+                          split regex, vocabulary and merges, the special tokens with their ids
+  tokenizer_config.json, chat_template.jinja
+                          the chat template renders exactly what nanochat's tokenizer renders
+  README.md               a model card: the model, the run's settings, the evaluation table
+  sciassist_export.json   what was exported from where (and the mark that lets a later export
+                          replace this folder: a non-empty folder without it is never touched)
+
+The math is the same in both implementations, checked by tests/test_export.py: transformers'
+NanoChat rotates q and k with rotate_half(x) = (x2, -x1) and cos/sin repeated over both halves,
+which is y1 = x1*cos + x2*sin, y2 = x2*cos - x1*sin: nanochat's rotation by minus theta with the
+half split, so the q/k projection rows are copied unchanged. One difference remains: nanochat
+rounds its rotary cos/sin tables to bf16, transformers keeps them in fp32: logits differ by 3e-4 to 8e-3 on
+the small models tested (more for larger logits); with fp32 tables on both sides, ~5e-6.
+
+The tokenizer follows transformers' conventions where they differ from nanochat's:
+`tokenizer(text)` turns the text of a special token ("<|bos|>") into that token, as every
+Hugging Face tokenizer does (chat templates rely on it). nanochat's `encode` never does; the
+same ids come from `tokenizer(text, split_special_tokens=True)`, and
+`apply_chat_template(..., sanitize_control_tokens=True)` keeps such text in messages as text.
+
+Only this command imports transformers, tokenizers and safetensors (at the top of this file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as FastTokenizer
+from transformers import GenerationConfig, NanoChatConfig, PreTrainedTokenizerFast
+
+from nanochat.checkpoint import CheckpointError
+from nanochat.gpt import SOFTCAP
+from nanochat.tokenizer import SPECIAL_TOKENS
+from sciassist.checkpoints import CheckpointSettings, choose_checkpoint, load_choice
+from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser, write_json
+
+EXPORT_MARK = "sciassist_export.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ROPE_THETA = 10000.0  # nanochat.gpt.GPT.init_rotary's base
+# F.rms_norm(x, shape) with eps=None uses the machine epsilon of x's dtype; nanochat runs fp32
+# (off CUDA) and transformers' NanoChatRMSNorm computes in fp32 whatever the weights' dtype.
+RMS_NORM_EPS = torch.finfo(torch.float32).eps
+# The chat's sampling defaults (sciassist.serve.chat_cli.ChatSettings), which serve may not be imported here.
+SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 50, "max_new_tokens": 512}
+STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # where nanochat.engine.Engine stops
+PAD_TOKEN = "<|assistant_end|>"  # nanochat's SFT pads with it; <|bos|> would mask every prompt's first token
+
+
+class ExportError(UserError):
+    """An export that cannot go ahead; the message says why."""
+
+
+@dataclass
+class ExportSettings(CheckpointSettings):
+    """`python -m sciassist.export`: the model flags, where to write, the precision, the hub repo."""
+
+    out_dir: str = setting("", "the folder to write: new, empty, or an earlier export, which is replaced "
+                               "(default: none, required)", required=True)
+    dtype: str = setting("float32", "weights' precision in model.safetensors (float32 is exact)",
+                         choices=list(DTYPES))
+    push_to_hub: str | None = setting(None, "then upload the folder to this Hugging Face model repo (user/name)")
+    private: bool = setting(False, "with --push_to_hub: create the repo as private (an existing repo keeps its "
+                                   "visibility)")
+    device: str = setting("cpu", "where the checkpoint is read: cpu | cuda | cuda:N | mps | auto")
+
+
+# ----------------------------------------------------------------------------- weights and config
+
+def weight_names(n_layer: int) -> dict[str, str]:
+    """nanochat's state-dict key -> transformers' NanoChatForCausalLM key (bias-free Linears,
+    [out, in] in both; no norm weights in either)."""
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    per_layer = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
+                 "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in range(n_layer):
+        for ours, theirs in per_layer.items():
+            names[f"transformer.h.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def hf_state_dict(state_dict: dict, n_layer: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The weights under transformers' names, on the CPU in `dtype`. Rows are copied as they are:
+    both implementations rotate q and k the same way (the module docstring)."""
+    names = weight_names(n_layer)
+    state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+    missing, unexpected = sorted(set(names) - set(state_dict)), sorted(set(state_dict) - set(names))
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint's tensors are not nanochat's: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    return {names[k]: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+    return {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
+
+
+def hf_config(gpt_config, tokenizer, dtype: str = "float32", intermediate_size: int | None = None) -> NanoChatConfig:
+    """transformers' NanoChatConfig for a nanochat GPTConfig."""
+    ids = special_ids(tokenizer)
+    return NanoChatConfig(
+        vocab_size=gpt_config.vocab_size,
+        hidden_size=gpt_config.n_embd,
+        intermediate_size=intermediate_size or 4 * gpt_config.n_embd,
+        num_hidden_layers=gpt_config.n_layer,
+        num_attention_heads=gpt_config.n_head,
+        num_key_value_heads=gpt_config.n_kv_head,
+        max_position_embeddings=gpt_config.sequence_len,
+        hidden_act="relu2",
+        rms_norm_eps=RMS_NORM_EPS,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+        final_logit_softcapping=SOFTCAP,
+        attention_bias=False,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=ids["<|bos|>"],
+        eos_token_id=ids["<|assistant_end|>"],
+        pad_token_id=ids[PAD_TOKEN],
+        architectures=["NanoChatForCausalLM"],
+        dtype=dtype,
+    )
+
+
+def generation_config(tokenizer) -> GenerationConfig:
+    ids = special_ids(tokenizer)
+    return GenerationConfig(bos_token_id=ids["<|bos|>"], eos_token_id=[ids[t] for t in STOP_TOKENS],
+                            pad_token_id=ids[PAD_TOKEN], **SAMPLING)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def byte_symbols() -> dict[int, str]:
+    """The byte-level alphabet of the `tokenizers` ByteLevel pre-tokenizer (GPT-2's): printable
+    Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100 onwards in order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
+    symbols, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + shifted)
+            shifted += 1
+    return symbols
+
+
+def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tiktoken's ranks as a byte-level BPE. tiktoken merges, in each piece, the adjacent pair whose
+    concatenation has the lowest rank; so every split of a token into two tokens is a merge, ranked
+    by the token's rank (ties: the parts' ranks)."""
+    symbols = byte_symbols()
+
+    def text(token: bytes) -> str:
+        return "".join(symbols[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], text(left), text(right)))
+    merges.sort()
+    return vocab, [(left, right) for *_, left, right in merges]
+
+
+def fast_tokenizer(tokenizer) -> FastTokenizer:
+    """nanochat's tiktoken encoding as a `tokenizers` Tokenizer with the same ids: the split regex,
+    then byte-level BPE that first looks a whole piece up in the vocabulary (ignore_merges, as
+    tiktoken does), and every special token of the encoding with its id."""
+    enc = tokenizer.enc
+    ranks, specials = dict(enc._mergeable_ranks), dict(enc._special_tokens)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ExportError("the tokenizer's ranks are not the ids 0..N-1; cannot write a BPE vocabulary")
+    single = [bytes([b]) for b in range(256)]
+    if any(b not in ranks for b in single):
+        raise ExportError("the tokenizer does not have all 256 single bytes as tokens; not a byte-level BPE")
+    by_id = sorted(specials.items(), key=lambda item: item[1])
+    if [i for _, i in by_id] != list(range(len(ranks), len(ranks) + len(specials))):
+        raise ExportError("the tokenizer's special tokens do not follow its ranks; cannot assign their ids")
+    vocab, merges = bpe_vocab_and_merges(ranks)
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False,
+                                    byte_fallback=False))
+    fast.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    fast.decoder = decoders.ByteLevel()
+    fast.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in by_id])
+    wrong = [name for name, i in by_id if fast.token_to_id(name) != i]
+    if wrong:
+        raise ExportError(f"special tokens {wrong} did not get their ids in tokenizer.json")
+    return fast
+
+
+# The chat format of nanochat.tokenizer.Tokenizer: render_conversation without
+# add_generation_prompt (for string content), render_for_completion with it (which leaves out a
+# final assistant message and appends <|assistant_start|>). Assistant content may be nanochat's
+# list of parts (text, python, python_output).
+CHAT_TEMPLATE = (
+    "{%- macro text_of(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'python' -%}<|python_start|>{{- part['text'] -}}<|python_end|>"
+    "{%- elif part['type'] == 'python_output' -%}<|output_start|>{{- part['text'] -}}<|output_end|>"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- if add_generation_prompt and turns and turns[-1]['role'] == 'assistant' -%}"
+    "{%- set turns = turns[:-1] -%}{%- endif -%}"
+    "{%- if not turns -%}{{- raise_exception('a conversation needs a user message (after the system message)') -}}"
+    "{%- endif -%}"
+    "<|bos|>"
+    "{%- for message in turns -%}"
+    "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}"
+    "{%- if message['role'] != expected -%}"
+    "{{- raise_exception('message ' ~ loop.index0 ~ ': expected role ' ~ expected ~ ', got ' ~ message['role'] ~ "
+    "' (only the first message may be a system message; then roles alternate user/assistant)') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "<|user_start|>{%- if loop.first and system is not none -%}{{- system ~ '\\n\\n' -}}{%- endif -%}"
+    "{{- text_of(message['content']) -}}<|user_end|>"
+    "{%- else -%}"
+    "<|assistant_start|>{{- text_of(message['content']) -}}<|assistant_end|>"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
+)
+
+
+def hf_tokenizer(tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer: fast_tokenizer plus the special-token roles and the chat template."""
+    extra = [name for name in SPECIAL_TOKENS if name not in ("<|bos|>", PAD_TOKEN)]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=fast_tokenizer(tokenizer),
+        bos_token="<|bos|>", eos_token="<|assistant_end|>", pad_token=PAD_TOKEN,
+        extra_special_tokens=extra,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,  # decode must give back the text exactly
+        model_max_length=model_max_length,
+    )
+
+
+# ----------------------------------------------------------------------------- the model card
+
+def _cell(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table_from_results(table: dict) -> str | None:
+    """Markdown of results.json's "table" (the shape sciassist.eval.table writes), or None."""
+    try:
+        columns = list(table["columns"])
+        lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns),
+                 "| questions | " + " | ".join(str(table["counts"][c]) for c in columns) + " |"]
+        for row in table["rows"]:
+            cells = []
+            for c in columns:
+                accuracy = row["cells"][c]["accuracy"]
+                cells.append("n/a" if accuracy is None else f"{accuracy:.2f}")
+            lines.append(f"| {_cell(row['name'])} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def evaluation_of(checkpoint_dir: Path) -> dict | None:
+    """The run's evaluation (eval/ of the checkpoint folder, as --eval_after or sciassist_evaluate.py
+    --out_dir RUN/eval write it): {"table": markdown, "source": file, "settings": {...}} or None."""
+    eval_dir = Path(checkpoint_dir) / "eval"
+    results = {}
+    if (eval_dir / "results.json").is_file():
+        try:
+            results = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            results = {}
+        if not isinstance(results, dict):
+            results = {}
+    settings = results.get("settings") if isinstance(results.get("settings"), dict) else {}
+    shown = {k: settings[k] for k in ("split", "scoring", "answer_format", "prompt_style", "limit") if k in settings}
+    if (eval_dir / "table.md").is_file():
+        table = (eval_dir / "table.md").read_text(encoding="utf-8").strip()
+        if table:
+            return {"table": table, "source": "eval/table.md", "settings": shown}
+    if isinstance(results.get("table"), dict):
+        table = _table_from_results(results["table"])
+        if table:
+            return {"table": table, "source": "eval/results.json", "settings": shown}
+    return None
+
+
+def model_card(loaded, dtype: str, repo_id: str | None, num_params: int) -> str:
+    """README.md: what the model is, how to use it, how it was trained and how it scored."""
+    choice, meta, config = loaded.choice, loaded.meta, loaded.model.config
+    name = repo_id or choice.name
+    load_name = repo_id or "HF_DIR"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- nanochat",
+        "- sciassist",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A nanochat GPT ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
+        f"{num_params:,} parameters, vocabulary {config.vocab_size:,}, context {config.sequence_len}) exported "
+        f"by SciAssist (`python -m sciassist.export`) from {choice.describe()}, weights in {dtype}. It loads "
+        f"with transformers' own NanoChat architecture (transformers >= 5.0), no custom code.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'chat = pipeline("text-generation", model="{load_name}")',
+        'messages = [{"role": "user", "content": "Why does ice float on water?"}]',
+        'print(chat(messages, max_new_tokens=128)[0]["generated_text"][-1]["content"])',
+        "```",
+        "",
+        f"Serving: `vllm serve {load_name}` (an OpenAI-compatible server; not tried by the exporter).",
+        "",
+        "The chat template renders exactly what nanochat trains on: `<|bos|>`, then each user turn as "
+        "`<|user_start|>...<|user_end|>` and each assistant turn as `<|assistant_start|>...<|assistant_end|>`; "
+        "a leading system message is put before the first user message as system + \"\\n\\n\" + user. "
+        "Generation stops at `<|assistant_end|>` (or `<|bos|>`). The sampling defaults in "
+        f"generation_config.json are the SciAssist chat's (temperature {SAMPLING['temperature']}, "
+        f"top-k {SAMPLING['top_k']}); pass `do_sample=False` for greedy answers.",
+        "",
+        "Text that spells a special token (`<|user_end|>`) becomes that token in `tokenizer(text)`, as in every "
+        "Hugging Face tokenizer; nanochat never does this. Use `tokenizer(text, split_special_tokens=True)` and "
+        "`apply_chat_template(..., sanitize_control_tokens=True)` on untrusted text.",
+        "",
+        "Numerics: the weights are nanochat's, unchanged. nanochat rounds its rotary cos/sin tables to bf16 "
+        "while transformers keeps them in fp32, so logits differ slightly from nanochat's own code (3e-4 to 8e-3 "
+        "on the small models the exporter was tested with; greedy text was the same on every test prompt).",
+        "",
+        "## Source",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| checkpoint | `{_cell(str(choice.checkpoint_dir))}` |",
+        f"| step | {choice.step} |",
+    ]
+    for key in ("val_loss", "best_val_loss", "val_bpb", "source_model", "source_step", "answer_format",
+                "mmlu_acc", "arc_easy_acc"):
+        if key in meta and meta[key] is not None:
+            lines.append(f"| {key} | {_cell(meta[key])} |")
+    training = meta.get("training_settings")
+    if isinstance(training, dict) and training:
+        lines += ["", "## Training settings", "", "The fine-tuning run's settings (`sciassist_train.py` flags):", "",
+                  "| setting | value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in training.items()]
+    evaluation = evaluation_of(choice.checkpoint_dir)
+    if evaluation is not None:
+        how = ", ".join(f"{k} {_cell(v)}" for k, v in evaluation["settings"].items())
+        lines += ["", "## Evaluation", "",
+                  f"ScienceQA-style multiple choice, accuracy in % (from the run's `{evaluation['source']}`"
+                  + (f"; {how}" if how else "") + "):", "", evaluation["table"]]
+    lines += ["", "## Licence", "",
+              "nanochat's code and published weights are MIT-licensed. ScienceQA (used by SciAssist's default "
+              "training data) is CC BY-NC-SA 4.0; check the terms of the data this model was trained on before "
+              "publishing it.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse a file, or a non-empty folder that an earlier export did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out_dir {out_dir} is a file, not a folder; give a new or empty folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / EXPORT_MARK).is_file():
+        raise ExportError(f"--out_dir {out_dir} is not empty and was not written by sciassist.export (no "
+                          f"{EXPORT_MARK}); give a new or empty folder, nothing was written")
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Put the finished staging folder in place of out_dir (empty, missing or an earlier export)."""
+    old = None
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        else:
+            out_dir.rmdir()
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(loaded, folder: Path, dtype: str, repo_id: str | None = None) -> dict:
+    """Every file of the export into `folder` (which exists); returns the export's record."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config = model.config
+    state = hf_state_dict(model.state_dict(), config.n_layer, DTYPES[dtype])
+    intermediate = state["model.layers.0.mlp.fc1.weight"].shape[0] if config.n_layer else None
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    num_params = sum(t.numel() for t in state.values())
+    del state
+    hf_config(config, tokenizer, dtype, intermediate).save_pretrained(folder)
+    generation_config(tokenizer).save_pretrained(folder)
+    hf_tokenizer(tokenizer, config.sequence_len).save_pretrained(folder)
+    (folder / "README.md").write_text(model_card(loaded, dtype, repo_id, num_params), encoding="utf-8")
+    record = {
+        "exported_by": "sciassist.export",
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint": str(loaded.choice.checkpoint_dir),
+        "step": loaded.choice.step,
+        "kind": loaded.choice.kind,
+        "source": loaded.choice.source,
+        "dtype": dtype,
+        "num_params": num_params,
+        "model_config": dataclasses.asdict(config),
+        "files": sorted(p.name for p in folder.iterdir()) + [EXPORT_MARK],
+    }
+    write_json(folder / EXPORT_MARK, record)
+    return record
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
+    """Upload the folder to a Hugging Face model repo (created when missing); returns the commit URL."""
+    api = api or HfApi()
+    try:
+        # private=None: public unless the organisation's default is private (ignored for an existing repo)
+        api.create_repo(repo_id=repo_id, repo_type="model", private=True if private else None, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                   commit_message="Upload nanochat model exported by sciassist.export")
+    except Exception as e:  # network, auth, a bad repo id: one line, and the folder is kept
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"pushing {folder} to {repo_id} failed ({type(e).__name__}: {reason}); the exported "
+                          f"folder is complete, push it again later (log in with `hf auth login`)") from e
+    return str(getattr(commit, "commit_url", None) or commit)
+
+
+def export(settings: ExportSettings, api: HfApi | None = None) -> dict:
+    """Choose and load the checkpoint, write the folder (staged, then put in place), push it when
+    asked. Returns the export's record (as in sciassist_export.json), with "out_dir" and "pushed"."""
+    if not settings.out_dir:
+        raise ExportError("--out_dir is required: the folder to write")
+    out_dir = Path(settings.out_dir).expanduser()
+    check_out_dir(out_dir)
+    if settings.dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+    choice = choose_checkpoint(settings.checkpoint, settings.source, settings.model_tag, settings.model_step,
+                               settings.base_dir, settings.finetuned_dir)
+    loaded = load_choice(choice, device=settings.device)
+    staging = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        record = write_folder(loaded, staging, settings.dtype, settings.push_to_hub)
+        _replace_dir(staging, out_dir)
+    except OSError as e:
+        raise ExportError(f"writing {out_dir} failed: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    record["out_dir"] = str(out_dir)
+    record["pushed"] = None
+    if settings.push_to_hub:
+        record["pushed"] = push_folder(out_dir, settings.push_to_hub, settings.private, api=api)
+    return record
+
+
+def main(argv=None) -> int:
+    parser = settings_parser(ExportSettings, "python -m sciassist.export",
+                             "Export a nanochat checkpoint to a Hugging Face transformers folder "
+                             "(config.json, model.safetensors, tokenizer, chat template, model card).")
+    settings = settings_from_namespace(ExportSettings, parser.parse_args(argv))
+    try:
+        record = export(settings)
+    except (UserError, CheckpointError) as e:
+        return print_error(e)
+    print(f"exported {record['checkpoint']} step {record['step']} ({record['num_params']:,} parameters, "
+          f"{record['dtype']}) to {record['out_dir']}")
+    if record["pushed"]:
+        print(f"pushed to https://huggingface.co/{settings.push_to_hub} ({record['pushed']})")
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({record['out_dir']!r}), "
+          f"or serve it: vllm serve {record['out_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
