@@ -9,19 +9,28 @@ Every command names a model the same way (`--checkpoint`, and the values of eval
                       ({base,mid,chatsft,chatrl}_checkpoints/<tag>/; default tag: the largest
                       d<N>; default step: the latest)
   newest              the newest fine-tuned run (below), and nothing else
+  a transformers folder  config.json (model_type nanochat) + model.safetensors + tokenizer.json, as
+                      `python -m sciassist.export` writes it: converted once into nanochat's layout
+                      (sciassist.hf_import; the copy in <folder>/.sciassist_nanochat/ is reused while
+                      the files are unchanged), then loaded from there
+  owner/name          a Hugging Face hub repo of such a folder (not an existing path): downloaded into
+                      <base_dir>/hf_models/owner--name/, then treated as a folder
   nothing             --source / --model_tag under --base_dir when given; else the newest
                       fine-tuned run (the most recently written model_*.pt under
                       finetuned_dir/*/), else the base dir's sft model, else its base model
 
 Choosing (choose_checkpoint) is separate from loading (load_choice), so a choice can be
-tested and printed without reading gigabytes.
+tested and printed without reading gigabytes (except a transformers folder's first conversion).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from huggingface_hub import snapshot_download
 
 from nanochat.checkpoint import (
     SOURCE_ALIASES,
@@ -37,6 +46,7 @@ from nanochat.checkpoint import (
     parse_model_file,
 )
 from sciassist.common import resolve_device, setting
+from sciassist.hf_import import HUB_FILES, SOURCE_FILES, convert_folder, is_transformers_folder
 
 DEFAULT_FINETUNED_DIR = "finetuned_model_checkpoint"
 # Sources tried, in order, when nothing was asked for and no fine-tuned run exists:
@@ -44,20 +54,24 @@ DEFAULT_FINETUNED_DIR = "finetuned_model_checkpoint"
 FALLBACK_SOURCES = ("sft", "base")
 SOURCES = tuple(SOURCE_DIRS)
 NEWEST = "newest"
-SPEC_HELP = ("a checkpoint folder, a model_<step>.pt file, source[:tag[:step]] such as sft:d20, or newest (the "
-             "newest fine-tuned run)")
+SPEC_HELP = ("a checkpoint folder, a model_<step>.pt file, source[:tag[:step]] such as sft:d20, newest (the "
+             "newest fine-tuned run), a transformers NanoChat folder or a Hugging Face repo id of one (owner/name)")
+TRANSFORMERS = "transformers"
+HUB_MODELS_DIR = "hf_models"  # under the base dir: hub repos downloaded by their id
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
 class CheckpointChoice:
     """Where a model will be loaded from."""
 
-    kind: str  # "checkpoint" (named by the user), "finetuned" (the newest run) or "base_dir"
+    kind: str  # "checkpoint" (named by the user), "finetuned" (the newest run), "base_dir" or "transformers"
     checkpoint_dir: Path
     step: int
     tokenizer_dir: Path | None = None  # None: nanochat.checkpoint looks beside the model
     source: str | None = None  # base|mid|sft|rl when kind == "base_dir"
     base_dir: Path | None = None
+    origin: str | None = None  # kind "transformers": the folder (or hub repo id) that was converted
 
     @property
     def model_file(self) -> Path:
@@ -68,6 +82,8 @@ class CheckpointChoice:
         """A short label for a page header: the run name, or e.g. "sft d20"."""
         if self.kind == "base_dir":
             return f"{self.source} {self.checkpoint_dir.name}"
+        if self.kind == TRANSFORMERS and self.origin:
+            return Path(self.origin).name
         return self.checkpoint_dir.name
 
     def describe(self) -> str:
@@ -76,6 +92,8 @@ class CheckpointChoice:
             return f"{self.source} checkpoint {where}"
         if self.kind == "finetuned":
             return f"fine-tuned checkpoint {where}"
+        if self.kind == TRANSFORMERS:
+            return f"transformers model {self.origin} (converted to {self.checkpoint_dir})"
         return f"checkpoint {where}"
 
 
@@ -182,6 +200,42 @@ def _in_folder(path: Path, model_step: int | None, kind: str = "checkpoint") -> 
     return CheckpointChoice(kind, path, step, tokenizer_dir=_tokenizer_dir(path))
 
 
+def _from_transformers(folder: Path, model_step: int | None, origin: str | None = None) -> CheckpointChoice:
+    """A transformers NanoChat folder, converted (or its earlier conversion reused)."""
+    if model_step not in (None, 0):
+        raise CheckpointError(f"{origin or folder}: a transformers model has one step (0); --model_step {model_step} "
+                              f"does not apply")
+    converted = convert_folder(folder)
+    return CheckpointChoice(TRANSFORMERS, converted, 0, tokenizer_dir=converted / "tokenizer",
+                            origin=origin or str(folder))
+
+
+def is_repo_id(spec: str) -> bool:
+    """owner/name that is not a local path (nor one whose first part is a local folder: a typo in a path)."""
+    return bool(REPO_ID.match(spec)) and ".." not in spec and not Path(spec).exists() \
+        and not Path(spec.split("/")[0]).is_dir()
+
+
+def _from_hub(repo_id: str, base: Path, model_step: int | None) -> CheckpointChoice:
+    """Download a hub repo's transformers files into <base>/hf_models/owner--name/ and convert them."""
+    local_dir = base / HUB_MODELS_DIR / repo_id.replace("/", "--")
+    try:
+        snapshot_download(repo_id=repo_id, allow_patterns=list(HUB_FILES), local_dir=str(local_dir))
+    except Exception as e:  # offline, no such repo, no access: one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if all((local_dir / name).is_file() for name in SOURCE_FILES):
+            print(f"note: could not reach the hub for {repo_id} ({type(e).__name__}); using the copy downloaded "
+                  f"earlier in {local_dir}", file=sys.stderr)
+        else:
+            raise CheckpointError(f"{repo_id}: neither a local path nor a Hugging Face hub repo that could be "
+                                  f"downloaded ({type(e).__name__}: {reason[:160]}); check the path, the network "
+                                  f"or, for a private repo, `hf auth login`") from e
+    if not is_transformers_folder(local_dir):
+        raise CheckpointError(f"{repo_id}: the hub repo has no config.json with model_type nanochat (not a "
+                              f"transformers NanoChat model; nanochat's own checkpoints: python -m sciassist.hub)")
+    return _from_transformers(local_dir, model_step, origin=repo_id)
+
+
 def parse_spec(spec: str) -> tuple[str, str | None, int | None] | None:
     """"source[:tag[:step]]" -> (source, tag, step); None when `spec` does not have that form."""
     parts = str(spec).split(":")
@@ -226,8 +280,12 @@ def choose_checkpoint(
                 raise CheckpointError(f"{NEWEST}: no fine-tuned run in {finetuned_dir or DEFAULT_FINETUNED_DIR}/ "
                                       f"(train one with make finetune, or name the run's folder)")
             return _in_folder(found[0], found[1] if model_step is None else model_step, kind="finetuned")
+        if path.is_dir() and not model_steps(path) and is_transformers_folder(path):
+            return _from_transformers(path, model_step)
         spec = None if path.exists() else parse_spec(str(checkpoint))
         if spec is None:
+            if not path.exists() and is_repo_id(str(checkpoint)):
+                return _from_hub(str(checkpoint), base, model_step)
             return _in_folder(path, model_step)
         spec_source, spec_tag, spec_step = spec
         if model_step is not None and spec_step is not None and model_step != spec_step:

@@ -57,6 +57,8 @@ from nanochat.gpt import SOFTCAP
 from nanochat.tokenizer import SPECIAL_TOKENS
 from sciassist.checkpoints import CheckpointSettings, choose_checkpoint, load_choice
 from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser, write_json
+from sciassist.hf_import import byte_symbols
+from sciassist.hf_import import weight_names as nanochat_names
 
 EXPORT_MARK = "sciassist_export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -91,15 +93,9 @@ class ExportSettings(CheckpointSettings):
 # ----------------------------------------------------------------------------- weights and config
 
 def weight_names(n_layer: int) -> dict[str, str]:
-    """nanochat's state-dict key -> transformers' NanoChatForCausalLM key (bias-free Linears,
-    [out, in] in both; no norm weights in either)."""
-    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
-    per_layer = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
-                 "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    for i in range(n_layer):
-        for ours, theirs in per_layer.items():
-            names[f"transformer.h.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
-    return names
+    """nanochat's state-dict key -> transformers' NanoChatForCausalLM key: the import's mapping
+    (sciassist.hf_import.weight_names) turned around."""
+    return {ours: theirs for theirs, ours in nanochat_names(n_layer).items()}
 
 
 def hf_state_dict(state_dict: dict, n_layer: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -151,20 +147,6 @@ def generation_config(tokenizer) -> GenerationConfig:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-
-def byte_symbols() -> dict[int, str]:
-    """The byte-level alphabet of the `tokenizers` ByteLevel pre-tokenizer (GPT-2's): printable
-    Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100 onwards in order."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
-    symbols, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            symbols[b] = chr(b)
-        else:
-            symbols[b] = chr(256 + shifted)
-            shifted += 1
-    return symbols
-
 
 def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """tiktoken's ranks as a byte-level BPE. tiktoken merges, in each piece, the adjacent pair whose

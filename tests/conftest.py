@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sciassist.checkpoints
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,16 @@ TOKENIZER_TEXTS = [
     "What is the capital of France? Paris is the capital. 12 + 30 = 42; 7 x 6 = 42!",
     "Hello, how are you today? I'm fine, thanks. Let's learn about the solar system.",
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_hub_downloads(monkeypatch):
+    """Tests never reach the Hugging Face hub: a hub repo id resolves to an offline error unless a
+    test puts its own stand-in in place."""
+    def offline(*args, **kwargs):
+        raise OSError("the hub is not reached from the tests (offline)")
+
+    monkeypatch.setattr(sciassist.checkpoints, "snapshot_download", offline)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 
 from nanochat.checkpoint import CheckpointError
 from sciassist.checkpoints import (
+    SPEC_HELP,
     CheckpointChoice,
     CheckpointSettings,
     choose_checkpoint,
@@ -167,3 +168,18 @@ def test_a_model_without_its_meta_is_passed_over_with_a_note(tmp_path, tiny_base
     assert choice.step == 10 and latest_finetuned(root) == (run, 10)
     assert "model_000020.pt has no meta_000020.json" in capsys.readouterr().err
     assert load_choice(choice, device="cpu").meta["model_config"]["n_layer"] == 2
+
+
+def test_a_transformers_folder_is_accepted_wherever_a_checkpoint_is(tmp_path, tiny_base_dir):
+    from sciassist.export import main as export_main  # the export, a higher layer, writes the folder
+    hf_dir = tmp_path / "hf" / "tiny"
+    assert export_main(["--checkpoint", str(tiny_base_dir / "base_checkpoints" / "d2"), "--out_dir", str(hf_dir)]) == 0
+    parser = settings_parser(CheckpointSettings, "test", "the model flags")
+    args = parser.parse_args(["--checkpoint", str(hf_dir), "--device", "cpu"])
+    loaded = resolve_from_settings(settings_from_namespace(CheckpointSettings, args))
+    assert (loaded.choice.kind, loaded.choice.name, loaded.choice.step) == ("transformers", "tiny", 0)
+    assert loaded.sequence_len == 256 and loaded.info()["vocab_size"] == 512
+    assert choose_checkpoint(str(hf_dir), model_step=0).checkpoint_dir == loaded.choice.checkpoint_dir
+    with pytest.raises(CheckpointError, match="a transformers model has one step"):
+        choose_checkpoint(str(hf_dir), model_step=3)
+    assert "transformers" in SPEC_HELP and "owner/name" in SPEC_HELP
