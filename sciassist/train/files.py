@@ -7,6 +7,8 @@
   loss_curve.png                     redrawn at every evaluation
   run_summary.json                   written at the end
   resume/state.pt                    everything --resume needs (sciassist.train.state)
+  adapter/                           LoRA runs: the best checkpoint's adapter in peft's format
+                                     (model_<step>.pt is then the merged model; sciassist.train.lora)
 
 A run starting in the folder first removes what writes that were killed midway left there
 (remove_leftovers), with a note.
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 from pathlib import Path
 
 from nanochat.checkpoint import meta_path, model_path, optim_path, save_checkpoint
 from nanochat.files import remove_partial_files
 from sciassist.plots import plot_loss_curve
+from sciassist.train.lora import ADAPTER_DIR, lora_meta, merged_state_dict, save_adapter
 from sciassist.train.settings import TrainError
 from sciassist.train.state import RESUME_DIR, temp_path
 
@@ -36,10 +40,14 @@ class BestCheckpointWriter:
     A d20 checkpoint is 2.2 GB and validation improves at most evaluations (30 of them in
     the ScienceQA run), which would otherwise stall the GPU for minutes in total. The weights
     are copied to CPU memory first (training goes on changing the live ones); one write is
-    in flight at a time, and wait() re-raises a failed write."""
+    in flight at a time, and wait() re-raises a failed write.
 
-    def __init__(self, run_dir):
+    lora (a peft LoraConfig): the run trains LoRA adapters; the thread merges them into the CPU
+    copy (never the live model) and writes the merged model, and the adapter to <run>/adapter/."""
+
+    def __init__(self, run_dir, lora=None):
         self.run_dir = Path(run_dir)
+        self.lora = lora
         self.thread = None
         self.error = None
 
@@ -49,7 +57,11 @@ class BestCheckpointWriter:
 
         def write():
             try:
-                save_checkpoint(self.run_dir, step, state_dict, meta)
+                weights = state_dict
+                if self.lora is not None:
+                    save_adapter(self.run_dir / ADAPTER_DIR, model, state_dict, self.lora)
+                    weights = merged_state_dict(state_dict, model.config, self.lora)
+                save_checkpoint(self.run_dir, step, weights, meta)
                 if previous_step is not None and previous_step != step:
                     remove_checkpoint(self.run_dir, previous_step)
             except BaseException as e:  # reported by wait(), in the training thread
@@ -80,6 +92,7 @@ def checkpoint_meta(run, step, val_loss, best) -> dict:
         "max_seq_len": run.max_seq_len,
         "device_batch_size": run.settings.device_batch_size,
         "training_settings": dataclasses.asdict(run.settings),
+        **({"lora": lora_meta(run.settings)} if run.lora is not None else {}),
     }
 
 
@@ -118,6 +131,9 @@ def open_run_dir(run, metrics) -> None:
             for path in run_dir.glob(pattern):
                 path.unlink()
                 removed.append(path.name)
+        if (run_dir / ADAPTER_DIR).is_dir():  # an earlier LoRA run's adapter
+            shutil.rmtree(run_dir / ADAPTER_DIR)
+            removed.append(f"{ADAPTER_DIR}/")
         if removed:
             run.log(f"note: {run_dir} held an earlier run; removed its {', '.join(sorted(set(removed)))}")
         if run.resume_path.is_file():

@@ -112,7 +112,7 @@ def train(settings: TrainSettings, on_step=None) -> dict:
 def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
     """Train from progress.step to the end; returns (status, error): completed, interrupted
     (Ctrl-C or on_step raised KeyboardInterrupt), terminated (SIGTERM) or diverged."""
-    writer = BestCheckpointWriter(run.run_dir)
+    writer = BestCheckpointWriter(run.run_dir, run.lora)
     bar = tqdm(total=run.num_steps, initial=progress.step, disable=not run.runtime.is_main, dynamic_ncols=True,
                mininterval=1.0, desc="fine-tuning", file=sys.stderr)
     saved = []  # the steps whose resume point was saved
@@ -218,12 +218,19 @@ def _save_resume(run: Run, progress: Progress) -> None:
 def _describe(run: Run) -> None:
     c, s = run.model.config, run.settings
     run.log(f"model: {run.source['model_file']} (d{c.n_layer}, {run.model.num_params():,} params)")
+    if run.lora is not None:
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        run.log(f"LoRA: rank {s.lora_rank}, alpha {run.lora.lora_alpha:g}, dropout {s.lora_dropout:g}, targets "
+                f"{s.lora_targets}; {trainable:,} trainable parameters, the rest frozen")
     run.log(f"data: {run.data_description}")
     run.log(f"  train: {run.train_set.describe()}")
     run.log(f"  val:   {run.val_set.describe()}; evaluating on {run.num_val} of them")
     run.log(f"schedule: {run.num_steps} steps ({run.per_epoch} per epoch, {s.target_examples_per_step} conversations "
             f"each), {run.runtime.world_size} process(es) on {run.device}, "
             f"{'packed rows' if s.packing else 'padded batches'}")
+    with run.autocast:  # the kernel depends on the compute dtype the forward passes use
+        kernel = run.model.attention_kernel
+    run.log(f"attention for packed rows: {kernel} (nanochat.attention)")
 
 
 def _flags_text(settings: TrainSettings) -> str:

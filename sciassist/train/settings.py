@@ -26,7 +26,7 @@ TRAJECTORY_FIELDS = (
     "data_path", "data_dir", "val_path", "val_split", "max_seq_len", "source", "model_tag", "model_step",
     "checkpoint", "num_epochs", "num_iterations", "target_examples_per_step", "matrix_lr", "embedding_lr",
     "unembedding_lr", "weight_decay", "init_lr_frac", "warmup_steps", "grad_clip", "packing", "pack_len",
-    "eval_every", "eval_steps", "seed",
+    "eval_every", "eval_steps", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr",
 )
 # Old flag names that still work (the parser says what they are now).
 RENAMED_FLAGS = {"--checkpoint_dir": "--checkpoint", "--output_dir": "--out_dir"}
@@ -41,6 +41,15 @@ MAX_LR = 100.0
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")
+# The projections of a transformer block that LoRA can adapt (nanochat.gpt: attention c_q, c_k,
+# c_v, c_proj; MLP c_fc, c_proj; a name selects it in every block, c_proj in both places).
+LORA_TARGETS = ("c_q", "c_k", "c_v", "c_proj", "c_fc")
+MAX_LORA_RANK = 65_536
+
+
+def lora_target_names(text: str) -> list[str]:
+    """The module names of --lora_targets (comma-separated, blanks ignored)."""
+    return [name.strip() for name in str(text).split(",") if name.strip()]
 
 
 class TrainError(UserError):
@@ -100,6 +109,18 @@ class TrainSettings:
     pack_len: int = setting(1024, "row width packing aims for (rows widen for longer conversations, up to "
                                   "max_seq_len): attention is dense over a row, so shorter rows cost less",
                             at_least=1, at_most=MAX_POSITIONS)
+    # LoRA (sciassist.train.lora, built on peft): only low-rank adapters train, the base weights are frozen
+    lora_rank: int = setting(0, "LoRA rank r of the adapters (0 = full fine-tuning); with r > 0 only the adapters "
+                                "train, Muon at --lora_lr, and the run saves the merged model plus <run>/adapter/",
+                             at_least=0, at_most=MAX_LORA_RANK)
+    lora_alpha: float | None = setting(None, "LoRA scaling alpha (the update is alpha/r x B A; default: 2 x "
+                                             "--lora_rank)", at_least=0, at_most=1e6)
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input (0..1)", at_least=0, at_most=1)
+    lora_targets: str = setting(",".join(LORA_TARGETS), f"comma-separated block projections to adapt, of "
+                                                        f"{', '.join(LORA_TARGETS)} (c_proj: attention and MLP)")
+    lora_lr: float = setting(0.1, "Muon learning rate of the LoRA adapters (x --init_lr_frac, like every lr; "
+                                   "--matrix_lr, --embedding_lr and --unembedding_lr do not apply with LoRA)",
+                             at_least=0, at_most=MAX_LR)
     # evaluation
     eval_every: int = setting(25, "validation loss every N steps (and at step 0 and the end; 0 = only those)",
                               at_least=0, at_most=MAX_STEPS)
@@ -162,6 +183,15 @@ def check_settings(s: TrainSettings) -> None:
     need(s.source in SOURCES, "source", f"must be one of {', '.join(SOURCES)}")
     need(s.model_step is None or s.model_step >= 0, "model_step", "must be >= 0")
     need(s.dtype in DTYPES, "dtype", f"must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+    need(math.isfinite(s.lora_lr) and s.lora_lr > 0, "lora_lr", "must be a positive number")
+    need(0 <= s.lora_dropout < 1, "lora_dropout", "must be a fraction in [0, 1)")
+    need(s.lora_alpha is None or (math.isfinite(s.lora_alpha) and s.lora_alpha > 0), "lora_alpha",
+         "must be a positive number (or none: 2 x --lora_rank)")
+    targets = lora_target_names(s.lora_targets)
+    unknown = [name for name in targets if name not in LORA_TARGETS]
+    need(not unknown, "lora_targets", f"names unknown module(s) {', '.join(unknown)}: the valid names are "
+                                      f"{', '.join(LORA_TARGETS)} (comma-separated)")
+    need(bool(targets) or unknown, "lora_targets", f"must name at least one of {', '.join(LORA_TARGETS)}")
     need(s.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}")
     need(bool(s.output_tag) and "/" not in s.output_tag and s.output_tag not in (".", ".."),
          "output_tag", "must be a plain folder name")

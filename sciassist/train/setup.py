@@ -24,6 +24,7 @@ from sciassist.common import autocast, resolve_device
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import TokenizedDataset, plan_step, step_batches, steps_per_epoch, tokenize_conversations
 from sciassist.data.conversations import ConversationError, read_conversations, split_validation
+from sciassist.train.lora import adapter_optimizers, add_adapters
 from sciassist.train.settings import TrainError, TrainSettings
 from sciassist.train.state import resume_path
 from sciassist.train.step import peak_flops
@@ -177,6 +178,7 @@ class Run:
     peak: float | None  # dense bf16 peak FLOP/s of the GPU (None: no MFU)
     fingerprint: str
     tracker: Tracker = field(default_factory=Tracker)  # --report_to (set once the start step is known)
+    lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
 
     @property
     def device(self):
@@ -215,6 +217,9 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
     model, tokenizer, source = load_source_model(settings, device)
     model = model.float()  # fp32 master weights (the published wte is bf16); autocast does bf16 math on CUDA
     model.train()
+    # LoRA: adapters injected into the model (the same object, so everything below is unchanged),
+    # the base frozen; after the seed, so A's random init is a function of it
+    lora = add_adapters(model, settings) if settings.lora_rank > 0 else None
     max_seq_len = settings.max_seq_len
     if max_seq_len > model.config.sequence_len:
         if runtime.is_main:
@@ -236,7 +241,7 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
     val_examples = list(range(min(len(val_set), settings.eval_steps * settings.device_batch_size)))
     val_batches = (step_batches(val_set, plan_for(settings, runtime, val_set, val_examples), pad_id, device)
                    if val_examples else [])
-    optimizers = _optimizers(model, settings)
+    optimizers = adapter_optimizers(model, settings) if lora is not None else _optimizers(model, settings)
     train_model, no_sync = _wrap_for_training(model, settings, runtime)
     return Run(settings=settings, runtime=runtime, model=model, train_model=train_model, no_sync=no_sync,
                optimizers=optimizers, tokenizer=tokenizer, source=source, data_description=data_description,
@@ -246,7 +251,7 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
                max_seq_len=max_seq_len, pad_id=pad_id, autocast=autocast(device, settings.dtype),
                flops_per_token=model.estimate_flops(),
                peak=peak_flops(device),  # MFU is against the dense bf16 peak, the number GPUs are sold by
-               fingerprint=data_fingerprint(train_set, val_set))
+               fingerprint=data_fingerprint(train_set, val_set), lora=lora)
 
 
 def _optimizers(model, settings: TrainSettings):

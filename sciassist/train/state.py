@@ -185,8 +185,10 @@ def start_or_resume(run) -> Progress:
     if not run.settings.resume:
         return Progress()
     state = ResumeState.load(run.resume_path, run.device)
-    state.check_model(run.model, run.resume_path)
+    # the settings first: another --lora_rank (or --lora_targets) also changes the state dict's keys, and
+    # "--lora_rank 8 there, 16 now" says more than the keys that differ
     state.check_compatible(run.settings, run.fingerprint, run.resume_path)
+    state.check_model(run.model, run.resume_path)
     progress = state.restore(run.model, run.optimizers, run.resume_path)
     best_step = progress.best["step"]
     if best_step is not None and not (run.run_dir / f"model_{best_step:06d}.pt").is_file():

@@ -136,11 +136,12 @@ def test_the_skip_bad_lines_hint_only_when_it_is_off(tmp_path):
     assert "no conversations (2 bad lines skipped)" in str(info.value) and "--skip_bad_lines" not in str(info.value)
 
 
-NUMBER_FLAGS = [f for f in dataclasses.fields(TrainSettings) if f.type in ("int", "float", "int | None")]
+NUMBER_FLAGS = [f for f in dataclasses.fields(TrainSettings)
+                if f.type in ("int", "float", "int | None", "float | None")]
 
 
 def test_every_number_flag_has_a_range_checked_when_parsed(capsys):
-    assert len(NUMBER_FLAGS) == 19
+    assert len(NUMBER_FLAGS) == 23  # 19 + lora_rank, lora_alpha, lora_dropout, lora_lr
     for f in NUMBER_FLAGS:
         assert "at_least" in f.metadata and "at_most" in f.metadata or f.name == "model_step", f.name
     for flag, value, expected in [("--device_batch_size", "0", "must be between 1 and 1000000, got 0"),

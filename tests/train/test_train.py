@@ -423,3 +423,9 @@ def test_training_imports_neither_evaluation_nor_pipelines():
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_attention_kernel_is_printed_once(tmp_path, tiny_base_dir, data_file, capsys):
+    train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0))
+    out = capsys.readouterr().out
+    assert out.count("attention for packed rows: loop (nanochat.attention)") == 1  # CPU: the per-document loop
