@@ -16,7 +16,8 @@ breaks the loaded model):
 
 Beyond the reference, forward() accepts `doc_ids` so several conversations can be packed
 into one row without attending to each other (padding-free fine-tuning), also with a KV
-cache (batched generation of prompts of different lengths).
+cache (batched generation of prompts of different lengths). Packed rows without a cache go
+through nanochat.attention (cu_seqlens; varlen / flex / dense / per-document kernels).
 """
 
 import math
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat import optim
+from nanochat import attention, optim
 
 
 @dataclass
@@ -73,18 +74,6 @@ def positions_in_document(doc_ids):
     return idx - run_start
 
 
-def document_segments(doc_ids):
-    """The runs of equal ids of each row as (row, start, end) triples."""
-    segments = []
-    for b, row in enumerate(doc_ids.tolist()):
-        start = 0
-        for t in range(1, len(row) + 1):
-            if t == len(row) or row[t] != row[start]:
-                segments.append((b, start, t))
-                start = t
-    return segments
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -106,6 +95,10 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q), norm(k)
+        if isinstance(attn_mask, attention.PackedRows):
+            # Packed rows (no cache): causal attention within each document segment.
+            y = attention.packed_attention(q, k, v, attn_mask)
+            return self.c_proj(y.reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -114,14 +107,7 @@ class CausalSelfAttention(nn.Module):
             repeat = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         Tq, Tk = q.size(2), k.size(2)
-        if isinstance(attn_mask, list):
-            # Packed rows on CPU: causal attention per document segment (row, start, end).
-            # Cheaper than a dense (T, T) mask, whose cost grows with the row, not the document.
-            y = torch.empty_like(q)
-            for b, s, e in attn_mask:
-                y[b:b + 1, :, s:e] = F.scaled_dot_product_attention(
-                    q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], is_causal=True)
-        elif attn_mask is not None:
+        if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         elif Tq == Tk:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -182,6 +168,25 @@ class GPT(nn.Module):
         # Not saved in checkpoints (persistent=False), rebuilt by init_rotary().
         self.rotary_seq_len = config.sequence_len * 10
         self.init_rotary()
+        self._attention_kernel = None  # None: attention.attention_kernel's choice
+
+    @property
+    def attention_kernel(self):
+        """The kernel packed rows use ("varlen", "flex", "dense" or "loop"): the one set, else
+        attention.attention_kernel's choice for the model's device and compute dtype (the
+        autocast dtype when autocast is on, so read it inside the forward's autocast)."""
+        if self._attention_kernel is not None:
+            return self._attention_kernel
+        device = self.get_device()
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.transformer.wte.weight.dtype
+        return attention.attention_kernel(device, dtype)
+
+    @attention_kernel.setter
+    def attention_kernel(self, name):
+        if name is not None and name not in attention.KERNELS:
+            raise ValueError(f"unknown attention kernel {name!r}; expected one of {attention.KERNELS}")
+        self._attention_kernel = name
 
     def init_rotary(self, device=None):
         """(Re)build the rotary cos/sin tables, e.g. after the model was created on the meta
@@ -235,7 +240,8 @@ class GPT(nn.Module):
                                 matrix_lr=matrix_lr, weight_decay=weight_decay)
 
     def _positions_and_mask(self, B, T, device, kv_cache, doc_ids):
-        """Rotary positions (B or 1, T) and a boolean attention mask (or None for plain causal)."""
+        """Rotary positions (B or 1, T) and what attention needs: None for plain causal,
+        attention.PackedRows for packed rows, a boolean mask for packed rows with a KV cache."""
         start = kv_cache.pos if kv_cache is not None else 0
         if doc_ids is None:
             if kv_cache is not None and kv_cache.doc_ids is not None:
@@ -248,8 +254,8 @@ class GPT(nn.Module):
         else:
             all_ids = doc_ids
         positions = positions_in_document(all_ids)[:, start:]
-        if kv_cache is None and device.type == "cpu":
-            return positions, document_segments(doc_ids)
+        if kv_cache is None:
+            return positions, attention.pack_rows(doc_ids, self.attention_kernel)
         Tk = all_ids.size(1)
         causal = torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - T)
         same_doc = doc_ids.unsqueeze(2) == all_ids.unsqueeze(1)  # (B, T, Tk)
