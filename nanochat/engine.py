@@ -69,23 +69,29 @@ def sample_next(logits, generator, temperature=1.0, top_k=None):
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, compute_dtype=None):
+        """compute_dtype: the autocast dtype of forward passes (and of the KV cache); None:
+        nanochat's choice, bf16 on CUDA and fp32 elsewhere. torch.float32 turns autocast off."""
         self.model = model
         self.tokenizer = tokenizer
+        device = model.get_device()
+        if compute_dtype is None:
+            compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.compute_dtype = compute_dtype
 
     def _new_cache(self, batch_size, seq_len):
         c = self.model.config
         device = self.model.get_device()
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         head_dim = c.n_embd // c.n_head
-        return KVCache(batch_size, c.n_kv_head, seq_len, head_dim, c.n_layer, device, dtype)
+        return KVCache(batch_size, c.n_kv_head, seq_len, head_dim, c.n_layer, device, self.compute_dtype)
 
     def _stop_ids(self):
         return {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
 
     def _forward(self, ids, kv_cache, doc_ids=None):
         device = self.model.get_device()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        reduced = self.compute_dtype != torch.float32
+        with torch.autocast(device.type, dtype=self.compute_dtype if reduced else torch.bfloat16, enabled=reduced):
             logits = self.model(ids, kv_cache=kv_cache, doc_ids=doc_ids)
         return logits[:, -1, :].float()
 

@@ -57,17 +57,84 @@ def resolve_device(name: str | None = "auto", local_rank: int | None = None) -> 
     return device
 
 
-DTYPES = ("auto", "bfloat16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How forward passes compute on a device: `name` (bfloat16 | float16 | float32), the autocast
+    dtype (None: plain fp32, no autocast), whether training must scale its loss with a GradScaler
+    (fp16: small gradients underflow without it), and why this precision was chosen. The weights
+    stay fp32 (master weights) whatever the precision: autocast only changes the math."""
+
+    name: str
+    device_type: str
+    dtype: torch.dtype | None
+    needs_grad_scaler: bool
+    reason: str
+
+    def autocast(self):
+        """A fresh context for forward passes (a no-op one for fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self):
+        """torch.amp.GradScaler for training (fp16), else None."""
+        return torch.amp.GradScaler(self.device_type) if self.needs_grad_scaler else None
+
+
+def compute_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtype:
+    """The dtype forward passes compute in under the policy (torch.float32 without autocast):
+    what nanochat.engine.Engine takes, so generation follows the same policy as scoring."""
+    return precision_for(device, dtype).dtype or torch.float32
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Ampere (compute capability 8.0) and newer compute bf16 in hardware. Older GPUs (T4 7.5,
+    V100 7.0) only emulate it, many times slower; torch.cuda.is_bf16_supported() says True for
+    them unless asked without emulation."""
+    if getattr(torch.version, "hip", None):  # ROCm: no compute capability to go by
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)
+
+
+def precision_for(device: torch.device | str, dtype: str = "auto") -> Precision:
+    """The precision policy: `--dtype auto` is bf16 autocast on CUDA GPUs with native bf16
+    (compute capability >= 8.0), fp16 autocast + GradScaler on older CUDA GPUs, fp32 on CPU and
+    mps. An explicit bfloat16 | float16 | float32 is used as given (fp16 always with a GradScaler
+    for training). Raises UserError for any other value."""
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype != "auto":
+        name, reason = dtype, "--dtype " + dtype
+        if dtype == "bfloat16" and device.type == "cuda" and not cuda_has_native_bf16(device):
+            reason += " (emulated on this GPU, compute capability < 8.0: slow; --dtype float16 is native)"
+    elif device.type == "cuda":
+        if cuda_has_native_bf16(device):
+            name, reason = "bfloat16", "auto: this GPU computes bf16 natively (compute capability >= 8.0)"
+        else:
+            name, reason = "float16", ("auto: this GPU has no native bf16 (compute capability < 8.0): "
+                                       "fp16 + loss scaling")
+    elif device.type == "mps":
+        # fp32 on Apple GPUs: autocast on mps covers fewer ops than on CUDA (bf16 needs macOS 14+,
+        # and GradScaler's mps support is newer still), and its speed-up there is small; fp32 is
+        # what always works and matches the CPU numbers. --dtype float16 / bfloat16 opt in.
+        name, reason = "float32", "auto: fp32 on mps (autocast there is partial)"
+    else:
+        name, reason = "float32", f"auto: fp32 on {device.type}"
+    return Precision(name=name, device_type=device.type, dtype=TORCH_DTYPES[name],
+                     needs_grad_scaler=name == "float16", reason=reason)
 
 
 def autocast(device: torch.device, dtype: str = "auto"):
-    """The precision context for forward passes: bf16 autocast on CUDA (as nanochat runs),
-    fp32 elsewhere; `bfloat16` / `float32` force one."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The precision context for forward passes, as precision_for(device, dtype) decides: bf16
+    autocast on CUDA GPUs with native bf16 (as nanochat runs), fp16 on older ones, fp32 on CPU
+    and mps; `bfloat16` / `float16` / `float32` force one."""
+    return precision_for(device, dtype).autocast()
 
 
 def synchronize(device: torch.device) -> None:

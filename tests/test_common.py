@@ -87,3 +87,9 @@ def test_write_json_is_atomic_and_keeps_unicode(tmp_path):
     assert json.loads(path.read_text(encoding="utf-8")) == {"text": "Ångström", "path": str(tmp_path)}
     assert "Ångström" in path.read_text(encoding="utf-8")
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]  # no temporary file left
+
+
+def test_compute_dtype_follows_the_policy_on_cpu():
+    from sciassist.common import compute_dtype
+    assert compute_dtype("cpu") == torch.float32 and compute_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert compute_dtype(torch.device("cpu"), "float16") == torch.float16

@@ -26,7 +26,7 @@ import math
 import torch
 
 from nanochat.engine import Engine
-from sciassist.common import autocast
+from sciassist.common import autocast, compute_dtype
 from sciassist.data.answers import ANSWER_PREFIX, LETTERS, choice_lines
 from sciassist.eval.questions import EvaluationError
 
@@ -187,7 +187,7 @@ def generate_answers(model, tokenizer, prompts, max_tokens=32, batch_size=32):
     with Engine.generate_multi (equal to decoding each prompt alone)."""
     check_count("max_tokens", max_tokens)
     check_count("batch_size", batch_size)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compute_dtype(model.get_device()))
     prompt_ids = [tokenizer.render_for_completion(p) for p in prompts]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     texts = [None] * len(prompt_ids)

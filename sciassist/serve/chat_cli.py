@@ -22,7 +22,15 @@ import torch
 from nanochat.checkpoint import CheckpointError
 from nanochat.engine import MIN_SAMPLING_TEMPERATURE, Engine
 from sciassist.checkpoints import CheckpointSettings, resolve_from_settings
-from sciassist.common import UserError, autocast, print_error, setting, settings_from_namespace, settings_parser
+from sciassist.common import (
+    UserError,
+    autocast,
+    compute_dtype,
+    print_error,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+)
 from sciassist.data.scienceqa import SYSTEM_PROMPT as TUTOR_SYSTEM_PROMPT
 
 
@@ -197,7 +205,7 @@ class ChatSession:
     def __init__(self, loaded, settings: ChatSettings):
         self.loaded = loaded
         self.settings = settings
-        self.engine = Engine(loaded.model, loaded.tokenizer)
+        self.engine = Engine(loaded.model, loaded.tokenizer, compute_dtype(loaded.model.get_device()))
         self.messages: list[dict] = []
         self.replies = 0
 

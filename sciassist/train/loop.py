@@ -164,14 +164,15 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
             raise _Diverged(f"training loss is {work.train_loss} at step {progress.step + 1}")
         multiplier = lr_multiplier(progress.step, run.num_steps, settings.warmup_steps)
         with defer_interrupt():  # the weights, the optimizers and the records change together
-            grad_norm = apply_update(run.model, run.optimizers, multiplier, settings.grad_clip)
+            update = apply_update(run.model, run.optimizers, multiplier, settings.grad_clip, run.scaler)
             synchronize(device)
             seconds = max(time.time() - t0, 1e-9)
             progress.step += 1
             progress.totals["positions"] += work.positions
             progress.totals["tokens"] += work.tokens
             progress.totals["supervised"] += work.supervised
-            record = step_record(run, progress.step, work, multiplier, grad_norm, seconds, progress.elapsed())
+            record = step_record(run, progress.step, work, multiplier, update.grad_norm, seconds, progress.elapsed(),
+                                 update)
             if run.is_eval_step(progress.step):
                 _validate(run, progress, writer, record)
             _keep(run, progress, record)
@@ -222,6 +223,8 @@ def _describe(run: Run) -> None:
         trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         run.log(f"LoRA: rank {s.lora_rank}, alpha {run.lora.lora_alpha:g}, dropout {s.lora_dropout:g}, targets "
                 f"{s.lora_targets}; {trainable:,} trainable parameters, the rest frozen")
+    run.log(f"precision: {run.precision.name} ({run.precision.reason}); fp32 master weights"
+            f"{', loss scaling (GradScaler)' if run.scaler is not None else ''}")
     run.log(f"data: {run.data_description}")
     run.log(f"  train: {run.train_set.describe()}")
     run.log(f"  val:   {run.val_set.describe()}; evaluating on {run.num_val} of them")

@@ -139,7 +139,9 @@ class TrainSettings:
     wandb_project: str = setting("sciassist", "the Weights & Biases project of --report_to wandb")
     # runtime
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
-    dtype: str = setting("auto", "auto | bfloat16 | float32 (auto: bfloat16 autocast on CUDA, float32 elsewhere)")
+    dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 (auto: bfloat16 autocast on CUDA GPUs with "
+                                 "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
+                                 "ones, e.g. T4, V100; float32 on CPU and mps)")
     compile: bool = setting(False, "torch.compile the model for training")
     seed: int = setting(42, "seed of the data order (reshuffled every epoch) and torch", at_least=0,
                         at_most=2**63 - 1)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from nanochat.checkpoint import CheckpointError, default_base_dir
 from sciassist.checkpoints import choose_checkpoint, load_choice
-from sciassist.common import autocast, resolve_device
+from sciassist.common import precision_for, resolve_device
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import TokenizedDataset, plan_step, step_batches, steps_per_epoch, tokenize_conversations
 from sciassist.data.conversations import ConversationError, read_conversations, split_validation
@@ -179,6 +179,8 @@ class Run:
     fingerprint: str
     tracker: Tracker = field(default_factory=Tracker)  # --report_to (set once the start step is known)
     lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
+    precision: object = None  # sciassist.common.Precision: what autocast is, and why
+    scaler: object = None  # torch.amp.GradScaler of an fp16 run (its state is in the resume point), else None
 
     @property
     def device(self):
@@ -215,7 +217,9 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
     torch.manual_seed(settings.seed)
     device = runtime.device
     model, tokenizer, source = load_source_model(settings, device)
-    model = model.float()  # fp32 master weights (the published wte is bf16); autocast does bf16 math on CUDA
+    # fp32 master weights (the published wte is bf16); autocast does the bf16/fp16 math (precision_for)
+    model = model.float()
+    precision = precision_for(device, settings.dtype)
     model.train()
     # LoRA: adapters injected into the model (the same object, so everything below is unchanged),
     # the base frozen; after the seed, so A's random init is a function of it
@@ -248,10 +252,11 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
                train_set=train_set, val_set=val_set, val_batches=val_batches, num_val=len(val_examples),
                per_epoch=per_epoch,
                num_steps=settings.num_iterations if settings.num_iterations > 0 else per_epoch * settings.num_epochs,
-               max_seq_len=max_seq_len, pad_id=pad_id, autocast=autocast(device, settings.dtype),
+               max_seq_len=max_seq_len, pad_id=pad_id, autocast=precision.autocast(),
                flops_per_token=model.estimate_flops(),
                peak=peak_flops(device),  # MFU is against the dense bf16 peak, the number GPUs are sold by
-               fingerprint=data_fingerprint(train_set, val_set), lora=lora)
+               fingerprint=data_fingerprint(train_set, val_set), lora=lora, precision=precision,
+               scaler=precision.grad_scaler())
 
 
 def _optimizers(model, settings: TrainSettings):

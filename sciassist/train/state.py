@@ -63,7 +63,9 @@ def set_rng_state(state: dict) -> None:
 # what each part of a resume point must be (checked on loading: the file is untrusted input)
 FIELD_TYPES = {"model": dict, "optimizers": list, "rng": dict, "step": int, "metrics": list, "best": dict,
                "elapsed_s": float, "totals": dict, "settings": dict, "data_fingerprint": str, "num_steps": int,
-               "epoch": int, "step_in_epoch": int}
+               "epoch": int, "step_in_epoch": int, "grad_scaler": dict}
+# parts added later, with the value a resume point written before them stands for
+OPTIONAL_FIELDS = {"grad_scaler": {}}
 
 
 def _wrong_types(data: dict) -> list[str]:
@@ -100,6 +102,8 @@ class ResumeState:
     # a function of (seed, epoch); kept for readers, resuming needs only step
     epoch: int
     step_in_epoch: int
+    # the GradScaler's state_dict of an fp16 run (the loss scale and its growth counter); {} without one
+    grad_scaler: dict = field(default_factory=dict)
 
     @classmethod
     def capture(cls, run, progress: Progress) -> ResumeState:
@@ -107,7 +111,8 @@ class ResumeState:
                    rng=rng_state(), step=progress.step, metrics=progress.metrics, best=progress.best,
                    elapsed_s=progress.elapsed(), totals=progress.totals, settings=dataclasses.asdict(run.settings),
                    data_fingerprint=run.fingerprint, num_steps=run.num_steps,
-                   epoch=progress.step // run.per_epoch, step_in_epoch=progress.step % run.per_epoch)
+                   epoch=progress.step // run.per_epoch, step_in_epoch=progress.step % run.per_epoch,
+                   grad_scaler=run.scaler.state_dict() if getattr(run, "scaler", None) is not None else {})
 
     def save(self, path) -> None:
         """Atomically: a crash while saving leaves the previous resume point intact (and a
@@ -130,6 +135,8 @@ class ResumeState:
         except CheckpointError as e:
             raise TrainError(str(e)) from e
         names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(data, dict):
+            data = {**{k: dict(v) for k, v in OPTIONAL_FIELDS.items()}, **data}
         missing = [n for n in names if not isinstance(data, dict) or n not in data]
         unexpected = sorted(set(data) - set(names)) if isinstance(data, dict) else []
         if missing or unexpected:
@@ -166,12 +173,17 @@ class ResumeState:
             raise TrainError(f"{path} was made with different training/validation data (or a different tokenizer); "
                              f"resume needs exactly the same data")
 
-    def restore(self, model, optimizers, path) -> Progress:
-        """Put the weights, the optimizer states and the random generators back; the counters."""
+    def restore(self, model, optimizers, path, scaler=None) -> Progress:
+        """Put the weights, the optimizer states, the GradScaler's loss scale (fp16) and the random
+        generators back; the counters. A scaler resumed from a point without one (another --dtype
+        or an older resume point) starts from its initial scale; a saved scale without a scaler
+        now (bf16 / fp32) is not needed."""
         try:
             model.load_state_dict(self.model)
             for opt, opt_state in zip(optimizers, self.optimizers, strict=True):
                 opt.load_state_dict(opt_state)
+            if scaler is not None and self.grad_scaler:
+                scaler.load_state_dict(self.grad_scaler)
             set_rng_state(self.rng)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -189,7 +201,7 @@ def start_or_resume(run) -> Progress:
     # "--lora_rank 8 there, 16 now" says more than the keys that differ
     state.check_compatible(run.settings, run.fingerprint, run.resume_path)
     state.check_model(run.model, run.resume_path)
-    progress = state.restore(run.model, run.optimizers, run.resume_path)
+    progress = state.restore(run.model, run.optimizers, run.resume_path, getattr(run, "scaler", None))
     best_step = progress.best["step"]
     if best_step is not None and not (run.run_dir / f"model_{best_step:06d}.pt").is_file():
         # removed meanwhile (e.g. by a fresh run started in the same folder): the next

@@ -6,11 +6,19 @@ Loss. Each micro-batch's loss is the SUM over its supervised tokens divided by t
 of supervised tokens in the whole step (all ranks), so a step's gradient is the mean over
 its supervised tokens however the work was split into micro-batches and ranks, and a
 micro-batch without any supervised token adds exactly zero.
+
+Precision (sciassist.common.precision_for). Forward passes run under the run's autocast (bf16,
+fp16 or none); the weights and optimizer states stay fp32. With fp16 the loss is scaled by a
+torch.amp.GradScaler before each backward, the gradients are unscaled before clipping, and the
+scaler steps each optimizer: a step whose gradients overflowed (inf/nan) is skipped, the scale
+halves, and the step's record says so ("skipped_step": true, "loss_scale"); the step still counts
+(the schedule moves on), as every GradScaler loop does. A non-finite *loss* is divergence.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import threading
@@ -43,12 +51,14 @@ def lr_multiplier(step, num_steps, warmup_steps=0):
     return decay
 
 
-def accumulate_gradients(train_model, batches, num_supervised, autocast=None, world_size=1, no_sync=None):
+def accumulate_gradients(train_model, batches, num_supervised, autocast=None, world_size=1, no_sync=None,
+                         scaler=None):
     """Forward/backward over one step's micro-batches (this rank's). Each loss is the sum
     over its supervised tokens divided by the step's total over all ranks (times
     world_size, since DDP averages gradients over ranks). Returns the summed loss of these
     micro-batches (a detached tensor). no_sync: DDP's no_sync, so gradients are all-reduced
-    once, after the last micro-batch."""
+    once, after the last micro-batch. scaler: fp16's GradScaler, which scales each loss before
+    its backward (the returned loss is not scaled)."""
     scale = world_size / max(1, num_supervised)
     total = None
     for k, batch in enumerate(batches):
@@ -58,7 +68,8 @@ def accumulate_gradients(train_model, batches, num_supervised, autocast=None, wo
             with autocast if autocast is not None else contextlib.nullcontext():
                 loss_sum = train_model(batch["inputs"], batch["targets"], loss_reduction="sum",
                                        doc_ids=batch["doc_ids"])
-            (loss_sum * scale).backward()
+            loss = loss_sum * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss_sum.detach().float()
         total = loss_sum if total is None else total + loss_sum
     return total
@@ -225,7 +236,7 @@ def forward_backward(run, step) -> StepWork:
     plan = run.plan(run.train_set, examples)
     batches = step_batches(run.train_set, plan, run.pad_id, run.device)
     loss_sum = accumulate_gradients(run.train_model, batches, plan.num_supervised, run.autocast,
-                                    run.runtime.world_size, run.no_sync)
+                                    run.runtime.world_size, run.no_sync, getattr(run, "scaler", None))
     counts = torch.tensor([sum(b["num_positions"] for b in batches), sum(b["num_tokens"] for b in batches)],
                           dtype=torch.float64, device=run.device)
     loss_and_counts = torch.cat([loss_sum.double().view(1), counts])
@@ -237,21 +248,57 @@ def forward_backward(run, step) -> StepWork:
                     row_len=plan.row_len)
 
 
-def apply_update(model, optimizers, multiplier, grad_clip=0.0):
-    """The optimizer update with the scheduled learning rates; returns the gradient norm
-    when clipping (grad_clip > 0), else None."""
+@dataclass
+class Update:
+    """What an optimizer update did: the gradient norm (when clipping and the step was taken),
+    and with a GradScaler whether it skipped the step (overflowed gradients) and the scale after."""
+
+    grad_norm: float | None = None
+    skipped: bool = False
+    loss_scale: float | None = None  # None: no GradScaler
+
+
+def apply_update(model, optimizers, multiplier, grad_clip=0.0, scaler=None) -> Update:
+    """The optimizer update with the scheduled learning rates, clipping the gradient norm to
+    grad_clip when > 0.
+
+    scaler (fp16): every optimizer's gradients are unscaled first (scaler.unscale_, which also
+    records each one's inf check for scaler.update). If any gradient is inf/nan the whole step is
+    skipped: scaler.step alone would skip only the optimizers holding an overflowed gradient and
+    still step the others (Muon's matrices without the embeddings, say), a half-update. The
+    check is the gradient norm (inf/nan exactly when a gradient is), which clipping computes
+    anyway. Otherwise scaler.step(opt) steps each (works for torch.optim.Muon and AdamW, also on
+    CPU), and scaler.update() once adjusts the scale: halved after an overflow, doubled after
+    2,000 clean steps."""
     set_learning_rates(optimizers, multiplier)
     grad_norm = None
+    if scaler is not None:
+        for opt in optimizers:
+            scaler.unscale_(opt)
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
-    for opt in optimizers:
-        opt.step()
+    if scaler is None:
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return Update(grad_norm=grad_norm)
+    if grad_norm is None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = math.isfinite(torch.nn.utils.get_total_norm(grads).item()) if grads else True
+    else:
+        finite = math.isfinite(grad_norm)
+    if finite:
+        for opt in optimizers:
+            scaler.step(opt)
+    scaler.update()
     model.zero_grad(set_to_none=True)
-    return grad_norm
+    return Update(grad_norm=grad_norm if finite else None, skipped=not finite, loss_scale=scaler.get_scale())
 
 
-def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elapsed_s) -> dict:
-    """The metrics.jsonl line of optimizer step `step` (validation adds val_loss to it)."""
+def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elapsed_s, update: Update | None = None
+                ) -> dict:
+    """The metrics.jsonl line of optimizer step `step` (validation adds val_loss to it); with a
+    GradScaler (fp16) also skipped_step and loss_scale."""
     device, world = run.device, run.runtime.world_size
     record = {
         "step": step, "epoch": work.epoch, "train_loss": work.train_loss, "lr_multiplier": multiplier,
@@ -266,4 +313,7 @@ def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elaps
     }
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
+    if update is not None and update.loss_scale is not None:
+        record["skipped_step"] = update.skipped
+        record["loss_scale"] = update.loss_scale
     return record

@@ -106,3 +106,13 @@ def test_tiny_temperatures_are_greedy_and_negative_ones_refused():
     for bad in (-0.5, float("nan")):
         with pytest.raises(ValueError, match="temperature must be >= 0"):
             sample_next(logits, generator, bad)
+
+
+def test_the_compute_dtype_is_the_callers():
+    model = tiny_model()
+    assert Engine(model, None).compute_dtype == torch.float32  # CPU: nanochat's choice, no autocast
+    engine = Engine(model, None, torch.bfloat16)
+    cache = engine._new_cache(1, 4)
+    assert engine.compute_dtype == torch.bfloat16 and cache.kv.dtype == torch.bfloat16
+    logits = engine._forward(torch.tensor([[1, 2, 3]]), None)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

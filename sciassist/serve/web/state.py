@@ -15,6 +15,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from nanochat.engine import Engine
+from sciassist.common import compute_dtype
 from sciassist.eval.scoring import choice_scores, letter_probabilities, softmax
 from sciassist.serve.chat_cli import PromptTooLong, inference_context, render_prompt, stream_reply
 from sciassist.serve.web.requests import (
@@ -78,7 +79,7 @@ class ChatState:
     def __init__(self, loaded, settings):
         self.loaded = loaded
         self.settings = settings
-        self.engine = Engine(loaded.model, loaded.tokenizer)
+        self.engine = Engine(loaded.model, loaded.tokenizer, compute_dtype(loaded.model.get_device()))
         self.model_lock = threading.Lock()  # held by the worker thread running torch
         self.gate = Gate(settings.max_pending)
         # One thread per admitted request: a waiting request parks its own thread on the
