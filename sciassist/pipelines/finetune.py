@@ -9,20 +9,81 @@ Training itself is sciassist.train.loop.train; this stage adds what comes after 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.checkpoint import CheckpointError
-from sciassist.common import UserError, print_error, write_json
+from sciassist.checkpoints import choose_checkpoint
+from sciassist.common import (
+    UserError,
+    print_error,
+    resolve_device,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+    write_json,
+)
 from sciassist.eval.run import evaluate_after_training
+from sciassist.train import plan
 from sciassist.train.loop import train
-from sciassist.train.settings import TrainError, TrainSettings, settings_from_args
+from sciassist.train.settings import RENAMED_FLAGS, TrainError, TrainSettings, check_settings
 from sciassist.train.step import Terminated
 
 RECIPES_HINT = "recipes are their own command: python -m sciassist.pipelines.recipes --preset NAME ..."
 # the exit codes of a run stopped by Ctrl-C (SIGINT) or SIGTERM, as a shell reports a process killed by them
 EXIT_CODES = {"completed": 0, "interrupted": 130, "terminated": 143}
+
+
+@dataclass
+class FinetuneCommand(TrainSettings):
+    """sciassist_train.py's flags: every TrainSettings field, plus what only the command does."""
+
+    dry_run: bool = setting(False, "print the memory plan of this run (parameters, gradients, optimizer states, "
+                                   "activations, the total, whether it fits the visible GPU, the largest "
+                                   "--device_batch_size that does) and exit, loading no weights and no data")
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
+
+def build_parser():
+    return settings_parser(FinetuneCommand, prog="sciassist_train.py", renamed=RENAMED_FLAGS,
+                           description="Fine-tune a nanochat checkpoint on chat conversations (ScienceQA by default).")
+
+
+def command_from_args(argv=None) -> FinetuneCommand:
+    return settings_from_namespace(FinetuneCommand, build_parser().parse_args(argv))
+
+
+def dry_run(settings: TrainSettings) -> dict:
+    """The memory plan of `settings` (sciassist.train.plan), printed; only the checkpoint's
+    meta_<step>.json is read (the model is built on the meta device)."""
+    check_settings(settings)
+    try:
+        if settings.checkpoint:
+            choice = choose_checkpoint(settings.checkpoint, model_step=settings.model_step, base_dir=settings.base_dir)
+        else:
+            choice = choose_checkpoint(source=settings.source, model_tag=settings.model_tag,
+                                       model_step=settings.model_step, base_dir=settings.base_dir, finetuned_dir=None)
+        config = plan.config_from_meta(choice.checkpoint_dir, choice.step)
+    except CheckpointError as e:
+        raise TrainError(f"--dry_run: no model to plan for: {e}") from e
+    device = resolve_device(settings.device)
+    bf16 = device.type == "cuda" and settings.dtype != "float32"
+    seq = min(settings.max_seq_len, config.sequence_len)
+    result = plan.memory_plan(config, settings.device_batch_size, seq, bf16=bf16,
+                              free=plan.gpu_free_bytes(device) if device.type == "cuda" else None)
+    notes = []
+    if settings.lora_rank > 0:
+        notes.append("note: the plan is for full fine-tuning; with --lora_rank the gradients and optimizer "
+                     "states are those of the adapters only (much less)")
+    print(plan.format_plan(result, title=f"memory plan for {choice.describe()} on {device} (--dry_run)\n"))
+    for note in notes:
+        print(note)
+    return result
 
 
 def finetune(settings: TrainSettings, on_step=None) -> dict:
@@ -62,8 +123,12 @@ def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--preset" or a.startswith("--preset=") for a in args):
         return print_error(TrainError(RECIPES_HINT))
-    settings = settings_from_args(args)
+    command = command_from_args(args)
+    settings = command.train_settings()
     try:
+        if command.dry_run:
+            dry_run(settings)
+            return 0
         summary = finetune(settings)
     except (UserError, CheckpointError) as e:
         return print_error(e)

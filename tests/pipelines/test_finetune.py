@@ -73,3 +73,30 @@ def test_preset_flag_points_to_the_recipes_command(capsys):
     assert main(["--preset", "cpu", "--scienceqa", "sample", "--out_dir", "unused"]) == 2
     err = capsys.readouterr().err
     assert "recipes are their own command: python -m sciassist.pipelines.recipes --preset NAME" in err
+
+
+def test_dry_run_prints_the_memory_plan_and_loads_nothing(tmp_path, tiny_base_dir, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("--dry_run must not load weights")
+
+    monkeypatch.setattr(torch, "load", no_loading)
+    code = main(["--dry_run", "--base_dir", str(tiny_base_dir), "--source", "base", "--device", "cpu",
+                 "--data_path", str(tmp_path / "not_there.jsonl"), "--device_batch_size", "2",
+                 "--max_seq_len", "128", "--out_dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "memory plan for base checkpoint" in out and "device batch 2 x 128 positions" in out
+    for line in ("parameters (fp32)", "gradients (fp32)", "optimizer states", "activations", "**total**"):
+        assert line in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_is_a_flag_of_the_command_not_of_the_settings():
+    from sciassist.pipelines.finetune import FinetuneCommand, command_from_args
+    command = command_from_args(["--dry_run", "--device_batch_size", "3"])
+    assert isinstance(command, FinetuneCommand) and command.dry_run
+    settings = command.train_settings()
+    assert type(settings) is TrainSettings and settings.device_batch_size == 3
+    assert "dry_run" not in {f.name for f in dataclasses.fields(TrainSettings)}
+    code = main(["--dry_run", "--base_dir", "/nonexistent/base", "--device", "cpu"])
+    assert code == 2
