@@ -22,7 +22,7 @@ BASE_DIR_FLAG = $(if $(BASE_DIR),--base_dir "$(BASE_DIR)")
 TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE)) --model_tag $(MODEL) \
 	$(BASE_DIR_FLAG) $(if $(OUTPUT_TAG),--output_tag $(OUTPUT_TAG))
 
-.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test lint bench clean
+.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test lint bench plan bench-gpu rehearse-d20 clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -78,6 +78,15 @@ lint: install
 
 bench: install ## CPU benchmarks (tables on stdout)
 	$(PY) bench/bench_gpt.py
+
+plan: install ## the memory plan of d20/d32 on 16/24/40/80 GB cards (a run's own: sciassist_train.py ... --dry_run)
+	$(PY) -m sciassist.train.plan --table
+
+bench-gpu: install ## the GPU benchmark on a CUDA machine, at most ~8 min (OUT=DIR)
+	$(PY) bench/gpu.py --out $(or $(OUT),bench_gpu) $(ARGS)
+
+rehearse-d20: install ## a random d20 in the published layout through train/evaluate/chat on CPU (~3 min, ~9 GiB)
+	$(PY) bench/rehearse_d20.py --append $(ARGS)
 
 clean: ## remove the virtual environment and run outputs
 	rm -rf $(VENV) finetuned_model_checkpoint eval_results demo_output notebook_output.ipynb .pytest_cache

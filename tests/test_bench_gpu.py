@@ -1,0 +1,41 @@
+"""bench/gpu.py --smoke: the GPU benchmark's code, run on CPU with tiny sizes."""
+
+import json
+import math
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from numbers(v)
+
+
+def test_smoke_writes_finite_json_and_a_table(tmp_path):
+    out = tmp_path / "tmp"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "gpu_bench.json").read_text())
+    assert {"device", "torch", "smoke", "seq", "free_memory_gb", "models", "elapsed_s"} <= set(result)
+    assert result["smoke"] is True and len(result["models"]) == 1
+    model = result["models"][0]
+    assert {"name", "params", "train", "skipped", "eval"} <= set(model)
+    assert {r["kernel"] for r in model["train"]} == {"dense", "loop"} and not model["skipped"]
+    for r in model["train"]:
+        assert {"batch", "seq", "real_tokens", "tokens_per_s", "mfu", "peak_memory_gb", "planned_gb",
+                "planned_worst_case_gb", "step_s"} <= set(r)
+        assert r["tokens_per_s"] > 0 and 0 < r["planned_gb"] <= r["planned_worst_case_gb"]
+    assert {"letter_questions_per_s", "generation_tokens_per_s", "questions"} <= set(model["eval"])
+    assert all(math.isfinite(x) for x in numbers(result))
+    assert "| tiny" in (out / "gpu_bench.md").read_text()
