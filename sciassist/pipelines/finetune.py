@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.checkpoint import CheckpointError
-from sciassist.checkpoints import choose_checkpoint
 from sciassist.common import (
     UserError,
     print_error,
@@ -30,6 +29,7 @@ from sciassist.eval.run import evaluate_after_training
 from sciassist.train import plan
 from sciassist.train.loop import train
 from sciassist.train.settings import RENAMED_FLAGS, TrainError, TrainSettings, check_settings
+from sciassist.train.setup import source_choice
 from sciassist.train.step import Terminated
 
 RECIPES_HINT = "recipes are their own command: python -m sciassist.pipelines.recipes --preset NAME ..."
@@ -63,11 +63,7 @@ def dry_run(settings: TrainSettings) -> dict:
     meta_<step>.json is read (the model is built on the meta device)."""
     check_settings(settings)
     try:
-        if settings.checkpoint:
-            choice = choose_checkpoint(settings.checkpoint, model_step=settings.model_step, base_dir=settings.base_dir)
-        else:
-            choice = choose_checkpoint(source=settings.source, model_tag=settings.model_tag,
-                                       model_step=settings.model_step, base_dir=settings.base_dir, finetuned_dir=None)
+        choice = source_choice(settings)
         config = plan.config_from_meta(choice.checkpoint_dir, choice.step)
     except CheckpointError as e:
         raise TrainError(f"--dry_run: no model to plan for: {e}") from e

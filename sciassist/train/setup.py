@@ -76,16 +76,20 @@ def distributed_runtime(settings: TrainSettings):
             dist.destroy_process_group()
 
 
+def source_choice(settings: TrainSettings):
+    """The checkpoint to fine-tune (CheckpointError when there is none). Training never picks a
+    fine-tuned run by itself: --checkpoint, else --source/--model_tag in --base_dir."""
+    if settings.checkpoint:
+        return choose_checkpoint(settings.checkpoint, model_step=settings.model_step, base_dir=settings.base_dir)
+    return choose_checkpoint(source=settings.source, model_tag=settings.model_tag, model_step=settings.model_step,
+                             base_dir=settings.base_dir, finetuned_dir=None)
+
+
 def load_source_model(settings: TrainSettings, device):
-    """(model, tokenizer, source description) of the checkpoint to fine-tune. Training never
-    picks a fine-tuned run by itself: --checkpoint, else --source/--model_tag in --base_dir."""
+    """(model, tokenizer, source description) of the checkpoint to fine-tune (source_choice)."""
     try:
-        if settings.checkpoint:
-            choice = choose_checkpoint(settings.checkpoint, model_step=settings.model_step, base_dir=settings.base_dir)
-        else:
-            choice = choose_checkpoint(source=settings.source, model_tag=settings.model_tag,
-                                       model_step=settings.model_step, base_dir=settings.base_dir, finetuned_dir=None)
-        loaded = load_choice(choice, device)
+        loaded = load_choice(source_choice(settings), device)
+        choice = loaded.choice
     except CheckpointError as e:
         where = (f"--checkpoint {settings.checkpoint}" if settings.checkpoint else
                  f"--base_dir {settings.base_dir or default_base_dir()} (--source {settings.source}"
