@@ -73,7 +73,8 @@ def test_wandb_offline_run_is_continued_by_the_resumed_run(tmp_path, tiny_base_d
     train(dataclasses.replace(settings, resume=True))
     assert (run_dir / WANDB_ID_FILE).read_text().strip() == run_id
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)  # one wandb run, in two sessions
+    # one wandb run in two sessions (their folders are named by the second they started: may be one folder)
+    assert 1 <= len(runs) <= 2 and all(name.endswith(run_id) for name in runs)
     assert {ident for ident, _, _ in logged} == {run_id}
     train_losses = [(step, values["train/train_loss"]) for _, step, values in logged if "train/train_loss" in values]
     expected = [(r["step"], r["train_loss"]) for r in read_metrics(run_dir) if "train_loss" in r]
