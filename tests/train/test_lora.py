@@ -1,6 +1,7 @@
 """LoRA fine-tuning (--lora_rank > 0, sciassist.train.lora on peft): only the adapters train, the run
 writes the merged model in nanochat's layout plus the adapter in peft's format, and resumes bit for bit."""
 
+# ruff: noqa: F811 (the shared fixtures data_file and live_base_dir are parameters of the tests)
 import dataclasses
 import json
 from pathlib import Path
@@ -11,7 +12,6 @@ from safetensors.torch import load_file
 
 from nanochat.checkpoint import load_model
 from nanochat.gpt import GPT
-from sciassist.data.conversations import write_conversations
 from sciassist.train.loop import train
 from sciassist.train.lora import (
     ADAPTER_CONFIG,
@@ -21,40 +21,11 @@ from sciassist.train.lora import (
     merged_state_dict,
 )
 from sciassist.train.settings import LORA_TARGETS, TrainError, TrainSettings, check_settings, settings_from_args
+from tests.train.test_train import data_file, live_base_dir  # noqa: F401 (pytest fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RANK = 4
-
-
-def arithmetic_conversations(n=40):
-    return [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                          {"role": "assistant", "content": f"The correct answer is {a + b}."}]}
-            for a in range(10) for b in range(n // 10)]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
-    write_conversations(path, arithmetic_conversations(40))
-    return path
-
-
-@pytest.fixture(scope="module")
-def live_base_dir(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
-    """tiny_base_dir's model with non-zero output projections (nanochat's init zeroes them, and a
-    LoRA adapter on a zero c_proj's input would get no gradient)."""
-    from nanochat.checkpoint import save_checkpoint
-    base_dir = tmp_path_factory.mktemp("live_base")
-    model, _, meta = load_model(tiny_base_dir / "base_checkpoints" / "d2", device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.2)
-            block.mlp.c_proj.weight.normal_(0, 0.2)
-    save_checkpoint(base_dir / "base_checkpoints" / "d2", 0, model, {"model_config": meta["model_config"]})
-    tiny_tokenizer.save(base_dir / "tokenizer")
-    return base_dir
 
 
 def lora_settings(base_dir, data_file, out_dir, **overrides):
