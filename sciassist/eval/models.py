@@ -19,7 +19,8 @@ from sciassist.eval.scoring import (
     answer_prefix_check,
     argmax,
     check_count,
-    choice_scores,
+    choice_token_scores,
+    constrained_choice,
     generate_answers,
     letter_probabilities,
     softmax,
@@ -81,11 +82,16 @@ def run_model(model, tokenizer, records, options):
     choices = [r["meta"]["choices"] for r in records]
     device = model.get_device()
 
+    def lines():
+        return choice_token_scores(model, tokenizer, prompts, choices, prefix, options.batch_size,
+                                   options.answer_format)
+
+    line_scores = {}  # the choice pass, kept when --constrain_answers reads it too
+
     def score():
         if options.scoring == "choice":
-            scores = choice_scores(model, tokenizer, prompts, choices, prefix, options.batch_size,
-                                   options.answer_format)
-            return [softmax(s) for s in scores]
+            line_scores["value"] = lines()
+            return [softmax([sum(tokens) for tokens in per_option]) for per_option in line_scores["value"][1]]
         return letter_probabilities(model, tokenizer, prompts, num_choices, prefix, options.batch_size)
 
     synchronize(device)
@@ -95,6 +101,7 @@ def run_model(model, tokenizer, records, options):
         "prediction": [argmax(p) for p in probabilities],
         "generated": None,
         "generated_prediction": None,
+        "constrained_prediction": None,
         "samples": {},
         "timing": {"scoring_s": scoring_s, "scoring_questions_per_s": _per_s(len(records), scoring_s)},
         "prompt_tokens_over_sequence_len": sum(len(tokenizer.render_for_completion(p)) > model.config.sequence_len
@@ -107,6 +114,12 @@ def run_model(model, tokenizer, records, options):
         run["generated_prediction"] = [parse_answer(t, k, prefix, c, options.answer_format)
                                        for t, k, c in zip(texts, num_choices, choices, strict=True)]
         run["timing"].update(generate_s=generate_s, generate_questions_per_s=_per_s(len(records), generate_s))
+    if options.constrain_answers:
+        # choice scoring already ran every answer line; letter scoring needs that pass now
+        (continuations, token_scores), constrain_s = _timed(device, lambda: line_scores.get("value") or lines())
+        run["constrained_prediction"] = [constrained_choice(c, t)
+                                         for c, t in zip(continuations, token_scores, strict=True)]
+        run["timing"]["constrained_s"] = constrain_s
     if options.sample_indices:
         # longer replies for the few questions shown in samples.md (the explanation too)
         t0 = time.perf_counter()

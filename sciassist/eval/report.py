@@ -84,6 +84,9 @@ def per_question_rows(records, run):
             generated = run["generated_prediction"][i]
             item.update(generated=run["generated"][i], generated_prediction=generated,
                         valid=generated is not None, generated_correct=generated == gold)
+        if run.get("constrained_prediction") is not None:
+            item.update(constrained_prediction=run["constrained_prediction"][i],
+                        constrained_correct=run["constrained_prediction"][i] == gold)
         rows.append(item)
     return rows
 
@@ -299,7 +302,7 @@ def _accuracy_section(summary):
 
 def _generation_section(summary):
     generation = {k: v for k, v in summary["generation"].items() if v is not None}
-    if not generation:
+    if not generation and not summary.get("constrained"):
         return []
     lines = ["## Generated answers", "",
              f"| model | valid | invalid | accuracy | agreement with {summary['settings'].get('scoring', 'letter')} "
@@ -311,6 +314,13 @@ def _generation_section(summary):
             among = f" ({100 * g['agreement_among_valid']:.1f}% of valid)"
         lines.append(f"| {name} | {g['valid']} ({100 * g['valid_rate']:.1f}%) | {g['invalid']} | "
                      f"{100 * g['accuracy']:.2f} | {100 * g['agreement']:.1f}%{among} |")
+    for name, g in summary.get("constrained", {}).items():
+        lines.append(f"| {name}, constrained answer line | {g['valid']} ({100 * g['valid_rate']:.1f}%) | "
+                     f"{g['invalid']} | {100 * g['accuracy']:.2f} | {100 * g['agreement']:.1f}% |")
+    if summary.get("constrained"):
+        lines.append("\nConstrained (--constrain_answers): greedy decoding with every token kept on one of the "
+                     "question's answer lines, so it can never be invalid; reported beside the free reply, which it "
+                     "does not replace.")
     for name, g in generation.items():
         if "names_an_option" in g:
             lines.append(f"\n{name}: {g['names_an_option']} of {g['count']} replies name an option's text; "

@@ -106,6 +106,9 @@ class EvalSettings:
                                  choices=["auto", *ANSWER_FORMATS])
     batch_size: int = setting(32, "questions per forward pass and per generation batch", at_least=1)
     generate: bool = setting(True, "generate greedy replies and parse them strictly; --no_generate skips them")
+    constrain_answers: bool = setting(False, "also decode the answer line greedily with every token kept on one of "
+                                             "the question's answer lines (sciassist prompt style): a stated mode, "
+                                             "reported beside the free reply, never replacing it")
     max_new_tokens: int = setting(32, "generation length (\"The correct answer is X. <choice>\"; text_first "
                                       "needs more for long options)", at_least=1)
     num_samples: int = setting(5, "questions shown side by side in samples.md", at_least=0)
@@ -129,6 +132,7 @@ class RunOptions:
     batch_size: int = EvalSettings.batch_size
     generate: bool = EvalSettings.generate
     max_new_tokens: int = EvalSettings.max_new_tokens
+    constrain_answers: bool = EvalSettings.constrain_answers
     sample_indices: tuple[int, ...] = ()  # questions also answered at sample_max_tokens, for samples.md
     sample_max_tokens: int = EvalSettings.sample_max_tokens
 
@@ -144,7 +148,8 @@ def run_options(settings, records):
     sample_indices = tuple(range(min(settings.num_samples, len(records)))) if longer else ()
     return RunOptions(prompt_style=settings.prompt_style, scoring=scoring, answer_format=answer_format,
                       batch_size=settings.batch_size, generate=settings.generate,
-                      max_new_tokens=settings.max_new_tokens, sample_indices=sample_indices,
+                      max_new_tokens=settings.max_new_tokens, constrain_answers=settings.constrain_answers,
+                      sample_indices=sample_indices,
                       sample_max_tokens=settings.sample_max_tokens)
 
 
@@ -163,6 +168,9 @@ def _check_settings(settings, models):
                               f"got {settings.answer_format!r}")
     if settings.scoring == "choice" and settings.prompt_style != "sciassist":
         raise EvaluationError("--scoring choice scores the SciAssist answer line; use it with --prompt_style sciassist")
+    if settings.constrain_answers and settings.prompt_style != "sciassist":
+        raise EvaluationError("--constrain_answers keeps the reply on the SciAssist answer lines; use it with "
+                              "--prompt_style sciassist")
     specs = {name: getattr(settings, name) for name in ("base", "finetuned")
              if getattr(settings, name) is not None and name not in models}
     if not specs and not models and settings.metrics_path is None and settings.log_file is None:
@@ -185,6 +193,8 @@ def _results(settings, options, records, runs):
     for name, run in runs.items():
         if run["generated_prediction"] is not None:
             predictions[f"{name} (generated)"] = run["generated_prediction"]
+        if run.get("constrained_prediction") is not None:
+            predictions[f"{name} (constrained)"] = run["constrained_prediction"]
     predictions["majority"] = majority_predictions(records, letter_counts)
     table = build_table(records, predictions)
     table["majority_source"] = majority_source
@@ -196,6 +206,14 @@ def _results(settings, options, records, runs):
             if generation[name] is not None:
                 generation[name].update(text_first_breakdown(run["generated"], records))
     return table, topics, generation
+
+
+def constrained_summaries(records, runs):
+    """Per model, the constrained replies read like generated ones (accuracy, agreement with the
+    scored answer; never invalid: every constrained reply is one of the answer lines)."""
+    return {name: generation_summary(records, {"generated_prediction": run["constrained_prediction"],
+                                               "prediction": run["prediction"]})
+            for name, run in runs.items() if run.get("constrained_prediction") is not None}
 
 
 def _write_summary_files(out_dir, files, summary, records, runs, settings, options):
@@ -256,6 +274,8 @@ def evaluate(settings, models=None):
         "device": str(device),
         "files": files,
     }
+    if options.constrain_answers:
+        summary["constrained"] = constrained_summaries(records, runs)
     summary["total_s"] = time.perf_counter() - started
     _write_summary_files(out_dir, files, summary, records, runs, settings, options)
     print(format_table_text(table))

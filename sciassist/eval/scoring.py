@@ -120,9 +120,10 @@ def _score_rows(model, rows, batch_size, pad_id=0):
     return out
 
 
-def _summed_scores(model, tokenizer, prompts, question_continuations, batch_size):
-    """Per question, the summed log-probability of each option's continuation after the
-    prompt and the shared tokens. question_continuations: (shared, continuations) per question."""
+def _token_scores(model, tokenizer, prompts, question_continuations, batch_size):
+    """Per question and option, the log-probability of each token of the option's
+    continuation after the prompt and the shared tokens (one list per option, in order).
+    question_continuations: (shared, continuations) per question."""
     rows, owners = [], []  # owners[i] = question index of rows[i]
     for q, (prompt, (shared, continuations)) in enumerate(zip(prompts, question_continuations, strict=True)):
         context = tokenizer.render_for_completion(prompt) + shared
@@ -130,11 +131,17 @@ def _summed_scores(model, tokenizer, prompts, question_continuations, batch_size
             rows.append(row)
             owners.append(q)
     values = _score_rows(model, rows, batch_size, pad_id=tokenizer.get_bos_token_id())
-    scores = [[0.0] * len(continuations) for _, continuations in question_continuations]
+    scores = [[[] for _ in continuations] for _, continuations in question_continuations]
     for (_, targets), q, row_values in zip(rows, owners, values, strict=True):
         for (option, _, _), value in zip(targets, row_values, strict=True):
-            scores[q][option] += value
+            scores[q][option].append(value)
     return scores
+
+
+def _summed_scores(model, tokenizer, prompts, question_continuations, batch_size):
+    """Per question, the summed log-probability of each option's continuation."""
+    return [[sum(tokens) for tokens in options]
+            for options in _token_scores(model, tokenizer, prompts, question_continuations, batch_size)]
 
 
 # ----------------------------------------------------------------------------- scores
@@ -153,12 +160,49 @@ def choice_scores(model, tokenizer, prompts, choices, answer_prefix=ANSWER_PREFI
     """Per question, the summed log-probability of each option's whole answer line
     (" <L>. <choice>", or " <choice> (<L>)." for text_first) after the prompt and the
     prefix (see the module doc). choices: the option texts of each question."""
+    _, token_scores = choice_token_scores(model, tokenizer, prompts, choices, answer_prefix, batch_size,
+                                          answer_format)
+    return [[sum(tokens) for tokens in options] for options in token_scores]
+
+
+def choice_token_scores(model, tokenizer, prompts, choices, answer_prefix=ANSWER_PREFIX, batch_size=32,
+                        answer_format="letter_first"):
+    """(continuations, token scores) per question: each option's answer-line tokens after the
+    shared ones (choice_continuations) and the log-probability of each of them. choice_scores
+    is their sum; constrained_choice walks them token by token."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
     if not answer_prefix:
         raise EvaluationError("choice scoring needs the SciAssist answer prefix (prompt style sciassist)")
     continuations = [choice_continuations(tokenizer, answer_prefix, options, answer_format) for options in choices]
-    return _summed_scores(model, tokenizer, prompts, continuations, batch_size)
+    scores = _token_scores(model, tokenizer, prompts, continuations, batch_size)
+    return [c for _, c in continuations], scores
+
+
+def constrained_choice(continuations, token_scores):
+    """The option that greedy decoding picks when every next token must keep the reply on one
+    of the question's answer lines (each line tokenized as training writes it).
+
+    At each position the lines still possible either agree on the next token or branch; at a
+    branch, greedy decoding takes the most likely of the branching tokens. The model's
+    distribution at a position depends only on the tokens before it, which all lines still
+    possible share, so each line's own teacher-forced log-probability of its next token (from
+    the choice-scoring pass) is exactly what the decoder would compare: no extra forward pass.
+    Ties go to the earlier option. A line that ends where a longer line goes on (never the case
+    for answer lines, whose letters differ) gives way to the longer one."""
+    alive = list(range(len(continuations)))
+    position = 0
+    while len(alive) > 1:
+        going_on = [j for j in alive if len(continuations[j]) > position]
+        if not going_on:
+            break
+        best = {}
+        for j in going_on:  # the first line with a given next token carries its log-probability
+            best.setdefault(continuations[j][position], token_scores[j][position])
+        token = max(best, key=lambda t: best[t])
+        alive = [j for j in going_on if continuations[j][position] == token]
+        position += 1
+    return alive[0]
 
 
 def softmax(values):

@@ -7,7 +7,7 @@ The whole pipeline in miniature, offline, on a CPU (`make demo`):
     4. evaluate  base vs fine-tuned on the same validation questions: the ScienceQA table,
                  plots, side-by-side answers and a report
 
-    python -m sciassist.pipelines.demo [--scienceqa sample|DIR] [--out_dir demo_output] [--base_minutes 1.5]
+    python -m sciassist.pipelines.demo [--scienceqa sample|DIR] [--out_dir demo_output] [--base_steps N]
 
 Everything lands under --out_dir; the last lines printed say where. The sample has 12
 validation questions, so its accuracies only show that the pipeline runs; point
@@ -34,8 +34,10 @@ from sciassist.train.settings import TrainSettings
 class DemoSettings:
     scienceqa: str = setting("sample", "ScienceQA source: sample | DIR (lupantech layout) | hf")
     out_dir: str = setting("demo_output", "output folder")
-    base_minutes: float = setting(1.5, "pretraining budget of the tiny base (at most 4 epochs of its text)")
-    base_steps: int | None = setting(None, "exact pretraining steps instead of minutes (deterministic)")
+    base_steps: int | None = setting(None, "pretraining steps of the tiny base (default: 4 passes over its text)",
+                                     at_least=1)
+    base_minutes: float | None = setting(None, "opt-in time limit of the tiny base instead (the steps then "
+                                               "depend on the machine)", at_least=1e-9)
     depth: int = setting(4, "depth of the tiny base")
     train_size: str | None = setting(None, "training questions, a number or all (default: all of the sample, "
                                            "2000 of a full copy)")

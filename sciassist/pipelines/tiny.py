@@ -2,7 +2,7 @@
 A tiny base model trained offline: a stand-in for the published d20/d32, not a replacement.
 
     python -m sciassist.pipelines.tiny --out_dir DIR [--scienceqa sample|DIR|hf] [--vocab_size V]
-                             [--depth 4] [--n_embd C --n_head H] [--max_minutes 1.5 | --steps N]
+                             [--depth 4] [--n_embd C --n_head H] [--steps N | --max_epochs 4]
 
 It trains a small BPE tokenizer (rustbpe) and pretrains a small nanochat GPT with a plain
 language-model loss on the TRAINING split's text only (captions, hints, questions, choices,
@@ -35,15 +35,13 @@ Choices, and why:
   val_bpb is lowest after 3-4 passes and then rises as the model memorises the 40
   questions, so a longer run only makes a worse stand-in. On the full training split
   (0.9M tokens) the time budget ends the run long before.
-- Deterministic: everything is seeded. With --steps N two runs give the same weights
-  (--steps ignores --max_epochs). Otherwise N is the epoch cap, or fewer when the time
-  budget is too short: estimated from the speed of the steps so far and fixed when the
-  warmdown starts; since the learning rate is constant until then, the result is the one
-  `--steps N` gives (N is in the meta). When the epoch cap binds (the sample on a machine
-  that is not overloaded) N does not depend on the machine at all.
-  The time budget covers everything up to the final evaluation and save; a run whose
-  budget ends before the warmdown could start (or whose speed changed a lot) keeps the
-  schedule it actually used in the meta (user_config.steps, user_config.warmdown_from).
+- Deterministic, and the same on every machine: everything is seeded and the budget is in
+  steps. --steps N trains exactly N steps (it ignores --max_epochs); without it the run
+  takes the steps of --max_epochs passes over the training text. A time limit is opt-in
+  (--max_minutes): the steps are then estimated from the speed of the steps so far and fixed
+  when the warmdown starts, so the run equals `--steps N` for the N it reports (in the meta),
+  but N depends on the machine. A run whose limit ends before the warmdown could start keeps
+  the schedule it actually used in the meta (user_config.steps, user_config.warmdown_from).
 """
 
 import dataclasses
@@ -90,7 +88,9 @@ class TinySettings:
                                       "--max_epochs and --max_minutes)")
     max_epochs: float | None = setting(4.0, "at most this many passes over the training text (see the module "
                                             "docstring)")
-    max_minutes: float = setting(1.5, "time budget up to the final evaluation, when --steps is not given")
+    max_minutes: float | None = setting(None, "opt-in time limit up to the final evaluation, when --steps is not "
+                                              "given: the step count then depends on the machine's speed",
+                                        at_least=1e-9)
     warmdown_ratio: float = setting(0.2, "fraction of the steps over which the learning rate decays to 0")
     matrix_lr: float = setting(0.02, "Muon learning rate (nanochat's base training)")
     embedding_lr: float = setting(0.2, "AdamW learning rate of the embedding")
@@ -172,8 +172,10 @@ def train_tiny(settings):
 
 
 def _check(s):
-    if s.steps is None and not s.max_minutes > 0:
-        raise TinyError("give --steps N or a positive --max_minutes")
+    if s.steps is None and s.max_epochs is None and s.max_minutes is None:
+        raise TinyError("give --steps N, --max_epochs E or --max_minutes M: the run needs a budget")
+    if s.max_minutes is not None and not s.max_minutes > 0:
+        raise TinyError(f"max_minutes must be positive, got {s.max_minutes}")
     if s.steps is not None and s.steps < 1:
         raise TinyError(f"--steps must be at least 1, got {s.steps}")
     if s.max_epochs is not None and not s.max_epochs > 0:
@@ -290,10 +292,12 @@ def _train_tiny(settings):
     print(f"tiny base: {len(train_docs)} training documents, {n_train_tokens:,} tokens, vocab {vocab_size}; "
           f"GPT depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads, "
           f"{model.num_params():,} params; {tokens_per_step:,} tokens per step on {device}")
+    epoch_cap = max(1, math.ceil(s.max_epochs * n_train_tokens / tokens_per_step)) if s.max_epochs else None
+    # steps known up front: --steps, or the epoch cap when no time limit is given
+    fixed = s.steps if s.steps is not None else (epoch_cap if s.max_minutes is None else None)
     schedule = Schedule(
-        num_steps=s.steps, warmdown_from=warmdown_start(s.steps, s.warmdown_ratio) if s.steps else None,
-        epoch_cap=max(1, math.ceil(s.max_epochs * n_train_tokens / tokens_per_step)) if s.max_epochs else None,
-        deadline=t_start + 60 * s.max_minutes)
+        num_steps=fixed, warmdown_from=warmdown_start(fixed, s.warmdown_ratio) if fixed else None,
+        epoch_cap=epoch_cap, deadline=t_start + 60 * s.max_minutes if s.max_minutes is not None else math.inf)
     t_loop = time.time()
     losses = _pretrain(s, model, optimizers, train_tokens, schedule, device)
     loop_seconds = time.time() - t_loop

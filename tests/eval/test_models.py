@@ -42,3 +42,18 @@ def test_scoring_and_generation_refuse_bad_counts():
         generate_answers(model, tok, [prompt], max_tokens=0)
     with pytest.raises(EvaluationError, match="batch_size must be a whole number >= 1, got 0"):
         generate_answers(model, tok, [prompt], batch_size=0)
+
+
+def test_constrained_answers_beside_choice_scoring_in_run_model():
+    # after " ", A (2.0) beats B (1.0): the constrained line starts " A." and stays there,
+    # while choice scoring prefers the line whose option text is C
+    tok, model = make_stub({}, {"A": 2.0, "B": 1.0, "C": 4.0}, merged_letters=())
+    records = [choice_record(["B", "C"], answer=1), choice_record(["C", "B"], answer=0)]
+    run = run_model(model, tok, records, RunOptions(generate=False, scoring="choice", constrain_answers=True))
+    assert run["prediction"] == [1, 0]
+    assert run["constrained_prediction"] == [0, 0]
+    assert run["timing"]["constrained_s"] < 1.0
+    calls = model.calls
+    letter = run_model(model, tok, records, RunOptions(generate=False, scoring="letter", constrain_answers=True))
+    assert letter["constrained_prediction"] == [0, 0] and model.calls > calls
+    assert run_model(model, tok, records, RunOptions(generate=False))["constrained_prediction"] is None

@@ -84,6 +84,8 @@ def test_cli_flags_come_from_eval_settings():
 def test_evaluate_refuses_choice_scoring_with_the_nanochat_prompt():
     with pytest.raises(EvaluationError, match="prompt_style sciassist"):
         ev.evaluate(ev.EvalSettings(finetuned="x", scoring="choice", prompt_style="nanochat"))
+    with pytest.raises(EvaluationError, match="--constrain_answers keeps the reply on the SciAssist answer lines"):
+        ev.evaluate(ev.EvalSettings(finetuned="x", constrain_answers=True, prompt_style="nanochat"))
 
 
 def test_run_options_resolve_auto_without_touching_the_settings():
@@ -129,8 +131,16 @@ def test_evaluate_text_first_file_end_to_end(tiny_base_dir, tmp_path):
     out = tmp_path / "out"
     summary = ev.evaluate(ev.EvalSettings(finetuned=str(run), data_path=str(tmp_path / "data" / "scienceqa_val.jsonl"),
                                           limit=4, max_new_tokens=4, num_samples=1, sample_max_tokens=4,
-                                          out_dir=str(out), device="cpu"))
+                                          out_dir=str(out), device="cpu", constrain_answers=True))
     assert summary["settings"]["answer_format"] == "text_first" and summary["settings"]["scoring"] == "choice"
+    constrained = summary["constrained"]["finetuned"]
+    assert constrained["invalid"] == 0 and constrained["count"] == 4  # always one of the answer lines
+    per_question = [json.loads(line) for line in (out / "per_question_finetuned.jsonl").read_text().splitlines()]
+    row = next(r for r in summary["table"]["rows"] if r["name"] == "finetuned (constrained)")
+    assert row["cells"]["Avg"]["count"] == 4
+    assert constrained["accuracy"] == row["cells"]["Avg"]["correct"] / 4
+    assert constrained["accuracy"] == sum(q["constrained_correct"] for q in per_question) / 4
+    assert all(q["constrained_correct"] == (q["constrained_prediction"] == q["gold"]) for q in per_question)
     info = summary["models"]["finetuned"]
     assert (info["answer_prefix_matches"], info["answer_prefix_checked"]) == (4, 4)
     report = (out / "report.md").read_text()
@@ -139,6 +149,7 @@ def test_evaluate_text_first_file_end_to_end(tiny_base_dir, tmp_path):
     generation = summary["generation"]["finetuned"]
     assert 0 <= generation["letter_matches_text"] <= generation["names_an_option"] <= 4
     assert "replies name an option's text" in report
+    assert "finetuned, constrained answer line | 4 (100.0%) | 0 |" in report
     with pytest.raises(EvaluationError, match="use --scoring choice"):
         ev.evaluate(ev.EvalSettings(finetuned=str(run), data_path=str(tmp_path / "data" / "scienceqa_val.jsonl"),
                                     scoring="letter", out_dir=str(out), device="cpu"))

@@ -140,3 +140,52 @@ def test_answer_prefix_check_for_choice_scoring(tiny_tokenizer):
                                        answer_format="text_first") == (1, 1)
     assert scoring.answer_prefix_check(tiny_tokenizer, [text_first], scoring="choice",
                                        answer_format="letter_first") == (0, 1)
+
+
+# -----------------------------------------------------------------------------
+# constrained answer lines (--constrain_answers)
+
+
+def test_constrained_choice_follows_the_branching_tokens_not_the_sums():
+    # both lines start with token 1; at the branch, token 2 (-0.5) beats token 4 (-0.9), so
+    # greedy decoding is on line 0 for good, although line 1's whole sum is far higher
+    continuations = [[1, 2, 3], [1, 4, 5]]
+    token_scores = [[-0.1, -0.5, -3.0], [-0.1, -0.9, -0.1]]
+    assert scoring.constrained_choice(continuations, token_scores) == 0
+    assert scoring.argmax([sum(t) for t in token_scores]) == 1
+    # three lines, two sharing their first token: 7 (-1.0) beats 6 (-2.0), then 9 beats 8
+    assert scoring.constrained_choice([[7, 8], [7, 9, 1], [6]], [[-1.0, -3.0], [-1.0, -0.2, -9.0], [-2.0]]) == 1
+    # a tie at the branch goes to the earlier option; a single option is itself
+    assert scoring.constrained_choice([[3], [4]], [[-0.7], [-0.7]]) == 0
+    assert scoring.constrained_choice([[5, 6]], [[-4.0, -4.0]]) == 0
+
+
+def test_constrained_choice_equals_token_by_token_constrained_greedy_decoding(tiny_tokenizer):
+    # the reference: decode with the real model one token at a time, keeping only the next
+    # tokens of the answer lines still possible, and taking the likeliest of them
+    model = tiny_gpt(tiny_tokenizer, 3)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+        for block in model.transformer.h:
+            block.mlp.c_proj.weight.normal_(0, 0.2)
+    model.eval()
+    questions = [(["cat", "dog", "cow"], "text_first"), (["red fox", "red hen"], "text_first"),
+                 (["north", "south", "east", "west"], "letter_first"), (["ice", "steam"], "letter_first")]
+    picked = []
+    for choices, answer_format in questions:
+        prompt = [{"role": "user", "content": "Which one? " + " ".join(choices)}]
+        shared, lines = scoring.choice_continuations(tiny_tokenizer, ANSWER_PREFIX, choices, answer_format)
+        context = tiny_tokenizer.render_for_completion(prompt) + shared
+        alive, reply = list(range(len(lines))), []
+        while len(alive) > 1:
+            with torch.no_grad():
+                logits = model(torch.tensor([context + reply]))[0, -1]
+            allowed = {lines[j][len(reply)] for j in alive}
+            token = max(sorted(allowed), key=lambda t: logits[t].item())
+            reply.append(token)
+            alive = [j for j in alive if lines[j][len(reply) - 1] == token]
+        continuations, token_scores = scoring.choice_token_scores(model, tiny_tokenizer, [prompt], [choices],
+                                                                  answer_format=answer_format)
+        assert scoring.constrained_choice(continuations[0], token_scores[0]) == alive[0]
+        picked.append(alive[0])
+    assert len(set(picked)) > 1  # the weights are not so flat that every question picks option 0

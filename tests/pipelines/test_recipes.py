@@ -60,7 +60,11 @@ def test_headline_reads_an_evaluation_summary():
               "settings": {"out_dir": "x", "scoring": "choice"}}
     row = recipes.headline(result)
     assert row == {"count": 4, "scoring": "choice", "accuracy": 0.75, "choice_acc": 0.75, "generated_acc": 0.5,
-                   "agreement": 0.75, "invalid": 0.25, "out_dir": "x"}
+                   "agreement": 0.75, "invalid": 0.25, "constrained_acc": None, "constrained_agreement": None,
+                   "out_dir": "x"}
+    result["constrained"] = {"finetuned": {"count": 4, "invalid": 0, "accuracy": 0.75, "agreement": 1.0}}
+    row = recipes.headline(result)
+    assert (row["constrained_acc"], row["constrained_agreement"]) == (0.75, 1.0)
 
 
 def test_prepare_recipe_data_keeps_selection_and_sft_val_apart(tmp_path, scienceqa_dir):
@@ -93,7 +97,7 @@ def test_run_recipe_in_miniature(tmp_path, sample_dir):
     val = summary["evaluation"]["val"]
     assert val["count"] == summary["counts"]["eval_val"] > 0
     assert val["scoring"] == "choice" and val["accuracy"] == val["choice_acc"]
-    for key in ("accuracy", "generated_acc", "agreement", "invalid"):
+    for key in ("accuracy", "generated_acc", "agreement", "invalid", "constrained_acc", "constrained_agreement"):
         assert 0.0 <= val[key] <= 1.0
     assert 0 <= val["letter_matches_text"] <= val["names_an_option"] <= val["count"]
     assert summary["counts"]["train"] == 2 * (len(load_scienceqa(str(sample_dir), "train"))
@@ -133,3 +137,45 @@ def test_main_reports_a_bad_source(tmp_path, capsys):
     assert recipes.main(["--scienceqa", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o"),
                          "--threads", threads]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+MINIATURE = dict(
+    tiny=dict(vocab_size=320, n_embd=32, n_head=2, sequence_len=128, device_batch_size=2, steps=3, val_rows=2),
+    train=dict(num_iterations=3, max_seq_len=128, pack_len=128, device_batch_size=4, target_examples_per_step=4,
+               eval_every=0, eval_steps=1),
+    shuffled_copies=1, eval_limit=6, sft_val_size=4, eval_max_new_tokens=8)
+
+
+def test_every_recipe_is_budgeted_in_steps():
+    # a time limit would make the trained model depend on the machine's speed
+    for recipe in recipes.RECIPES.values():
+        assert isinstance(recipe.tiny.get("steps"), int) and "max_minutes" not in recipe.tiny, recipe.name
+        assert isinstance(recipe.train.get("num_iterations"), int), recipe.name
+        assert not any("minutes" in key for key in recipe.train), recipe.name
+
+
+def test_the_same_recipe_gives_bit_identical_models(tmp_path, sample_dir, one_thread):
+    import torch
+
+    from nanochat.checkpoint import load_model, load_model_from
+    runs = [recipes.run_recipe("cpu", str(sample_dir), tmp_path / name, evaluate_split=None, **MINIATURE)
+            for name in ("a", "b")]
+    assert runs[0]["finetune"]["steps_done"] == runs[1]["finetune"]["steps_done"] == 3
+    assert runs[0]["finetune"]["time_limited"] is False
+    for load in (lambda d: load_model_from(d / "base", "base", device="cpu")[0],
+                 lambda d: load_model(d / "sft" / "cpu", device="cpu")[0]):
+        a, b = (load(tmp_path / name).state_dict() for name in ("a", "b"))
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [(tmp_path / name / "sft" / "cpu" / "metrics.jsonl").read_text().splitlines() for name in ("a", "b")]
+    losses = [[json.loads(line).get("train_loss") for line in m] for m in metrics]
+    assert losses[0] == losses[1] and any(value is not None for value in losses[0])
+
+
+def test_a_time_limit_is_opt_in_and_stated(tmp_path, sample_dir, one_thread, capsys):
+    summary = recipes.run_recipe("cpu", str(sample_dir), tmp_path / "cut", evaluate_split=None, max_minutes=1e-9,
+                                 **{**MINIATURE, "train": {**MINIATURE["train"], "num_iterations": 50}})
+    assert summary["finetune"]["time_limited"] is True
+    assert summary["finetune"]["steps_done"] < summary["finetune"]["num_steps"] == 50
+    assert "is not the cpu recipe's model" in capsys.readouterr().err
+    with pytest.raises(recipes.RecipeError, match="max_minutes must be positive"):
+        recipes.run_recipe("cpu", str(sample_dir), tmp_path / "x", max_minutes=0, **MINIATURE)

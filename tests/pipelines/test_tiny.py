@@ -299,3 +299,14 @@ def test_bundled_sample_corpus_has_no_val_or_test_text():
             question = record.get("question")
             if question and not any(question == r.get("question") for r in load_scienceqa("sample", "train")):
                 assert question not in text
+
+
+def test_without_a_time_limit_the_epoch_cap_fixes_the_steps(tmp_path, dataset):
+    # the default budget is in steps (4 passes over the text): the same on every machine
+    assert tiny.TinySettings(out_dir="x").max_minutes is None
+    summary = tiny.train_tiny(small_settings(tmp_path / "d", dataset, steps=None, max_epochs=1.0, max_minutes=None))
+    assert summary["step"] == 14
+    meta = json.loads((tmp_path / "d" / "base_checkpoints" / "d1" / "meta_000014.json").read_text())
+    assert meta["user_config"]["warmdown_from"] == tiny.warmdown_start(14, 0.2)
+    with pytest.raises(tiny.TinyError, match="the run needs a budget"):
+        tiny.train_tiny(small_settings(tmp_path / "n", dataset, steps=None, max_epochs=None, max_minutes=None))
