@@ -48,7 +48,7 @@ With include_hint off and image_mode "keep" (FormatOptions.original(), CLI
 --original_format) the strings are byte-for-byte the original project's. image_mode "drop"
 skips questions that have an image. Every record also carries "meta" (pid, split, choices,
 answer index and letter, subject, grade, topic, category, has_image, has_hint; None where
-the source does not know).
+the source does not know; lecture and solution, "" when missing).
 
 Records are checked field by field when loaded (sciassist.data.records): a bad one (a field of
 the wrong type, choices that are not 2+ strings, an answer out of range) is an error naming
@@ -422,5 +422,8 @@ def format_record(record, options=None):
         "category": record.get("category"),
         "has_image": record.get("has_image"),
         "has_hint": _known_hint(hint),
+        # the gold explanation, also for answer-only files (sciassist_evaluate.py --explain)
+        "lecture": record.get("lecture") or "",
+        "solution": record.get("solution") or "",
     }
     return {"messages": messages, "meta": meta}

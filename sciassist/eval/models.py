@@ -1,7 +1,8 @@
 """One model on the questions: where it comes from (model_info, load_model) and how it is
 run (run_model: scored answers, generated replies, timings). `options` is a
 sciassist.eval.run.RunOptions (prompt_style, scoring, answer_format, batch_size, generate,
-max_new_tokens, sample_indices, sample_max_tokens), read by attribute.
+max_new_tokens, sample_indices, sample_max_tokens, explain_indices, explain_max_tokens), read
+by attribute.
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ import torch
 from sciassist.checkpoints import choose_checkpoint, load_choice
 from sciassist.common import synchronize
 from sciassist.data.answers import ANSWER_PREFIX, parse_answer
+from sciassist.eval.explain import tutor_replies
 from sciassist.eval.questions import SCORING_MODES, EvaluationError, prompts_for
 from sciassist.eval.scoring import (
     answer_prefix_check,
@@ -127,6 +129,11 @@ def run_model(model, tokenizer, records, options):
                                  options.sample_max_tokens, options.batch_size)
         run["samples"] = dict(zip(options.sample_indices, texts, strict=True))
         run["timing"]["samples_s"] = time.perf_counter() - t0
+    if options.explain_indices:
+        # full tutor replies for --explain (sciassist.eval.explain scores their explanations)
+        run["explanation_replies"], run["timing"]["explain_s"] = _timed(device, lambda: tutor_replies(
+            model, tokenizer, [records[i] for i in options.explain_indices], options.explain_max_tokens,
+            options.batch_size))
     return run
 
 

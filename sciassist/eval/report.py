@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sciassist.common import write_json
 from sciassist.data.answers import ANSWER_PREFIX, LETTERS, parse_answer
+from sciassist.eval.explain import METRICS, PAPER_ROWS
 from sciassist.eval.questions import EvaluationError, prompts_for, question_pid
 from sciassist.eval.table import format_table_markdown, format_topics_markdown
 from sciassist.plots import plot_accuracy_by_category, plot_loss_curve
@@ -328,6 +329,35 @@ def _generation_section(summary):
     return lines
 
 
+def _metric_cell(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _explanations_section(summary):
+    """--explain: each model's explanation scores beside the paper's Table 4 rows."""
+    explanations, info = summary.get("explanations"), summary.get("explanations_info")
+    if not explanations:
+        return []
+    lines = ["## Explanations (the ScienceQA paper's metrics)", "",
+             f"The first {info['questions']} of the {info['with_solution']} evaluated questions (of "
+             f"{info['evaluated']}) that have a gold solution (--explain {info['requested']}): each model's full "
+             f"tutor reply, its Background + Explanation against the gold lecture + solution.", "",
+             "| model | BLEU-1 | BLEU-4 | ROUGE-L | similarity | questions | empty explanations | ROUGE-L over |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in explanations.items():
+        lines.append(f"| {name} | " + " | ".join(_metric_cell(m[k]) for k in METRICS)
+                     + f" | {m['count']} | {m['empty']} | {m['rouge_count']} |")
+    for name, m in PAPER_ROWS:
+        lines.append(f"| {name} | " + " | ".join(_metric_cell(m[k]) for k in METRICS) + " | test split | | |")
+    lines += ["", "As lupantech/ScienceQA tools/evaluations.py computes them: BLEU with nltk's sentence_bleu on "
+                  "its whitespace-and-period tokens, ROUGE-L F of the `rouge` package, similarity the cosine of "
+                  f"{info.get('similarity_model') or 'sentence-transformers'} embeddings. ROUGE-L leaves out empty "
+                  "explanations as the paper does, which flatters a model that writes nothing: see their count."]
+    if info.get("similarity_note"):
+        lines += ["", info["similarity_note"]]
+    return lines
+
+
 def _topics_section(summary):
     if not summary["topics"]:
         return []
@@ -365,12 +395,12 @@ def _files_section(summary):
 
 
 REPORT_SECTIONS = (_models_section, _data_section, _settings_section, _accuracy_section, _generation_section,
-                   _topics_section, _timing_section, _training_section, _files_section)
+                   _explanations_section, _topics_section, _timing_section, _training_section, _files_section)
 
 
 def report_markdown(summary):
-    """report.md: the models, data, settings, the table, generated answers, topics, timing,
-    the loss curve and the files, from evaluate()'s summary."""
+    """report.md: the models, data, settings, the table, generated answers, explanations
+    (--explain), topics, timing, the loss curve and the files, from evaluate()'s summary."""
     lines = ["# ScienceQA evaluation"]
     for section in REPORT_SECTIONS:
         part = section(summary)

@@ -25,6 +25,10 @@ question, options as "- choice=A" lines, "Respond only with the letter of the co
 answer.", no system prompt, the letter as the reply's first token): the fair prompt for an
 unmodified nanochat chat model, which never saw the SciAssist answer format.
 
+--explain N gives the first N questions with a gold solution a full tutor reply and judges
+its explanation by the ScienceQA paper's BLEU-1, BLEU-4, ROUGE-L and sentence similarity
+(sciassist.eval.explain), base and fine-tuned side by side.
+
 The results (sciassist.eval.table: the ScienceQA table with chance and majority rows, 95%
 Wilson intervals, topics) go into --out_dir (sciassist.eval.report: results.json, the
 benchmark's predictions_*.json, per_question_*.jsonl, samples.md, report.md, plots).
@@ -48,6 +52,7 @@ from sciassist.common import (
     write_json,
 )
 from sciassist.data.answers import ANSWER_FORMATS, detect_answer_format, text_first_breakdown
+from sciassist.eval.explain import DEFAULT_SIMILARITY_MODEL, explain_indices, judge_explanations
 from sciassist.eval.models import model_info, run_models
 from sciassist.eval.questions import (
     PROMPT_STYLES,
@@ -113,6 +118,14 @@ class EvalSettings:
                                       "needs more for long options)", at_least=1)
     num_samples: int = setting(5, "questions shown side by side in samples.md", at_least=0)
     sample_max_tokens: int = setting(128, "reply length for samples.md (room for the explanation)", at_least=1)
+    explain: int = setting(0, "generate the full tutor reply for the first N questions that have a gold solution "
+                              "and score its explanation against lecture + solution with the ScienceQA paper's "
+                              "BLEU-1, BLEU-4, ROUGE-L and sentence similarity (sciassist.eval.explain); 0 = off",
+                           at_least=0)
+    explain_max_tokens: int = setting(256, "reply length for --explain (capped so prompt + reply fit the model's "
+                                           "sequence_len)", at_least=1)
+    similarity_model: str = setting(DEFAULT_SIMILARITY_MODEL, "sentence-transformers model (hub name or local "
+                                                              "folder) for --explain's sentence similarity")
     train_path: str | None = setting(None, "train JSONL for the majority row "
                                            "(default: scienceqa_train.jsonl beside the data)")
     metrics_path: str | None = setting(None, "metrics.jsonl of a run to re-draw (default: <finetuned>/metrics.jsonl)")
@@ -135,6 +148,8 @@ class RunOptions:
     constrain_answers: bool = EvalSettings.constrain_answers
     sample_indices: tuple[int, ...] = ()  # questions also answered at sample_max_tokens, for samples.md
     sample_max_tokens: int = EvalSettings.sample_max_tokens
+    explain_indices: tuple[int, ...] = ()  # questions given a full tutor reply, for --explain
+    explain_max_tokens: int = EvalSettings.explain_max_tokens
 
 
 def run_options(settings, records):
@@ -150,7 +165,9 @@ def run_options(settings, records):
                       batch_size=settings.batch_size, generate=settings.generate,
                       max_new_tokens=settings.max_new_tokens, constrain_answers=settings.constrain_answers,
                       sample_indices=sample_indices,
-                      sample_max_tokens=settings.sample_max_tokens)
+                      sample_max_tokens=settings.sample_max_tokens,
+                      explain_indices=explain_indices(records, settings.explain),
+                      explain_max_tokens=settings.explain_max_tokens)
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -276,6 +293,9 @@ def evaluate(settings, models=None):
     }
     if options.constrain_answers:
         summary["constrained"] = constrained_summaries(records, runs)
+    if settings.explain:
+        summary["explanations"], summary["explanations_info"] = judge_explanations(
+            out_dir, files, records, runs, options.explain_indices, settings.similarity_model, settings.explain)
     summary["total_s"] = time.perf_counter() - started
     _write_summary_files(out_dir, files, summary, records, runs, settings, options)
     print(format_table_text(table))

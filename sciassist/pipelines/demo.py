@@ -87,7 +87,24 @@ def run_demo(s):
     print(f"  fine-tuned  {run_dir}/ (model_*.pt, meta_*.json, metrics.jsonl, loss_curve.png)")
     print(f"  evaluation  {out / 'eval'}/report.md, accuracy_by_category.png, samples.md")
     print(f"  chat with it: python -m sciassist.serve.chat_cli --checkpoint {run_dir}")
+    print(what_the_numbers_mean(s, report, evaluation))
     return {"train": summary, "evaluation": evaluation, "minutes": minutes}
+
+
+def what_the_numbers_mean(s, report, evaluation):
+    """The demo's last lines: where its numbers come from, why the generated row can be 0, and
+    where real numbers come from."""
+    count = evaluation["data"]["count"]
+    trained = report.splits["train"].kept
+    source = ("the bundled toy sample (66 questions in all)" if s.scienceqa == "sample"
+              else f"a {trained}-question subset of {s.scienceqa}")
+    return (f"\nThese numbers come from {source}: {trained} training questions, {count} evaluated, on a tiny "
+            f"base trained for seconds. They show that every stage runs, not how good a model gets.\n"
+            f"A generated answer counts only when the reply parses strictly as \"The correct answer is X. "
+            f"<option>\"; a model this small, fine-tuned on a few dozen questions, rarely writes that line whole, "
+            f"so the generated rows can be 0.00 while scored accuracy (the answer the model finds likeliest) "
+            f"is not.\nFor real numbers: make recipe-cpu SCIENCEQA=DIR (the CPU recipe, about half an hour on 2 "
+            f"cores; README, \"The CPU recipe\").")
 
 
 def main(argv=None):

@@ -59,8 +59,8 @@ def command_from_args(argv=None) -> FinetuneCommand:
 
 
 def dry_run(settings: TrainSettings) -> dict:
-    """The memory plan of `settings` (sciassist.train.plan), printed; only the checkpoint's
-    meta_<step>.json is read (the model is built on the meta device)."""
+    """The memory plan of `settings` (sciassist.train.plan; with --lora_rank > 0 the LoRA one),
+    printed; only the checkpoint's meta_<step>.json is read (the model is built on the meta device)."""
     check_settings(settings)
     try:
         choice = source_choice(settings)
@@ -70,15 +70,11 @@ def dry_run(settings: TrainSettings) -> dict:
     device = resolve_device(settings.device)
     bf16 = device.type == "cuda" and settings.dtype != "float32"
     seq = min(settings.max_seq_len, config.sequence_len)
+    # with --lora_rank > 0 the LoRA plan (format_plan names it, with the rank and trainable parameters)
     result = plan.memory_plan(config, settings.device_batch_size, seq, bf16=bf16,
-                              free=plan.gpu_free_bytes(device) if device.type == "cuda" else None)
-    notes = []
-    if settings.lora_rank > 0:
-        notes.append("note: the plan is for full fine-tuning; with --lora_rank the gradients and optimizer "
-                     "states are those of the adapters only (much less)")
+                              free=plan.gpu_free_bytes(device) if device.type == "cuda" else None,
+                              lora=plan.LoraShape.of(settings))
     print(plan.format_plan(result, title=f"memory plan for {choice.describe()} on {device} (--dry_run)\n"))
-    for note in notes:
-        print(note)
     return result
 
 

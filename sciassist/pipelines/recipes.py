@@ -93,6 +93,20 @@ CPU = Recipe(
     minutes=27.0,
 )
 
+# Variants of the CPU recipe, the same base (a run can reuse another's: --base_dir) and the
+# same 4,000 steps: LoRA adapters instead of full fine-tuning, and the tutor's whole reply
+# (answer, explanation, background) instead of the answer alone.
+CPU_LORA = replace(
+    CPU, name="cpu-lora",
+    description="the CPU recipe with LoRA r=16 adapters on every block projection (Muon at lora_lr 0.1) instead of "
+                "full fine-tuning; the merged model is saved as usual",
+    train={**CPU.train, "lora_rank": 16}, minutes=None)
+CPU_TUTOR = replace(
+    CPU, name="cpu-tutor",
+    description="the CPU recipe trained on the tutor's whole reply: the answer (option first), then "
+                "'Explanation: <solution>' and 'Background: <lecture>'",
+    data={**CPU.data, "include_explanation": True, "include_background": True}, minutes=None)
+
 # A GPU preset: NOT RUN (no GPU was lent while the CPU recipe was measured); a starting
 # point, not a result. Depth 12 (768 wide, about 110M parameters with a 16k vocabulary) from
 # scratch. The train split is only about 1M tokens of text, so the budgets are in steps (about
@@ -113,7 +127,7 @@ GPU = Recipe(
     tested=False,
 )
 
-RECIPES = {r.name: r for r in (CPU, GPU)}
+RECIPES = {r.name: r for r in (CPU, CPU_LORA, CPU_TUTOR, GPU)}
 
 
 class RecipeError(UserError, ValueError):
@@ -219,6 +233,16 @@ def build_base(recipe, scienceqa, base_dir, progress=False):
     return summary, False
 
 
+def _check_shared_base(recipe, scienceqa, base_dir):
+    """A base_dir given explicitly may hold another run's base: it is reused when it was built
+    with this recipe's settings, and never replaced by one of other settings."""
+    key_file = base_dir / "recipe_base_key.txt"
+    if (base_dir / MARKER_FILE).is_file() and not (key_file.is_file()
+                                                    and key_file.read_text().strip() == _base_key(recipe, scienceqa)):
+        raise RecipeError(f"{base_dir} holds a base built with other settings than the {recipe.name} recipe's "
+                          f"(or from other data); give another --base_dir, or none to build one in the run's folder")
+
+
 def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None, progress=False,
                evaluate_only=False, max_minutes=None, **overrides):
     """data -> tiny base -> fine-tune -> evaluation for the preset `name` (with overrides,
@@ -252,6 +276,8 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
     timings["data_s"] = time.time() - t0
 
     t0 = time.time()
+    if base_dir is not None:
+        _check_shared_base(recipe, scienceqa_dir, Path(base_dir))
     base_dir = Path(base_dir) if base_dir is not None else out_dir / "base"
     base, reused = build_base(recipe, scienceqa_dir, base_dir, progress)
     timings["base_s"] = 0.0 if reused else time.time() - t0
@@ -410,8 +436,11 @@ class RecipeCommand:
                          choices=["val", "test", "both", "none"])
     evaluate_only: bool = setting(False, "evaluate the finished run in --out_dir on --split instead of training "
                                          "(the one test number of a recipe chosen on val)")
-    threads: int = setting(2, "torch CPU threads (on a machine other jobs keep busy, 1 can be faster; the model "
-                              "is bit-identical only at the same thread count)", at_least=1)
+    base_dir: str | None = setting(None, "reuse the tokenizer + base in this folder when it was built with the same "
+                                         "settings (another run's <out_dir>/base); default <out_dir>/base")
+    threads: int = setting(1, "torch CPU threads; the model is bit-identical only at the same count. 1 is the "
+                              "measured default: 2 threads on 2 cores gain little on a quiet machine and slow to a "
+                              "crawl when anything else runs (they spin waiting for each other)", at_least=1)
     max_minutes: float | None = setting(None, "opt-in: stop the fine-tune after this many minutes (the result is "
                                               "then not the recipe's model; the summary says so)", at_least=1e-9)
 
@@ -424,7 +453,8 @@ def main(argv=None):
     try:
         summary = run_recipe(command.preset, command.scienceqa, command.out_dir,
                              evaluate_split=None if command.split == "none" else command.split, progress=True,
-                             evaluate_only=command.evaluate_only, max_minutes=command.max_minutes)
+                             evaluate_only=command.evaluate_only, max_minutes=command.max_minutes,
+                             base_dir=command.base_dir)
     except (UserError, CheckpointError) as e:
         return print_error(e)
     print(json.dumps({"minutes": summary["minutes"], "evaluation": summary["evaluation"]}, indent=2))

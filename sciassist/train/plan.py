@@ -1,9 +1,11 @@
 """The memory plan of a fine-tuning run, before anything heavy is loaded: what the weights, the
 gradients, the optimizer states and the activations of one micro-batch take, the total, and the
-largest --device_batch_size that fits a card.
+largest --device_batch_size that fits a card; for full fine-tuning, or for LoRA (--lora_rank > 0).
 
     python sciassist_train.py ... --dry_run          the plan of that run (nothing is loaded)
-    python -m sciassist.train.plan --table           d20 / d32 on 16, 24, 40 and 80 GB cards (markdown)
+    python -m sciassist.train.plan --table           d20 / d32 on 16, 24, 40 and 80 GB cards (markdown),
+                                                     full fine-tuning and LoRA rows (--lora_rank, default
+                                                     16 on every block projection; 0: no LoRA rows)
 
 The model (bytes; P parameters, N = device_batch_size x max_seq_len positions, C = n_embd, V = vocab):
 - parameters: fp32 master weights, 4 P (the published wte is stored bf16, loaded as fp32);
@@ -18,8 +20,23 @@ The model (bytes; P parameters, N = device_batch_size x max_seq_len positions, C
   worst case). Without the chunked loss the whole (S, V) block lives at once, with its tanh and
   log-softmax and their gradients: LOGIT_BYTES per logit. With it (nanochat.gpt.LOSS_CHUNK_LOGITS)
   only one chunk of 2^27 logits is live at a time, recomputed in the backward pass.
+
+LoRA (sciassist.train.lora: peft adapters A (r x in) and B (out x r) on each block Linear whose name
+is in --lora_targets; wte and lm_head frozen), with L = the adapter parameters (counted exactly, as
+peft creates them):
+- parameters: the frozen base stays fp32 (prepare_run casts the model to fp32 before the adapters
+  are added), 4 P, plus 4 L for the adapters;
+- gradients: 4 L, the adapters only (frozen weights get no gradient buffer);
+- optimizer states: Muon's momentum, 4 L (sciassist.train.lora.OPTIMIZER; AdamW's two moments: 8 L);
+- activations: those of full fine-tuning, less the input of each Linear that only its (now frozen)
+  weight's gradient needed and no adapter reads (e.g. relu(h)^2 when c_proj is not adapted), plus
+  per adapted Linear the adapter's r-wide intermediate (B's input); with --lora_dropout > 0 the
+  adapter reads a dropped-out copy of its input, so it keeps that copy and the dropout's mask (one
+  byte per element on CUDA; on CPU torch keeps a float noise tensor, 4 bytes) instead of the input
+  itself. bf16 autocast also keeps bf16 copies of the adapters (2 L). The first block's savings
+  (with a frozen embedding its input needs no gradient) are not counted: a slight over-estimate.
 The coefficients are fitted to measured CPU peaks (bench/plan_check.py, bench/RESULTS.md): within
-20% on depth 4-8, vocab 4,096-65,536, rows of 256-1024 positions.
+20% on depth 4-8, vocab 4,096-65,536, rows of 256-1024 positions, full fine-tuning and LoRA.
 """
 
 from __future__ import annotations
@@ -33,7 +50,9 @@ import torch
 
 from nanochat import gpt
 from nanochat.checkpoint import meta_path, read_meta
-from nanochat.gpt import GPT, GPTConfig, config_for_depth
+from nanochat.gpt import GPT, Block, GPTConfig, config_for_depth
+from sciassist.train.lora import OPTIMIZER as LORA_OPTIMIZER
+from sciassist.train.settings import LORA_TARGETS, lora_target_names
 
 GB = 10**9  # cards are sold in GB; the table says GB
 GIB = 2**30
@@ -48,6 +67,10 @@ BACKWARD_TRANSIENT = 8.0
 # Per logit: the fp32 logits, their tanh and log-softmax (kept), and two gradients in the backward.
 LOGIT_BYTES = 17.0
 USABLE_FRACTION = 0.92  # of a card's free memory: the allocator's fragmentation, cuBLAS/NCCL workspaces
+# The tensor each block Linear reads (q, k and v read the same one): a frozen Linear's input is kept
+# only when an adapter reads it, so its width comes off the full fine-tune's ACT_PER_LAYER otherwise.
+LINEAR_INPUTS = {"attn.c_q": "attn_in", "attn.c_k": "attn_in", "attn.c_v": "attn_in",
+                 "attn.c_proj": "attn_out", "mlp.c_fc": "mlp_in", "mlp.c_proj": "mlp_hidden"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +85,66 @@ class ParamCounts:
         return self.wte + self.lm_head
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraShape:
+    """What the plan needs of a LoRA run: --lora_rank, --lora_targets, --lora_dropout."""
+
+    rank: int
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+    optimizer: str = LORA_OPTIMIZER  # "muon": one state per adapter entry, "adamw": two
+
+    @classmethod
+    def of(cls, settings) -> LoraShape | None:
+        """The LoRA shape of TrainSettings (None for full fine-tuning: lora_rank 0)."""
+        if settings.lora_rank <= 0:
+            return None
+        return cls(settings.lora_rank, tuple(lora_target_names(settings.lora_targets)), settings.lora_dropout)
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return 8 if self.optimizer == "adamw" else 4
+
+
+def adapted_linears(config: GPTConfig, lora: LoraShape) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of every Linear peft adapts: those whose last name part is
+    one of the targets (peft's matching of target_modules), on a meta-device GPT."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora.targets]
+
+
+def count_adapter_params(config: GPTConfig, lora: LoraShape) -> int:
+    """The trainable parameters of a LoRA run: r x in (A) + out x r (B) per adapted Linear."""
+    return sum(lora.rank * (fan_in + fan_out) for _, fan_in, fan_out in adapted_linears(config, lora))
+
+
+def block_linears(config: GPTConfig) -> list[tuple[str, int]]:
+    """(name within the block, in_features) of the Linears of one transformer block (meta device)."""
+    with torch.device("meta"):
+        block = Block(config, 0)
+    return [(name, m.in_features) for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def lora_block_bytes(config: GPTConfig, lora: LoraShape, a: int, mask: int) -> float:
+    """Per position and block: what a LoRA step keeps minus what a full fine-tuning step keeps
+    (a bytes per activation, `mask` bytes per dropout mask element; see the module docstring)."""
+    widths, read = {}, set()
+    extra = 0.0
+    for name, fan_in in block_linears(config):
+        group = LINEAR_INPUTS[name]
+        widths[group] = fan_in
+        if name.rsplit(".", 1)[-1] not in lora.targets:
+            continue
+        extra += lora.rank * a  # A's output, B's input
+        if lora.dropout > 0:
+            extra += fan_in * (a + mask)  # the dropped-out input (A's input) and the mask
+        else:
+            read.add(group)  # A reads the very tensor the base Linear reads
+    return extra - a * sum(w for group, w in widths.items() if group not in read)
+
+
 def count_params(config: GPTConfig) -> ParamCounts:
     """Parameter counts of a GPT of `config`, built on the meta device (no memory, no init)."""
     with torch.device("meta"):
@@ -73,39 +156,56 @@ def count_params(config: GPTConfig) -> ParamCounts:
 
 
 def activation_bytes(config: GPTConfig, batch: int, seq: int, bf16: bool = True, chunked: bool = True,
-                     supervised_fraction: float = 1.0) -> dict:
+                     supervised_fraction: float = 1.0, lora: LoraShape | None = None) -> dict:
     """Bytes of activations of one micro-batch of batch x seq positions: {"blocks", "logits",
-    "weight_copies", "total"}. chunked False: as if the loss materialised all the logits."""
+    "weight_copies", "total"}. chunked False: as if the loss materialised all the logits. lora:
+    the activations of a LoRA step instead (None: full fine-tuning)."""
     a = 2 if bf16 else 4
     n = batch * seq
     c = config.n_embd
     kv = config.n_kv_head * (c // config.n_head)
     blocks = n * a * (config.n_layer * (ACT_PER_LAYER * c + ACT_PER_KV * kv) + ACT_OUTSIDE * c
                       + BACKWARD_TRANSIENT * c)
+    if lora is not None:  # bf16 runs on CUDA (a bool mask), fp32 plans are CPU's (a float noise tensor)
+        blocks += n * config.n_layer * lora_block_bytes(config, lora, a, 1 if bf16 else a)
     supervised = math.ceil(n * supervised_fraction)
     rows = min(supervised, max(1, gpt.LOSS_CHUNK_LOGITS // config.vocab_size)) if chunked else supervised
     logits = rows * config.vocab_size * (LOGIT_BYTES + (2 if bf16 else 0))  # + the bf16 matmul output
     counts = count_params(config)
-    weight_copies = 2 * (counts.matrices + counts.lm_head) if bf16 else 0
+    adapters = count_adapter_params(config, lora) if lora is not None else 0
+    weight_copies = 2 * (counts.matrices + counts.lm_head + adapters) if bf16 else 0
     return {"blocks": int(blocks), "logits": int(logits), "weight_copies": int(weight_copies),
             "total": int(blocks + logits + weight_copies)}
 
 
-def memory_plan(config: GPTConfig, batch: int, seq: int, bf16: bool = True, chunked: bool = True,
-                supervised_fraction: float = 1.0, free: int | None = None) -> dict:
-    """Every figure of the plan in bytes, plus whether it fits `free` bytes (None: unknown) and
-    the largest device batch that does."""
+def fixed_bytes(config: GPTConfig, lora: LoraShape | None = None) -> dict:
+    """What a step holds whatever the batch: {"params", "grads", "optimizer", "trainable"} (bytes,
+    and the count of trainable parameters). Full fine-tuning: fp32 weights and gradients, Muon on
+    the matrices and AdamW on wte/lm_head; LoRA: the fp32 frozen base plus the adapters, gradients
+    and optimizer states of the adapters only."""
     counts = count_params(config)
-    params = 4 * counts.total
-    grads = 4 * counts.total
-    optimizer = 4 * counts.matrices + 8 * counts.adamw
-    acts = activation_bytes(config, batch, seq, bf16, chunked, supervised_fraction)
-    unchunked = activation_bytes(config, batch, seq, bf16, False, supervised_fraction)
+    if lora is None:
+        return {"params": 4 * counts.total, "grads": 4 * counts.total,
+                "optimizer": 4 * counts.matrices + 8 * counts.adamw, "trainable": counts.total}
+    adapters = count_adapter_params(config, lora)
+    return {"params": 4 * (counts.total + adapters), "grads": 4 * adapters,
+            "optimizer": lora.optimizer_bytes * adapters, "trainable": adapters}
+
+
+def memory_plan(config: GPTConfig, batch: int, seq: int, bf16: bool = True, chunked: bool = True,
+                supervised_fraction: float = 1.0, free: int | None = None, lora: LoraShape | None = None) -> dict:
+    """Every figure of the plan in bytes, plus whether it fits `free` bytes (None: unknown) and
+    the largest device batch that does. lora: the plan of a LoRA run (None: full fine-tuning)."""
+    counts = count_params(config)
+    fixed = fixed_bytes(config, lora)
+    params, grads, optimizer = fixed["params"], fixed["grads"], fixed["optimizer"]
+    acts = activation_bytes(config, batch, seq, bf16, chunked, supervised_fraction, lora)
+    unchunked = activation_bytes(config, batch, seq, bf16, False, supervised_fraction, lora)
     static = params + grads + optimizer
     plan = {
         "n_layer": config.n_layer, "n_embd": config.n_embd, "vocab_size": config.vocab_size,
-        "batch": batch, "seq": seq, "bf16": bf16, "params_count": counts.total,
-        "params": params, "grads": grads, "optimizer": optimizer,
+        "batch": batch, "seq": seq, "bf16": bf16, "params_count": counts.total, "lora": lora,
+        "trainable": fixed["trainable"], "params": params, "grads": grads, "optimizer": optimizer,
         "activations": acts["total"], "activations_blocks": acts["blocks"], "logits": acts["logits"],
         "weight_copies": acts["weight_copies"], "activations_unchunked": unchunked["total"],
         "total": static + acts["total"], "total_unchunked": static + unchunked["total"],
@@ -113,20 +213,19 @@ def memory_plan(config: GPTConfig, batch: int, seq: int, bf16: bool = True, chun
     }
     if free is not None:
         plan["fits"] = plan["total"] <= USABLE_FRACTION * free
-        plan["max_batch"] = max_batch(config, seq, free, bf16, True, supervised_fraction)
-        plan["max_batch_unchunked"] = max_batch(config, seq, free, bf16, False, supervised_fraction)
+        plan["max_batch"] = max_batch(config, seq, free, bf16, True, supervised_fraction, lora=lora)
+        plan["max_batch_unchunked"] = max_batch(config, seq, free, bf16, False, supervised_fraction, lora=lora)
     return plan
 
 
 def max_batch(config: GPTConfig, seq: int, free: int, bf16: bool = True, chunked: bool = True,
-              supervised_fraction: float = 1.0, limit: int = 4096) -> int:
+              supervised_fraction: float = 1.0, limit: int = 4096, lora: LoraShape | None = None) -> int:
     """The largest device batch whose plan fits USABLE_FRACTION x free bytes (0: not even 1)."""
-    counts = count_params(config)
-    static = 4 * counts.total + 4 * counts.total + 4 * counts.matrices + 8 * counts.adamw
-    budget = USABLE_FRACTION * free - static
+    fixed = fixed_bytes(config, lora)
+    budget = USABLE_FRACTION * free - (fixed["params"] + fixed["grads"] + fixed["optimizer"])
 
     def fits(b):
-        return activation_bytes(config, b, seq, bf16, chunked, supervised_fraction)["total"] <= budget
+        return activation_bytes(config, b, seq, bf16, chunked, supervised_fraction, lora)["total"] <= budget
 
     if not fits(1):
         return 0
@@ -160,6 +259,28 @@ def _gb(n):
     return f"{n / GB:.2f} GB"
 
 
+def _lora_lines(plan: dict) -> list[str]:
+    """The line that says a plan is a LoRA one (rank, targets, trainable parameters); none for full."""
+    lora = plan["lora"]
+    if lora is None:
+        return []
+    dropout = f", dropout {lora.dropout:g}" if lora.dropout > 0 else ""
+    return [f"LoRA plan: rank {lora.rank} on {', '.join(lora.targets)}{dropout}; {plan['trainable']:,} trainable "
+            f"parameters ({plan['trainable'] / plan['params_count']:.2%} of the model), the base frozen in fp32"]
+
+
+def _static_rows(plan: dict) -> list[str]:
+    """The parameters / gradients / optimizer rows of format_plan's table."""
+    if plan["lora"] is None:
+        return [f"| parameters (fp32) | {_gb(plan['params'])} |",
+                f"| gradients (fp32) | {_gb(plan['grads'])} |",
+                f"| optimizer states (Muon momentum, AdamW 2 moments) | {_gb(plan['optimizer'])} |"]
+    states = "AdamW 2 moments" if plan["lora"].optimizer == "adamw" else "Muon momentum"
+    return [f"| parameters (fp32: frozen base + adapters) | {_gb(plan['params'])} |",
+            f"| gradients (fp32, adapters only) | {_gb(plan['grads'])} |",
+            f"| optimizer states ({states}, adapters only) | {_gb(plan['optimizer'])} |"]
+
+
 def format_plan(plan: dict, title: str = "") -> str:
     """The plan as a small markdown table (and its verdict)."""
     chunk = "" if plan["logits"] == 0 else " (chunked loss)"
@@ -168,12 +289,11 @@ def format_plan(plan: dict, title: str = "") -> str:
         f"d{plan['n_layer']} (n_embd {plan['n_embd']}, vocab {plan['vocab_size']:,}, "
         f"{plan['params_count']:,} parameters), device batch {plan['batch']} x {plan['seq']} positions, "
         f"{'bf16 autocast' if plan['bf16'] else 'fp32'}",
+        *_lora_lines(plan),
         "",
         "| | memory |",
         "|---|---:|",
-        f"| parameters (fp32) | {_gb(plan['params'])} |",
-        f"| gradients (fp32) | {_gb(plan['grads'])} |",
-        f"| optimizer states (Muon momentum, AdamW 2 moments) | {_gb(plan['optimizer'])} |",
+        *_static_rows(plan),
         f"| activations{chunk} | {_gb(plan['activations'])} |",
         f"| of which logits | {_gb(plan['logits'])} |",
         f"| **total** | **{_gb(plan['total'])}** |",
@@ -196,27 +316,38 @@ PUBLISHED = {20: config_for_depth(20), 32: config_for_depth(32)}  # nanochat's d
 CARDS_GB = (16, 24, 40, 80)
 
 
-def readme_table(depths=(20, 32), cards_gb=CARDS_GB, seq: int = 2048) -> str:
+def readme_table(depths=(20, 32), cards_gb=CARDS_GB, seq: int = 2048, lora_rank: int = 0) -> str:
     """Markdown: for each published model, the fixed memory, the activations per row of `seq`
     positions, and the largest --device_batch_size on each card (bf16 autocast, chunked loss;
-    a card's memory taken as all free)."""
+    a card's memory taken as all free); with lora_rank > 0 a LoRA row of that rank (every block
+    projection, the default --lora_targets) under each model's full fine-tuning row."""
     header = "| model | params + grads + optimizer | activations per row | " + \
              " | ".join(f"{g} GB card" for g in cards_gb) + " |"
+    lora_note = (f"; LoRA rows: rank {lora_rank} on {', '.join(LORA_TARGETS)}, {LORA_OPTIMIZER.capitalize()} "
+                 f"on the adapters, the base frozen in fp32" if lora_rank > 0 else "")
     lines = [f"Largest `--device_batch_size` at `--max_seq_len {seq}` (bf16 autocast, chunked loss, every "
-             f"position supervised, {USABLE_FRACTION:.0%} of the card usable; `sciassist_train.py --dry_run` "
-             f"prints it for your card):", "", header, "|---|---:|---:|" + "---:|" * len(cards_gb)]
+             f"position supervised, {USABLE_FRACTION:.0%} of the card usable{lora_note}; `sciassist_train.py "
+             f"--dry_run` prints it for your card):", "", header, "|---|---:|---:|" + "---:|" * len(cards_gb)]
     for depth in depths:
         config = PUBLISHED[depth] if depth in PUBLISHED else config_for_depth(depth)
-        one = memory_plan(config, 1, seq)
-        static = one["params"] + one["grads"] + one["optimizer"]
-        per_row = activation_bytes(config, 2, seq)["blocks"] - activation_bytes(config, 1, seq)["blocks"]
-        cells = []
-        for g in cards_gb:
-            b = max_batch(config, seq, g * GB)
-            cells.append(str(b) if b else "does not fit")
-        lines.append(f"| d{depth} ({one['params_count'] / 1e6:.0f}M) | {_gb(static)} | {_gb(per_row)} | "
-                     + " | ".join(cells) + " |")
+        lines.append(_table_row(config, cards_gb, seq, None))
+        if lora_rank > 0:
+            lines.append(_table_row(config, cards_gb, seq, LoraShape(lora_rank)))
     return "\n".join(lines)
+
+
+def _table_row(config: GPTConfig, cards_gb, seq: int, lora: LoraShape | None) -> str:
+    """One row of readme_table: full fine-tuning (lora None) or LoRA of `config`."""
+    one = memory_plan(config, 1, seq, lora=lora)
+    static = one["params"] + one["grads"] + one["optimizer"]
+    per_row = (activation_bytes(config, 2, seq, lora=lora)["blocks"]
+               - activation_bytes(config, 1, seq, lora=lora)["blocks"])
+    cells = []
+    for g in cards_gb:
+        b = max_batch(config, seq, g * GB, lora=lora)
+        cells.append(str(b) if b else "does not fit")
+    name = f"d{config.n_layer} ({one['params_count'] / 1e6:.0f}M)" + (f", LoRA r={lora.rank}" if lora else "")
+    return f"| {name} | {_gb(static)} | {_gb(per_row)} | " + " | ".join(cells) + " |"
 
 
 def main(argv=None) -> int:
@@ -224,10 +355,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", action="store_true", help="d20 / d32 on 16, 24, 40, 80 GB cards (markdown)")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--lora_rank", type=int, default=16, help="rank of the LoRA rows (0: full fine-tuning only)")
     args = parser.parse_args(argv)
-    print(readme_table(seq=args.seq))
+    print(readme_table(seq=args.seq, lora_rank=args.lora_rank))
     if not args.table:
-        print("\n" + format_plan(memory_plan(PUBLISHED[20], 8, args.seq, free=gpu_free_bytes())))
+        lora = LoraShape(args.lora_rank) if args.lora_rank > 0 else None
+        for shape in (None, lora) if lora else (None,):
+            print("\n" + format_plan(memory_plan(PUBLISHED[20], 8, args.seq, free=gpu_free_bytes(), lora=shape)))
     return 0
 
 

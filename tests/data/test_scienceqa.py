@@ -145,10 +145,13 @@ def test_meta_fields():
         "pid": "p1", "split": "train", "choices": ["a wool sock", "a glass marble", "a sponge"],
         "answer": 1, "answer_letter": "B", "subject": "natural science", "grade": "grade1",
         "topic": "physics", "category": "Materials", "has_image": True, "has_hint": True,
+        "lecture": "Hard things keep their shape.", "solution": "The marble keeps its shape.",
     }
     unknown = format_record(make_record(hint=None, has_image=None, subject=None))["meta"]
     assert (unknown["has_hint"], unknown["has_image"], unknown["subject"]) == (None, None, None)
     assert format_record(make_record(hint="  "))["meta"]["has_hint"] is False
+    bare = format_record(make_record(lecture=None, solution=""))["meta"]
+    assert (bare["lecture"], bare["solution"]) == ("", "")
 
 
 @pytest.mark.parametrize("overrides, reason", [
