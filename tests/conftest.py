@@ -1,7 +1,12 @@
 """Shared fixtures: a tiny tokenizer and a tiny checkpoint in nanochat's published layout."""
 
 import json
+import os
 from pathlib import Path
+
+# The hub is never reached from the tests: libraries that would retry it (sentence-transformers
+# for --explain's similarity) fail at once instead. Set before huggingface_hub is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

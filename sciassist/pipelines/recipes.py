@@ -46,7 +46,7 @@ from nanochat.checkpoint import CheckpointError
 from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser, write_json
 from sciassist.data.conversations import write_conversations
 from sciassist.data.scienceqa import FormatOptions, format_record, load_scienceqa, select_subset, skip_reason
-from sciassist.eval.run import EvalSettings, evaluate
+from sciassist.eval.run import SOURCE_MODEL, EvalSettings, evaluate, named_models
 from sciassist.pipelines.tiny import MARKER_FILE, TinySettings, train_tiny
 from sciassist.train.loop import train
 from sciassist.train.settings import TrainSettings
@@ -67,6 +67,7 @@ class Recipe:
     eval_max_new_tokens: int = 16                 # letter_first: "The correct answer is X." fits in 16 tokens
     choice_scoring: bool = True                   # also score with --scoring choice (eval_<split>_choice/)
     minutes: float | None = None                  # end-to-end minutes measured on the build machine (2 cores)
+    explain: int = 0                              # questions whose explanation is judged (--explain N)
     tested: bool = True
 
 
@@ -105,7 +106,8 @@ CPU_TUTOR = replace(
     CPU, name="cpu-tutor",
     description="the CPU recipe trained on the tutor's whole reply: the answer (option first), then "
                 "'Explanation: <solution>' and 'Background: <lecture>'",
-    data={**CPU.data, "include_explanation": True, "include_background": True}, minutes=None)
+    data={**CPU.data, "include_explanation": True, "include_background": True}, minutes=None,
+    explain=100_000)  # every evaluated question with a gold solution
 
 # A GPU preset: NOT RUN (no GPU was lent while the CPU recipe was measured); a starting
 # point, not a result. Depth 12 (768 wide, about 110M parameters with a 16k vocabulary) from
@@ -338,16 +340,18 @@ def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings):
     evaluations = {}
     for split in splits:
         t0 = time.time()
+        # a recipe that judges explanations shows its base beside it (what pretraining alone writes)
         eval_settings = EvalSettings(finetuned=str(run_dir), data_path=str(paths[f"eval_{split}"]),
+                                     base=SOURCE_MODEL if recipe.explain else None,
                                      split=split, train_path=str(paths["train"]),
                                      out_dir=str(out_dir / f"eval_{split}"),
                                      max_new_tokens=recipe.eval_max_new_tokens, num_samples=3, sample_max_tokens=32,
-                                     constrain_answers=True)
-        result = evaluate(eval_settings)
+                                     constrain_answers=True, explain=recipe.explain)
+        result = evaluate(named_models(eval_settings))
         evaluations[split] = headline(result)
         if recipe.choice_scoring and result["settings"]["scoring"] == "letter":
             choice_settings = replace(eval_settings, scoring="choice", generate=False, num_samples=0,
-                                      constrain_answers=False,
+                                      constrain_answers=False, explain=0, base=None,
                                       out_dir=str(out_dir / f"eval_{split}_choice"))
             evaluations[split].update(choice_headline(evaluate(choice_settings), result))
         timings[f"eval_{split}_s"] = time.time() - t0
@@ -402,6 +406,7 @@ def headline(result):
         **{key: generation[key] for key in ("names_an_option", "letter_matches_text") if key in generation},
         "constrained_acc": constrained.get("accuracy"),
         "constrained_agreement": constrained.get("agreement"),
+        **({"explanations": result["explanations"]} if result.get("explanations") else {}),
         "out_dir": result["settings"]["out_dir"],
     }
 

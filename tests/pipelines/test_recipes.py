@@ -179,3 +179,17 @@ def test_a_time_limit_is_opt_in_and_stated(tmp_path, sample_dir, one_thread, cap
     assert "is not the cpu recipe's model" in capsys.readouterr().err
     with pytest.raises(recipes.RecipeError, match="max_minutes must be positive"):
         recipes.run_recipe("cpu", str(sample_dir), tmp_path / "x", max_minutes=0, **MINIATURE)
+
+
+def test_the_tutor_recipe_judges_explanations_beside_its_base(tmp_path, sample_dir, one_thread):
+    summary = recipes.run_recipe("cpu-tutor", str(sample_dir), tmp_path / "tutor", evaluate_split="val",
+                                 explain=2, **MINIATURE)
+    train = read_conversations(tmp_path / "tutor" / "data" / "scienceqa_train.jsonl")
+    assert any("\n\nExplanation: " in r["messages"][-1]["content"] for r in train)
+    val = summary["evaluation"]["val"]
+    assert set(val["explanations"]) == {"base", "finetuned"}
+    for metrics in val["explanations"].values():
+        assert metrics["count"] == 2 and 0.0 <= metrics["bleu1"] <= 1.0
+    results = json.loads((tmp_path / "tutor" / "eval_val" / "results.json").read_text())
+    assert results["models"]["base"]["checkpoint_dir"].endswith("d3")
+    assert results["explanations_info"]["questions"] == 2
