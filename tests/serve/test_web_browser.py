@@ -3,7 +3,7 @@
 Starts the server on a free loopback port with the tiny checkpoint, asks questions the way
 a person would (typing, Enter, the Stop and New chat buttons) and checks what the page
 shows. Set SCIASSIST_SCREENSHOT=docs/chat-web.png to also save a screenshot of a
-conversation, and SCIASSIST_BROWSER_CHECKPOINT=DIR to run against another checkpoint than
+conversation (test_screenshot_of_a_conversation), and SCIASSIST_BROWSER_CHECKPOINT=DIR to run against another checkpoint than
 the tiny random one (a screenshot of a trained model reads better). Skipped when
 /usr/bin/chromium is absent (`apt-get install -y chromium`).
 Playwright's own browser download is never used: it cannot work offline.
@@ -184,12 +184,28 @@ def test_multiple_choice_answer_gets_a_badge(page):
     badge.wait_for(timeout=20_000)
     assert re.fullmatch(r"Tutor's pick: [ABC] \u00b7 \d{1,3}%", badge.text_content())
     assert page.locator(".badge").count() == 1  # the first question was not multiple choice
-    shot = os.environ.get("SCIASSIST_SCREENSHOT")
-    if shot:
-        path = Path(shot)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(path))
-        assert path.stat().st_size > 10_000
+
+
+SCREENSHOT_QUESTIONS = (
+    "Which of these animals is a mammal?\n\nA. shark\nB. dolphin\nC. trout",
+    "Which tense does the sentence use?\nMia will walk to school.\n\nA. past tense\nB. future tense\n"
+    "C. present tense",
+    "Select the solid.\n\nA. rain\nB. rock\nC. milk",
+)
+
+
+@pytest.mark.skipif(not os.environ.get("SCIASSIST_SCREENSHOT"), reason="set SCIASSIST_SCREENSHOT=PATH to take it")
+def test_screenshot_of_a_conversation(page):
+    # the README's picture: questions in the form the recipes train on, greedy replies
+    page.fill("#temperature", "0")
+    for question in SCREENSHOT_QUESTIONS:
+        ask(page, question)
+        wait_until_idle(page)
+    assert page.locator(".badge").count() == len(SCREENSHOT_QUESTIONS)
+    path = Path(os.environ["SCIASSIST_SCREENSHOT"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
 
 
 def test_a_health_without_model_info_still_reads_well(browser, server):
