@@ -11,8 +11,8 @@ here. Variants with the same tiny-base settings share one base (trained once, fi
 Rows are appended to <out_dir>/study.jsonl as they finish and the Markdown table is
 rewritten to <out_dir>/study.md (and printed) at the end.
 
---sft_steps / --base_minutes shorten every variant alike (a quick study at a fixed budget);
-left out, each variant keeps the recipe's own schedule.
+--sft_steps / --base_steps shorten every variant alike (a quick study at a fixed budget in
+steps, so a row means the same on any machine); left out, each variant keeps the recipe's own.
 """
 
 import argparse
@@ -79,14 +79,14 @@ VARIANTS = {
 }
 
 
-def variant_recipe(name, sft_steps=None, base_minutes=None, eval_limit=None):
+def variant_recipe(name, sft_steps=None, base_steps=None, eval_limit=None):
     what, overrides = VARIANTS[name]
     overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in overrides.items()}
     if sft_steps is not None:
         overrides.setdefault("train", {})["num_iterations"] = sft_steps
         overrides["train"]["eval_every"] = max(1, sft_steps // 3)
-    if base_minutes is not None and "steps" not in overrides.get("tiny", {}):
-        overrides.setdefault("tiny", {})["max_minutes"] = base_minutes
+    if base_steps is not None:
+        overrides.setdefault("tiny", {})["steps"] = base_steps
     if eval_limit is not None:
         overrides["eval_limit"] = eval_limit
     return what, overrides
@@ -101,7 +101,7 @@ def run_one(name, args):
     """Train and score one variant; returns its study row (also appended to study.jsonl)."""
     import torch
     torch.set_num_threads(args.threads)
-    what, overrides = variant_recipe(name, args.sft_steps, args.base_minutes, args.eval_limit)
+    what, overrides = variant_recipe(name, args.sft_steps, args.base_steps, args.eval_limit)
     base_dir = base_dir_for(args.out_dir, args.scienceqa, overrides)
     summary = run_recipe("cpu", args.scienceqa, Path(args.out_dir) / name, evaluate_split="val",
                          base_dir=base_dir, **overrides)
@@ -159,10 +159,10 @@ def main(argv=None):
     p.add_argument("--out_dir", default="/tmp/quality")
     p.add_argument("--variants", default="recipe,textfirst_d3", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--sft_steps", type=int, default=None, help="fine-tune steps of every variant (a fixed budget)")
-    p.add_argument("--base_minutes", type=float, default=None, help="base pretraining minutes of every variant")
+    p.add_argument("--base_steps", type=int, default=None, help="base pretraining steps of every variant")
     p.add_argument("--eval_limit", type=int, default=None, help="val selection questions (default: the recipe's)")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once (each in its own process)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per variant")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -179,7 +179,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     # bases first, one per distinct setting, so parallel variants never train the same one
     for name in names:
-        _, overrides = variant_recipe(name, args.sft_steps, args.base_minutes, args.eval_limit)
+        _, overrides = variant_recipe(name, args.sft_steps, args.base_steps, args.eval_limit)
         base_dir = base_dir_for(out_dir, args.scienceqa, overrides)
         t0 = time.time()
         _, reused = build_base(get_recipe("cpu", **overrides), args.scienceqa, base_dir)
