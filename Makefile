@@ -12,6 +12,7 @@ MODEL ?= d20
 SCIENCEQA ?= hf
 NGPUS ?= 8
 SPLIT ?= val
+PRESET ?= cpu
 SOURCE ?=
 DATA ?=
 OUTPUT_TAG ?=
@@ -64,8 +65,8 @@ demo: install ## the whole pipeline in miniature, offline, on CPU (SCIENCEQA=sam
 notebook: install ## run the notebook in smoke mode with papermill (CPU, offline)
 	$(VENV)/bin/papermill sciassist-fine-tune.ipynb notebook_output.ipynb -p SMOKE True --cwd .
 
-recipe-cpu: install ## the CPU recipe end to end, ~27 min on 2 cores (SCIENCEQA=DIR, SPLIT=val|test|both)
-	$(PY) -m sciassist.pipelines.recipes --preset cpu --scienceqa $(SCIENCEQA) --out_dir runs/recipe-cpu --split $(SPLIT) $(ARGS)
+recipe-cpu: install ## a CPU recipe end to end, budgeted in steps (SCIENCEQA=DIR, SPLIT=val|test|both, PRESET=cpu|cpu-lora|cpu-tutor)
+	$(PY) -m sciassist.pipelines.recipes --preset $(PRESET) --scienceqa $(SCIENCEQA) --out_dir runs/recipe-$(PRESET) --split $(SPLIT) $(ARGS)
 
 recipe-gpu: install ## the GPU recipe (from-scratch model on one GPU; untested on real hardware)
 	$(PY) -m sciassist.pipelines.recipes --preset gpu --scienceqa $(SCIENCEQA) --out_dir runs/recipe-gpu --split $(SPLIT) $(ARGS)
