@@ -52,13 +52,18 @@ def tiny_gpt(tokenizer, seed):
     return model
 
 
-def test_letter_scoring_is_independent_of_batching(tiny_tokenizer):
-    model = tiny_gpt(tiny_tokenizer, 0)
+def lively_gpt(tokenizer, seed):
+    """tiny_gpt with weights large enough that its next-token distributions are far from flat."""
+    model = tiny_gpt(tokenizer, seed)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
         for block in model.transformer.h:
             block.mlp.c_proj.weight.normal_(0, 0.2)
-    model.eval()
+    return model.eval()
+
+
+def test_letter_scoring_is_independent_of_batching(tiny_tokenizer):
+    model = lively_gpt(tiny_tokenizer, 0)
     prompts = [[{"role": "user", "content": "Which is a mammal?" + " x" * n}] for n in (0, 7, 3, 12)]
     counts = [2, 3, 4, 5]
     one = scoring.letter_probabilities(model, tiny_tokenizer, prompts, counts, batch_size=1)
@@ -163,12 +168,7 @@ def test_constrained_choice_follows_the_branching_tokens_not_the_sums():
 def test_constrained_choice_equals_token_by_token_constrained_greedy_decoding(tiny_tokenizer):
     # the reference: decode with the real model one token at a time, keeping only the next
     # tokens of the answer lines still possible, and taking the likeliest of them
-    model = tiny_gpt(tiny_tokenizer, 3)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-        for block in model.transformer.h:
-            block.mlp.c_proj.weight.normal_(0, 0.2)
-    model.eval()
+    model = lively_gpt(tiny_tokenizer, 3)
     questions = [(["cat", "dog", "cow"], "text_first"), (["red fox", "red hen"], "text_first"),
                  (["north", "south", "east", "west"], "letter_first"), (["ice", "steam"], "letter_first")]
     picked = []
