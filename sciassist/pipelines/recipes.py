@@ -89,24 +89,26 @@ CPU = Recipe(
                matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, init_lr_frac=0.5,
                num_iterations=4000, eval_every=400, eval_steps=16, save_every=0),
     data=dict(system_prompt="", include_explanation=False, include_background=False, answer_format="text_first"),
-    shuffled_copies=3,
+    shuffled_copies=7,  # chosen on val over 3 (bench/RESULTS.md): fewer invalid replies, same choice accuracy
     eval_max_new_tokens=128,  # the longest answer lines (whole-sentence options) run to about 100 tokens here
     minutes=27.0,
 )
 
 # Variants of the CPU recipe, the same base (a run can reuse another's: --base_dir) and the
 # same 4,000 steps: LoRA adapters instead of full fine-tuning, and the tutor's whole reply
-# (answer, explanation, background) instead of the answer alone.
+# (answer, explanation, background) instead of the answer alone. Both were measured with 3
+# shuffled copies (the CPU recipe's count before 7 was chosen) and keep it, so that their
+# figures are what these presets give.
 CPU_LORA = replace(
     CPU, name="cpu-lora",
     description="the CPU recipe with LoRA r=16 adapters on every block projection (Muon at lora_lr 0.1) instead of "
                 "full fine-tuning; the merged model is saved as usual",
-    train={**CPU.train, "lora_rank": 16}, minutes=None)
+    train={**CPU.train, "lora_rank": 16}, shuffled_copies=3, minutes=None)
 CPU_TUTOR = replace(
     CPU, name="cpu-tutor",
     description="the CPU recipe trained on the tutor's whole reply: the answer (option first), then "
                 "'Explanation: <solution>' and 'Background: <lecture>'",
-    data={**CPU.data, "include_explanation": True, "include_background": True}, minutes=None,
+    data={**CPU.data, "include_explanation": True, "include_background": True}, shuffled_copies=3, minutes=None,
     explain=100_000)  # every evaluated question with a gold solution
 
 # A GPU preset: NOT RUN (no GPU was lent while the CPU recipe was measured); a starting

@@ -190,18 +190,20 @@ SCREENSHOT_QUESTIONS = (
     "Which of these animals is a mammal?\n\nA. shark\nB. dolphin\nC. trout",
     "Which tense does the sentence use?\nMia will walk to school.\n\nA. past tense\nB. future tense\n"
     "C. present tense",
-    "Select the solid.\n\nA. rain\nB. rock\nC. milk",
 )
 
 
 @pytest.mark.skipif(not os.environ.get("SCIASSIST_SCREENSHOT"), reason="set SCIASSIST_SCREENSHOT=PATH to take it")
 def test_screenshot_of_a_conversation(page):
     # the README's picture: questions in the form the recipes train on, greedy replies
+    page.set_viewport_size({"width": 1000, "height": 760})
+    page.click("summary")  # the settings are folded away
     page.fill("#temperature", "0")
+    page.click("summary")
     for question in SCREENSHOT_QUESTIONS:
         ask(page, question)
         wait_until_idle(page)
-    assert page.locator(".badge").count() == len(SCREENSHOT_QUESTIONS)
+    page.locator(".badge").nth(len(SCREENSHOT_QUESTIONS) - 1).wait_for(timeout=20_000)  # each reply's pick
     path = Path(os.environ["SCIASSIST_SCREENSHOT"])
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=True)
