@@ -18,7 +18,7 @@ def test_get_recipe_merges_dict_fields_and_rejects_unknown_names():
     recipe = recipes.get_recipe("cpu", train={"num_iterations": 7}, shuffled_copies=1)
     assert recipe.train["num_iterations"] == 7
     assert recipe.train["matrix_lr"] == recipes.CPU.train["matrix_lr"]  # the other keys stay
-    assert recipe.shuffled_copies == 1 and recipes.CPU.shuffled_copies == 3  # the preset is untouched
+    assert recipe.shuffled_copies == 1 and recipes.CPU.shuffled_copies == 7  # the preset is untouched
     with pytest.raises(recipes.RecipeError, match="unknown recipe 'nope'"):
         recipes.get_recipe("nope")
     with pytest.raises(recipes.RecipeError, match="unknown recipe field"):
