@@ -5,7 +5,11 @@ evaluation) as named presets, so a measured result can be reproduced with one ca
     python -m sciassist.pipelines.recipes --preset cpu --scienceqa ../shared/scienceqa --out_dir runs/cpu
     python -m sciassist.pipelines.recipes --preset cpu --scienceqa DIR --out_dir DIR2 --split test --evaluate_only
 
-(`make recipe-cpu SCIENCEQA=DIR` runs the first.)
+(`make recipe-cpu SCIENCEQA=DIR [PRESET=cpu|cpu-lora|cpu-tutor]` runs the first.)
+
+Every budget is in steps (base pretraining steps, fine-tuning steps), so one command gives one
+model on every machine: bit-identical on CPU at the same --threads (default 1). Only the time
+depends on the machine; --max_minutes is an opt-in limit that says so when it cuts a run.
 
 A preset is plain data: TinySettings overrides (tokenizer + base pretraining), TrainSettings
 overrides (the fine-tune) and FormatOptions overrides (how a question is written), plus the
