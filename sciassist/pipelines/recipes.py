@@ -321,7 +321,7 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
         print(f"warning: --max_minutes {max_minutes:g} stopped the fine-tune at step {training.get('steps_done')} of "
               f"{training.get('num_steps')}; this is not the {recipe.name} recipe's model (drop --max_minutes for it)",
               file=sys.stderr)
-    elif recipe.minutes:
+    elif recipe.minutes and not overrides:  # the measured time is the preset's, not a variant's
         print(f"{recipe.name} recipe: {summary['minutes']:.1f} min here (about {recipe.minutes:g} min on the 2-core "
               f"build machine; the time scales with CPU speed, the model does not)", file=sys.stderr)
     return summary
