@@ -77,6 +77,21 @@ def tiny_gpt_config(vocab_size):
     return GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 
 
+def nontrivial_gpt(vocab_size, seed, projection_std, lm_head_std=0.3):
+    """A tiny_gpt_config GPT whose blocks do something: nanochat initialises the output
+    projections to zero (every block the identity), so they and lm_head are drawn at random."""
+    from nanochat.gpt import GPT
+    torch.manual_seed(seed)
+    model = GPT(tiny_gpt_config(vocab_size))
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0.0, projection_std)
+            block.mlp.c_proj.weight.normal_(0.0, projection_std)
+        model.lm_head.weight.normal_(0.0, lm_head_std)
+    return model
+
+
 def write_published_checkpoint(checkpoint_dir, model, step, extra_meta=None):
     """Write a checkpoint the way the published files are: wte in bf16, the rest fp32,
     keys prefixed with `_orig_mod.` (saved from a compiled model)."""

@@ -21,7 +21,7 @@ from sciassist.export import (
     fast_tokenizer,
     main,
 )
-from tests.conftest import tiny_gpt_config, write_published_checkpoint
+from tests.conftest import nontrivial_gpt, write_published_checkpoint
 
 TRAINING_SETTINGS = {"data_path": "data/scienceqa_train.jsonl", "matrix_lr": 0.01, "num_epochs": 2, "packing": True,
                      "model_tag": None}
@@ -83,14 +83,7 @@ def nontrivial_base_dir(tmp_path_factory, tiny_tokenizer):
     a large lm_head (nanochat initialises the projections to zero: every block would be the identity)."""
     base_dir = tmp_path_factory.mktemp("export_base")
     tiny_tokenizer.save(base_dir / "tokenizer")
-    torch.manual_seed(7)
-    model = GPT(tiny_gpt_config(tiny_tokenizer.get_vocab_size()))
-    model.init_weights()
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0.0, 0.1)
-            block.mlp.c_proj.weight.normal_(0.0, 0.1)
-        model.lm_head.weight.normal_(0.0, 0.3)
+    model = nontrivial_gpt(tiny_tokenizer.get_vocab_size(), seed=7, projection_std=0.1)
     run_dir = write_published_checkpoint(base_dir / "base_checkpoints" / "d2", model, step=3,
                                          extra_meta={"training_settings": TRAINING_SETTINGS, "val_loss": 2.5})
     (run_dir / "eval").mkdir()

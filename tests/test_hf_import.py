@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.gpt import GPT
 from sciassist import checkpoints as checkpoints_module
 from sciassist.checkpoints import choose_checkpoint, is_repo_id, load_choice
 from sciassist.data.conversations import write_conversations
@@ -19,7 +18,7 @@ from sciassist.export import main as export_main
 from sciassist.export import weight_names as export_names
 from sciassist.hf_import import CACHE_NAME, HUB_FILES, MARKER, convert_folder, weight_names
 from sciassist.train.loop import train
-from tests.conftest import tiny_gpt_config, write_published_checkpoint
+from tests.conftest import nontrivial_gpt, write_published_checkpoint
 from tests.test_export import TEXTS
 from tests.train.test_train import arithmetic_conversations, resume_weights, tiny_settings
 
@@ -41,14 +40,7 @@ def base_dir(tmp_path_factory, tiny_tokenizer):
     """nanochat's layout with non-trivial weights (as tests/test_export.py builds it)."""
     base_dir = tmp_path_factory.mktemp("import_base")
     tiny_tokenizer.save(base_dir / "tokenizer")
-    torch.manual_seed(11)
-    model = GPT(tiny_gpt_config(tiny_tokenizer.get_vocab_size()))
-    model.init_weights()
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0.0, 0.2)
-            block.mlp.c_proj.weight.normal_(0.0, 0.2)
-        model.lm_head.weight.normal_(0.0, 0.3)
+    model = nontrivial_gpt(tiny_tokenizer.get_vocab_size(), seed=11, projection_std=0.2)
     write_published_checkpoint(base_dir / "base_checkpoints" / "d2", model, step=0)
     return base_dir
 

@@ -3,8 +3,8 @@
 Starts the server on a free loopback port with the tiny checkpoint, asks questions the way
 a person would (typing, Enter, the Stop and New chat buttons) and checks what the page
 shows. Set SCIASSIST_SCREENSHOT=docs/chat-web.png to also save a screenshot of a
-conversation (test_screenshot_of_a_conversation), and SCIASSIST_BROWSER_CHECKPOINT=DIR to run against another checkpoint than
-the tiny random one (a screenshot of a trained model reads better). Skipped when
+conversation (test_screenshot_of_a_conversation), and SCIASSIST_BROWSER_CHECKPOINT=DIR to run
+against another checkpoint than the tiny random one (a screenshot of a trained model reads better). Skipped when
 /usr/bin/chromium is absent (`apt-get install -y chromium`).
 Playwright's own browser download is never used: it cannot work offline.
 """
