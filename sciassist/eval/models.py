@@ -26,6 +26,7 @@ from sciassist.eval.scoring import (
     generate_answers,
     letter_probabilities,
     softmax,
+    summed,
 )
 
 # ----------------------------------------------------------------------------- where a model comes from
@@ -88,12 +89,13 @@ def run_model(model, tokenizer, records, options):
         return choice_token_scores(model, tokenizer, prompts, choices, prefix, options.batch_size,
                                    options.answer_format)
 
-    line_scores = {}  # the choice pass, kept when --constrain_answers reads it too
+    choice_pass = None  # (continuations, token scores) of every answer line, once choice scoring ran them
 
     def score():
+        nonlocal choice_pass
         if options.scoring == "choice":
-            line_scores["value"] = lines()
-            return [softmax([sum(tokens) for tokens in per_option]) for per_option in line_scores["value"][1]]
+            choice_pass = lines()
+            return [softmax(scores) for scores in summed(choice_pass[1])]
         return letter_probabilities(model, tokenizer, prompts, num_choices, prefix, options.batch_size)
 
     synchronize(device)
@@ -118,7 +120,7 @@ def run_model(model, tokenizer, records, options):
         run["timing"].update(generate_s=generate_s, generate_questions_per_s=_per_s(len(records), generate_s))
     if options.constrain_answers:
         # choice scoring already ran every answer line; letter scoring needs that pass now
-        (continuations, token_scores), constrain_s = _timed(device, lambda: line_scores.get("value") or lines())
+        (continuations, token_scores), constrain_s = _timed(device, lambda: choice_pass or lines())
         run["constrained_prediction"] = [constrained_choice(c, t)
                                          for c, t in zip(continuations, token_scores, strict=True)]
         run["timing"]["constrained_s"] = constrain_s

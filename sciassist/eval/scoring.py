@@ -138,10 +138,14 @@ def _token_scores(model, tokenizer, prompts, question_continuations, batch_size)
     return scores
 
 
+def summed(token_scores):
+    """Per question, each option's summed log-probability (its whole continuation's)."""
+    return [[sum(tokens) for tokens in options] for options in token_scores]
+
+
 def _summed_scores(model, tokenizer, prompts, question_continuations, batch_size):
     """Per question, the summed log-probability of each option's continuation."""
-    return [[sum(tokens) for tokens in options]
-            for options in _token_scores(model, tokenizer, prompts, question_continuations, batch_size)]
+    return summed(_token_scores(model, tokenizer, prompts, question_continuations, batch_size))
 
 
 # ----------------------------------------------------------------------------- scores
@@ -162,7 +166,7 @@ def choice_scores(model, tokenizer, prompts, choices, answer_prefix=ANSWER_PREFI
     prefix (see the module doc). choices: the option texts of each question."""
     _, token_scores = choice_token_scores(model, tokenizer, prompts, choices, answer_prefix, batch_size,
                                           answer_format)
-    return [[sum(tokens) for tokens in options] for options in token_scores]
+    return summed(token_scores)
 
 
 def choice_token_scores(model, tokenizer, prompts, choices, answer_prefix=ANSWER_PREFIX, batch_size=32,
