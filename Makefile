@@ -80,7 +80,7 @@ lint: install
 bench: install ## CPU benchmarks (tables on stdout)
 	$(PY) bench/bench_gpt.py
 
-plan: install ## the memory plan of d20/d32 on 16/24/40/80 GB cards (a run's own: sciassist_train.py ... --dry_run)
+plan: install ## the memory plan of d20/d32, full and LoRA r=16, on 16/24/40/80 GB cards (a run's own: sciassist_train.py ... --dry_run)
 	$(PY) -m sciassist.train.plan --table
 
 bench-gpu: install ## the GPU benchmark on a CUDA machine, at most ~8 min (OUT=DIR)
