@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from random_model import random_gpt  # noqa: E402
 
+from nanochat.attention import PackedLayout  # noqa: E402
 from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.common import autocast as autocast_for  # noqa: E402
@@ -148,7 +149,8 @@ def worst_case_memory(model, optimizers, autocast, device, args):
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch = {"inputs": torch.randint(0, 1000, (B, T), generator=gen).to(device),
              "targets": torch.randint(0, 1000, (B, T), generator=gen).to(device),
-             "doc_ids": (torch.arange(T) * 4 // T).expand(B, T).contiguous().to(device)}
+             "layout": PackedLayout.from_row_lengths([[T // 4] * 4] * B, T).to(device),
+             "supervised_index": torch.arange(B * T, device=device)}
     torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):
         accumulate_gradients(model, [batch], B * T, autocast)

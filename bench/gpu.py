@@ -16,6 +16,12 @@ torch.cuda.max_memory_allocated over the timed steps; the planner's estimate
 (sciassist.train.plan.memory_plan) is given for the same supervised fraction and for every
 position supervised (its worst case, what --dry_run prints).
 
+Kernel checks, first: every kernel's self-check (nanochat.attention.check_kernel: forward and
+backward on a small random packed batch against the written-out reference) for the compute
+dtype the precision policy gives this GPU and for fp32, with nanochat's head shape and with
+grouped-query heads, the kernel --attention_kernel auto picks, and how many device-to-host
+synchronisations one training forward makes (torch.cuda.set_sync_debug_mode; CUDA only).
+
 Evaluation: sciassist.eval.scoring.letter_scores over the bundled sample questions (repeated),
 and greedy batched generation (nanochat.engine.Engine.generate_multi) of --gen_tokens tokens.
 The tokenizer is a small one trained on those questions (its ids index the model's 65,536-row
@@ -31,6 +37,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,10 +48,11 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 from random_model import random_gpt  # noqa: E402
 
+from nanochat import attention  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
-from sciassist.common import autocast, synchronize  # noqa: E402
+from sciassist.common import autocast, precision_for, synchronize  # noqa: E402
 from sciassist.eval.scoring import letter_scores  # noqa: E402
 from sciassist.train import plan  # noqa: E402
 from sciassist.train.step import accumulate_gradients, apply_update, peak_flops  # noqa: E402
@@ -73,15 +81,17 @@ def small_tokenizer(prompts, vocab_size):
 
 
 def packed_rows(batch, seq, vocab, device, seed=0):
-    """inputs/targets/doc_ids of `batch` packed rows, and (real tokens, supervised tokens)."""
+    """inputs/targets/layout/supervised_index of `batch` packed rows, as the collator gives
+    them, and (real tokens, supervised tokens)."""
     g = torch.Generator().manual_seed(seed)
     inputs = torch.zeros(batch, seq, dtype=torch.long)
     targets = torch.full((batch, seq), -1, dtype=torch.long)
-    doc_ids = torch.full((batch, seq), -1, dtype=torch.long)
+    rows = []
     real = supervised = 0
     low, high = min(64, max(2, seq // 4)), max(min(64, seq // 4) + 1, seq // 2)
     for b in range(batch):
-        pos, doc = 0, 0
+        pos = 0
+        rows.append([])
         while True:
             n = int(torch.randint(low, high, (1,), generator=g))
             if pos + n > seq:
@@ -90,9 +100,11 @@ def packed_rows(batch, seq, vocab, device, seed=0):
             inputs[b, pos:pos + n] = tokens[:-1]
             half = n // 2
             targets[b, pos + half:pos + n] = tokens[half + 1:]
-            doc_ids[b, pos:pos + n] = doc
-            pos, doc, real, supervised = pos + n, doc + 1, real + n, supervised + n - half
-    batch_dict = {"inputs": inputs.to(device), "targets": targets.to(device), "doc_ids": doc_ids.to(device)}
+            rows[-1].append(n)
+            pos, real, supervised = pos + n, real + n, supervised + n - half
+    batch_dict = {"inputs": inputs.to(device), "targets": targets.to(device),
+                  "layout": attention.PackedLayout.from_row_lengths(rows, seq).to(device),
+                  "supervised_index": (targets.reshape(-1) != -1).nonzero().squeeze(1).to(device)}
     return batch_dict, real, supervised
 
 
@@ -128,6 +140,47 @@ def train_case(model, optimizers, kernel, batch, seq, steps, device, peak):
     }
 
 
+def kernel_checks(config, device):
+    """Each kernel's check for the policy's dtype and fp32, nanochat's heads and grouped-query
+    heads: [{"dtype", "heads", "auto", "results": {kernel: None | reason}}]."""
+    head_dim = config.n_embd // config.n_head
+    dtypes = [precision_for(device).dtype or torch.float32]
+    dtypes += [torch.float32] if dtypes[0] != torch.float32 else [torch.bfloat16]
+    checks = []
+    for dtype in dtypes:
+        for n_kv_head in (config.n_head, max(1, config.n_head // 2)):
+            results = dict(attention.kernel_report(device, dtype, config.n_head, n_kv_head, head_dim))
+            try:
+                auto = attention.choose_kernel(device, dtype, config.n_head, n_kv_head, head_dim)
+            except attention.AttentionKernelError as e:
+                auto = f"none ({e})"
+            heads = f"{config.n_head}/{n_kv_head}x{head_dim}"
+            name = str(dtype).removeprefix("torch.")
+            checks.append({"dtype": name, "heads": heads, "auto": auto, "results": results})
+    return checks
+
+
+def forward_syncs(model, device):
+    """Device-to-host synchronisations in one training forward+loss on packed rows (CUDA's
+    sync debug mode warns on each); None on CPU, where there is nothing to count."""
+    if device.type != "cuda":
+        return None
+    rows, _, _ = packed_rows(2, 256, model.config.vocab_size, device, seed=1)
+    with autocast(device):
+        model(rows["inputs"], rows["targets"], loss_reduction="sum", layout=rows["layout"],
+              supervised_index=rows["supervised_index"])  # warm-up: the kernel's check runs here
+        synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(rows["inputs"], rows["targets"], loss_reduction="sum", layout=rows["layout"],
+                      supervised_index=rows["supervised_index"])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def is_oom(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -135,6 +188,7 @@ def is_oom(e):
 def train_bench(config, kernels, batches, seq, steps, device, deadline):
     model = random_gpt(config, device)
     model.train()
+    syncs = forward_syncs(model, device)
     optimizers = model.setup_optimizers()
     peak = peak_flops(device)
     rows, skipped = [], []
@@ -159,7 +213,7 @@ def train_bench(config, kernels, batches, seq, steps, device, deadline):
     del model, optimizers
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows, skipped
+    return rows, skipped, syncs
 
 
 @torch.no_grad()
@@ -191,8 +245,17 @@ def eval_bench(config, device, tokenizer, prompts, counts, questions, gen_tokens
 
 def markdown(result):
     smoke = " (smoke: tiny sizes on CPU)" if result["smoke"] else ""
-    lines = [f"{result['device']}, torch {result['torch']}{smoke}",
-             "", "| model | kernel | device batch x row | real tokens/s | MFU | peak memory | planned (same "
+    lines = [f"{result['device']}, torch {result['torch']}{smoke}", "",
+             "| kernel check | heads (q/kv x dim) | " + " | ".join(attention.KERNELS) + " | auto picks |",
+             "|---|---|" + "---|" * len(attention.KERNELS) + "---|"]
+    for c in result["kernel_checks"]:
+        cells = ["pass" if c["results"][k] is None else "FAIL" for k in attention.KERNELS]
+        lines.append(f"| {c['dtype']} | {c['heads']} | " + " | ".join(cells) + f" | {c['auto']} |")
+    for c in result["kernel_checks"]:
+        for k, reason in c["results"].items():
+            if reason is not None:
+                lines.append(f"\n{k} ({c['dtype']}, {c['heads']}): {reason}")
+    lines += ["", "| model | kernel | device batch x row | real tokens/s | MFU | peak memory | planned (same "
              "supervision / worst case) | step |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for m in result["models"]:
         for r in m["train"]:
@@ -206,6 +269,9 @@ def markdown(result):
             lines.append(f"| {name} | {r['kernel']} | {r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | {mfu} | "
                          f"{peak} | {r['planned_gb']:.2f} / {r['planned_worst_case_gb']:.2f} GB | "
                          f"{r['step_s'] * 1000:.0f} ms |")
+    for m in result["models"]:
+        if m.get("forward_syncs") is not None:
+            lines.append(f"\n{m['name']}: {m['forward_syncs']} device-to-host synchronisations in a training forward")
     lines += ["", "| model | letter scoring | generation |", "|---|---:|---:|"]
     for m in result["models"]:
         e = m.get("eval")
@@ -249,7 +315,9 @@ def main(argv=None):
     tokenizer = small_tokenizer(prompts, vocab)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     result = {"device": device_name, "torch": torch.__version__, "smoke": args.smoke, "seq": seq,
-              "free_memory_gb": (plan.gpu_free_bytes(device) or 0) / plan.GB, "models": []}
+              "free_memory_gb": (plan.gpu_free_bytes(device) or 0) / plan.GB, "models": [],
+              "kernel_checks": kernel_checks(configs[0][1], device)}
+    print(markdown({**result, "models": []}).split("\n\n| model")[0], flush=True)
     for name, config in configs:
         if time.monotonic() > deadline:
             result["models"].append({"name": name, "params": plan.count_params(config).total, "train": [],
@@ -262,8 +330,9 @@ def main(argv=None):
                                                  "batch 1"]})
             continue
         print(f"{name}: training", flush=True)
-        train, skipped = train_bench(config, kernels, batches, seq, steps, device, deadline)
-        entry = {"name": name, "params": static["params_count"], "train": train, "skipped": skipped}
+        train, skipped, syncs = train_bench(config, kernels, batches, seq, steps, device, deadline)
+        entry = {"name": name, "params": static["params_count"], "train": train, "skipped": skipped,
+                 "forward_syncs": syncs}
         if time.monotonic() < deadline + 60:
             print(f"{name}: evaluation", flush=True)
             entry["eval"] = eval_bench(config, device, tokenizer, prompts, counts, questions, gen_tokens,

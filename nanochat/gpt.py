@@ -14,10 +14,17 @@ breaks the loaded model):
 - QK norm is applied AFTER rotary.
 - The MLP is relu(x)^2; no Linear has a bias; lm_head is untied from wte.
 
-Beyond the reference, forward() accepts `doc_ids` so several conversations can be packed
-into one row without attending to each other (padding-free fine-tuning), also with a KV
-cache (batched generation of prompts of different lengths). Packed rows without a cache go
-through nanochat.attention (cu_seqlens; varlen / flex / dense / per-document kernels).
+Precision. Every RMS norm returns its input's dtype. torch >= 2.12 puts rms_norm on CUDA
+autocast's fp32 list, so under bf16 autocast q and k would leave the QK norm in fp32 while v
+stays bf16 (and the attention kernel would see mixed dtypes); keeping the input's dtype gives
+the numbers torch <= 2.11 gives, on every release.
+
+Beyond the reference, forward() takes the layout of packed rows (`layout`, a
+nanochat.attention.PackedLayout built by whoever packed them) so several conversations share a
+row without attending to each other (padding-free fine-tuning); `doc_ids` describe the same
+with ids (read back to the host once), also with a KV cache (batched generation of prompts of
+different lengths). Packed rows without a cache go through nanochat.attention (varlen / flex /
+dense / per-document kernels, each checked before use).
 """
 
 import math
@@ -51,7 +58,7 @@ def config_for_depth(depth, vocab_size=65536, sequence_len=2048):
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)  # the input's dtype on every torch (see above)
 
 
 def apply_rotary(x, cos, sin):
@@ -168,25 +175,35 @@ class GPT(nn.Module):
         # Not saved in checkpoints (persistent=False), rebuilt by init_rotary().
         self.rotary_seq_len = config.sequence_len * 10
         self.init_rotary()
-        self._attention_kernel = None  # None: attention.attention_kernel's choice
+        self._attention_kernel = None  # a kernel asked for by name; None: the first that passes its check
+        self._checked_kernels = {}  # (device, dtype) -> the kernel chosen and checked for it
 
     @property
     def attention_kernel(self):
-        """The kernel packed rows use ("varlen", "flex", "dense" or "loop"): the one set, else
-        attention.attention_kernel's choice for the model's device and compute dtype (the
-        autocast dtype when autocast is on, so read it inside the forward's autocast)."""
-        if self._attention_kernel is not None:
-            return self._attention_kernel
+        """The kernel packed rows use ("varlen", "flex", "dense" or "loop") on the model's device
+        and compute dtype (the autocast dtype when autocast is on, so read it inside the
+        forward's autocast): the one set by name if it passes its check (else
+        attention.AttentionKernelError), otherwise attention.choose_kernel's choice."""
         device = self.get_device()
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else self.transformer.wte.weight.dtype
-        return attention.attention_kernel(device, dtype)
+        try:
+            autocast = torch.is_autocast_enabled(device.type)
+        except RuntimeError:  # a device autocast does not know (meta)
+            autocast = False
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.transformer.wte.weight.dtype
+        kernel = self._checked_kernels.get((device, dtype))
+        if kernel is None:
+            c = self.config
+            kernel = attention.choose_kernel(device, dtype, c.n_head, c.n_kv_head, c.n_embd // c.n_head,
+                                             forced=self._attention_kernel)
+            self._checked_kernels[(device, dtype)] = kernel
+        return kernel
 
     @attention_kernel.setter
     def attention_kernel(self, name):
         if name is not None and name not in attention.KERNELS:
             raise ValueError(f"unknown attention kernel {name!r}; expected one of {attention.KERNELS}")
         self._attention_kernel = name
+        self._checked_kernels = {}
 
     def init_rotary(self, device=None):
         """(Re)build the rotary cos/sin tables, e.g. after the model was created on the meta
@@ -239,34 +256,48 @@ class GPT(nn.Module):
         return optim.setup_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                 matrix_lr=matrix_lr, weight_decay=weight_decay)
 
-    def _positions_and_mask(self, B, T, device, kv_cache, doc_ids):
+    def _positions_and_mask(self, B, T, device, kv_cache, doc_ids, layout):
         """Rotary positions (B or 1, T) and what attention needs: None for plain causal,
         attention.PackedRows for packed rows, a boolean mask for packed rows with a KV cache."""
         start = kv_cache.pos if kv_cache is not None else 0
-        if doc_ids is None:
+        if layout is None and doc_ids is None:
             if kv_cache is not None and kv_cache.doc_ids is not None:
                 raise ValueError("this KV cache was filled with doc_ids; pass doc_ids for the new tokens too")
+            self._check_positions(start + T)
             return torch.arange(start, start + T, device=device).unsqueeze(0), None
-        if doc_ids.shape != (B, T):
+        if doc_ids is not None and doc_ids.shape != (B, T):
             raise ValueError(f"doc_ids must have shape {(B, T)}, got {tuple(doc_ids.shape)}")
-        if kv_cache is not None:
-            all_ids = kv_cache.insert_doc_ids(doc_ids)  # (B, start + T)
-        else:
-            all_ids = doc_ids
-        positions = positions_in_document(all_ids)[:, start:]
         if kv_cache is None:
-            return positions, attention.pack_rows(doc_ids, self.attention_kernel)
+            # Packed rows: everything comes from the layout's host-side description.
+            if layout is None:
+                layout = attention.PackedLayout.from_doc_ids(doc_ids)
+            if (layout.B, layout.T) != (B, T):
+                raise ValueError(f"the packed layout is for {(layout.B, layout.T)}, the batch is {(B, T)}")
+            self._check_positions(layout.max_seqlen)
+            positions = layout.positions.to(device, non_blocking=True)
+            return positions, attention.prepare(layout, self.attention_kernel, device)
+        if doc_ids is None:
+            raise ValueError("with a KV cache, packed rows are described by doc_ids")
+        all_ids = kv_cache.insert_doc_ids(doc_ids)  # (B, start + T)
+        positions = positions_in_document(all_ids)[:, start:]
+        self._check_positions(int(positions.max()) + 1)
         Tk = all_ids.size(1)
         causal = torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - T)
         same_doc = doc_ids.unsqueeze(2) == all_ids.unsqueeze(1)  # (B, T, Tk)
         return positions, (same_doc & causal).unsqueeze(1)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None):
+    def _check_positions(self, count):
+        if count > self.cos.size(0):
+            raise ValueError(f"sequence position {count - 1} is beyond the rotary table ({self.cos.size(0)} positions)")
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None, layout=None,
+                supervised_index=None):
+        """Logits (targets=None) or the loss. Packed rows: `layout` (attention.PackedLayout,
+        what training passes) or `doc_ids` (B, T). supervised_index: the flat indices (into
+        B*T) of the positions whose target is not -1, when the caller knows them on the host
+        (training): the loss then needs nothing read back from the device."""
         B, T = idx.shape
-        positions, attn_mask = self._positions_and_mask(B, T, idx.device, kv_cache, doc_ids)
-        if positions.max() >= self.cos.size(0):
-            raise ValueError(f"sequence position {int(positions.max())} is beyond the rotary table "
-                             f"({self.cos.size(0)} positions)")
+        positions, attn_mask = self._positions_and_mask(B, T, idx.device, kv_cache, doc_ids, layout)
         cos = self.cos[positions].unsqueeze(2)  # (B|1, T, 1, D/2)
         sin = self.sin[positions].unsqueeze(2)
 
@@ -280,9 +311,9 @@ class GPT(nn.Module):
         if targets is None:
             logits = self.lm_head(x).float()
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
-        return self._loss(x, targets, loss_reduction)
+        return self._loss(x, targets, loss_reduction, supervised_index)
 
-    def _loss(self, x, targets, loss_reduction):
+    def _loss(self, x, targets, loss_reduction, supervised_index=None):
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         B, T, C = x.shape
@@ -290,8 +321,11 @@ class GPT(nn.Module):
         if loss_reduction != "none":
             # Only supervised positions need logits: in chat fine-tuning about half of the
             # positions are prompts, so this halves the (large) lm_head work.
-            keep = targets != -1
-            x, targets = x[keep], targets[keep]
+            if supervised_index is not None:
+                x, targets = x.index_select(0, supervised_index), targets.index_select(0, supervised_index)
+            else:
+                keep = targets != -1
+                x, targets = x[keep], targets[keep]
         V = self.config.vocab_size
         chunk = max(1, LOSS_CHUNK_LOGITS // V)
         if x.size(0) <= chunk:

@@ -39,3 +39,12 @@ def test_smoke_writes_finite_json_and_a_table(tmp_path):
     assert {"letter_questions_per_s", "generation_tokens_per_s", "questions"} <= set(model["eval"])
     assert all(math.isfinite(x) for x in numbers(result))
     assert "| tiny" in (out / "gpu_bench.md").read_text()
+    # The kernel checks: on CPU the loop and dense kernels pass in fp32 and bf16, flex fails
+    # (no backward on CPU) and varlen fails (a CUDA kernel), each with its reason.
+    checks = result["kernel_checks"]
+    assert [(c["dtype"], c["heads"]) for c in checks] == [("float32", "2/2x32"), ("float32", "2/1x32"),
+                                                           ("bfloat16", "2/2x32"), ("bfloat16", "2/1x32")]
+    for c in checks:
+        assert c["results"]["loop"] is None and c["results"]["dense"] is None and c["auto"] == "loop"
+        assert c["results"]["flex"] and c["results"]["varlen"]
+    assert "| float32 | 2/2x32 | FAIL | FAIL | pass | pass | loop |" in (out / "gpu_bench.md").read_text()

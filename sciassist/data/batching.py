@@ -9,7 +9,9 @@ Conversations -> training batches, in three separately testable stages.
    The plan is a pure function of (dataset lengths, seed, step, world size), so every rank
    computes the same one without talking to the others, and a resumed run gets the same
    batches as an uninterrupted one.
-3. collate: rows -> tensors (inputs, targets, doc_ids).
+3. collate: rows -> tensors (inputs, targets) and, on the host, what the forward needs to
+   know about them (the packed layout, the supervised positions): nothing is read back from
+   the device during a training forward.
 
 Positions. A conversation of L tokens occupies L-1 positions: inputs are ids[:-1] and
 targets ids[1:] (the last token is only ever a target). max_seq_len bounds the positions,
@@ -17,10 +19,11 @@ so a conversation keeps at most max_seq_len + 1 tokens.
 
 Packing (padding-free). nanochat pads each batch of conversations to its longest, which on
 ScienceQA-like data spends about half the compute on padding. Here several conversations
-share a row of up to max_seq_len positions; `doc_ids` tells GPT.forward where each one
-starts, so attention stays inside a conversation and rotary positions restart at 0.
+share a row of up to max_seq_len positions; the batch's `layout`
+(nanochat.attention.PackedLayout) tells GPT.forward where each one starts, so attention stays
+inside a conversation and rotary positions restart at 0.
 Targets that would cross from one conversation into the next do not exist by construction
-(each conversation brings its own targets); padding positions have doc id -1 and target -1.
+(each conversation brings its own targets); padding positions have target -1.
 
 The baseline nanochat-style padded batching (one conversation per row, right-padded with
 <|assistant_end|> to the longest in the batch) is kept for comparison (bench/bench_train.py).
@@ -32,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from nanochat.attention import PackedLayout
 
 # Rows of a packed micro-batch are padded to a multiple of this: shapes then repeat often
 # enough for kernels (and torch.compile) to reuse their plans, at a cost of < 64 positions.
@@ -248,15 +253,16 @@ def plan_step(dataset, example_indices, device_batch_size, world_size=1, rank=0,
 
 
 def collate(dataset, rows, pad_id, row_len=None, device=None):
-    """Rows of dataset indices -> dict(inputs, targets, doc_ids, num_supervised, num_tokens,
-    num_positions).
+    """Rows of dataset indices -> dict(inputs, targets, layout, supervised_index,
+    num_supervised, num_tokens, num_positions).
 
     Width: row_len when given (a packed step's plan.row_len), else the longest row (the
-    padded baseline). Doc ids are 0, 1, .. per conversation in a row, -1 on padding;
-    doc_ids is None when no row holds two conversations (plain causal attention is then
-    exact, and faster). Targets are -1 wherever nothing is to be learned: unsupervised
-    tokens, padding. num_tokens counts real positions, num_positions all of them (B*T),
-    num_supervised the targets != -1.
+    padded baseline). layout: the rows' PackedLayout (each conversation's boundaries, from the
+    plan, on the host), None when no row holds two conversations (plain causal attention is
+    then exact, and faster). Targets are -1 wherever nothing is to be learned: unsupervised
+    tokens, padding; supervised_index holds the flat positions (into B*T) of the others.
+    num_tokens counts real positions, num_positions all of them (B*T), num_supervised the
+    targets != -1.
     """
     used = [sum(dataset.lengths[i] for i in row) for row in rows]
     longest = max(used, default=0)
@@ -271,26 +277,30 @@ def collate(dataset, rows, pad_id, row_len=None, device=None):
     batch = max(1, len(rows))
     inputs = np.full((batch, width), pad_id, dtype=np.int64)
     targets = np.full((batch, width), -1, dtype=np.int64)
-    doc_ids = np.full((batch, width), -1, dtype=np.int64)
     multi_doc = False
     for r, row in enumerate(rows):
         pos = 0
         multi_doc |= len(row) > 1
-        for doc, i in enumerate(row):
+        for i in row:
             ids, mask = dataset.ids[i], dataset.masks[i]
             n = len(ids) - 1
             inputs[r, pos:pos + n] = ids[:-1]
             target = np.asarray(ids[1:], dtype=np.int64)
             target[np.asarray(mask[1:]) == 0] = -1
             targets[r, pos:pos + n] = target
-            doc_ids[r, pos:pos + n] = doc
             pos += n
+    layout = None
+    if multi_doc:
+        layout = PackedLayout.from_row_lengths([[dataset.lengths[i] for i in row] for row in rows], width)
+        layout = layout.to(device) if device is not None else layout
+    supervised_index = np.flatnonzero(targets.reshape(-1) != -1)
     to = functools.partial(torch.as_tensor, device=device)
     return {
         "inputs": to(inputs),
         "targets": to(targets),
-        "doc_ids": to(doc_ids) if multi_doc else None,
-        "num_supervised": int((targets != -1).sum()),
+        "layout": layout,
+        "supervised_index": to(supervised_index),
+        "num_supervised": len(supervised_index),
         "num_tokens": int(sum(used)),
         "num_positions": batch * width,
     }

@@ -231,9 +231,9 @@ def _describe(run: Run) -> None:
     run.log(f"schedule: {run.num_steps} steps ({run.per_epoch} per epoch, {s.target_examples_per_step} conversations "
             f"each), {run.runtime.world_size} process(es) on {run.device}, "
             f"{'packed rows' if s.packing else 'padded batches'}")
-    with run.autocast:  # the kernel depends on the compute dtype the forward passes use
-        kernel = run.model.attention_kernel
-    run.log(f"attention for packed rows: {kernel} (nanochat.attention)")
+    if run.attention_kernel is not None:
+        run.log(f"attention for packed rows: {run.attention_kernel} (nanochat.attention; checked against the "
+                f"reference on {run.device} in {run.precision.name})")
 
 
 def _flags_text(settings: TrainSettings) -> str:
@@ -279,6 +279,7 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
         "minutes": round(elapsed_s / 60, 2),
         "world_size": run.runtime.world_size,
         "device": str(run.device),
+        "attention_kernel": run.attention_kernel,
         "source_model": run.source,
         "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,
         "settings": dataclasses.asdict(run.settings),

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.attention import KERNELS as ATTENTION_KERNELS
 from nanochat.checkpoint import CONFIG_LIMITS
 from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
 from sciassist.common import (
@@ -143,6 +144,11 @@ class TrainSettings:
                                  "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
                                  "ones, e.g. T4, V100; float32 on CPU and mps)")
     compile: bool = setting(False, "torch.compile the model for training")
+    attention_kernel: str = setting("auto", "attention over packed rows: auto | varlen | flex | dense | loop. Every "
+                                            "kernel is checked against a reference on this device before it trains; "
+                                            "auto takes the first that passes (varlen, flex, dense on CUDA; loop "
+                                            "elsewhere), a named one that fails is an error",
+                                    choices=["auto", *ATTENTION_KERNELS])
     seed: int = setting(42, "seed of the data order (reshuffled every epoch) and torch", at_least=0,
                         at_most=2**63 - 1)
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nanochat.attention import AttentionKernelError
 from nanochat.checkpoint import CheckpointError, default_base_dir
 from sciassist.checkpoints import choose_checkpoint, load_choice
 from sciassist.common import precision_for, resolve_device
@@ -185,6 +186,7 @@ class Run:
     lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
     precision: object = None  # sciassist.common.Precision: what autocast is, and why
     scaler: object = None  # torch.amp.GradScaler of an fp16 run (its state is in the resume point), else None
+    attention_kernel: str | None = None  # the packed-row kernel that passed its check (None: padded batches)
 
     @property
     def device(self):
@@ -250,6 +252,7 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
     val_batches = (step_batches(val_set, plan_for(settings, runtime, val_set, val_examples), pad_id, device)
                    if val_examples else [])
     optimizers = adapter_optimizers(model, settings) if lora is not None else _optimizers(model, settings)
+    kernel = choose_attention_kernel(model, settings, precision) if settings.packing else None
     train_model, no_sync = _wrap_for_training(model, settings, runtime)
     return Run(settings=settings, runtime=runtime, model=model, train_model=train_model, no_sync=no_sync,
                optimizers=optimizers, tokenizer=tokenizer, source=source, data_description=data_description,
@@ -260,7 +263,18 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
                flops_per_token=model.estimate_flops(),
                peak=peak_flops(device),  # MFU is against the dense bf16 peak, the number GPUs are sold by
                fingerprint=data_fingerprint(train_set, val_set), lora=lora, precision=precision,
-               scaler=precision.grad_scaler())
+               scaler=precision.grad_scaler(), attention_kernel=kernel)
+
+
+def choose_attention_kernel(model, settings: TrainSettings, precision) -> str:
+    """The packed-row kernel (--attention_kernel), checked on the run's device and compute dtype
+    before the first step (and before torch.compile sees the model)."""
+    model.attention_kernel = None if settings.attention_kernel == "auto" else settings.attention_kernel
+    try:
+        with precision.autocast():
+            return model.attention_kernel
+    except AttentionKernelError as e:
+        raise TrainError(f"--attention_kernel {settings.attention_kernel}: {e}") from None
 
 
 def _optimizers(model, settings: TrainSettings):

@@ -67,7 +67,7 @@ def accumulate_gradients(train_model, batches, num_supervised, autocast=None, wo
         with sync_ctx:
             with autocast if autocast is not None else contextlib.nullcontext():
                 loss_sum = train_model(batch["inputs"], batch["targets"], loss_reduction="sum",
-                                       doc_ids=batch["doc_ids"])
+                                       layout=batch["layout"], supervised_index=batch["supervised_index"])
             loss = loss_sum * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss_sum.detach().float()
@@ -90,7 +90,8 @@ def evaluate_loss(model, batches, autocast=None, distributed=False):
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         with autocast if autocast is not None else contextlib.nullcontext():
-            loss_sum = model(batch["inputs"], batch["targets"], loss_reduction="sum", doc_ids=batch["doc_ids"])
+            loss_sum = model(batch["inputs"], batch["targets"], loss_reduction="sum", layout=batch["layout"],
+                             supervised_index=batch["supervised_index"])
         totals[0] += loss_sum.double()
         totals[1] += batch["num_supervised"]
     if distributed:
@@ -310,6 +311,7 @@ def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elaps
         "mfu": run.flops_per_token * work.positions / seconds / (run.peak * world) if run.peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "step_time_s": seconds, "elapsed_s": round(elapsed_s, 3),
+        "attention_kernel": run.attention_kernel,
     }
     if grad_norm is not None:
         record["grad_norm"] = grad_norm

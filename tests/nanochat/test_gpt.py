@@ -179,3 +179,26 @@ def test_dense_mask_path_matches_segment_path():
     assert torch.allclose(segment_logits, dense_logits, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention kernel"):
         model.attention_kernel = "fast"
+
+
+def test_norms_keep_the_input_dtype_when_rms_norm_computes_in_fp32(monkeypatch):
+    """torch >= 2.12 runs rms_norm in fp32 under CUDA autocast: q and k would leave the QK norm
+    in fp32 beside a bf16 v. Simulated here by an rms_norm that upcasts, as autocast makes it."""
+    import torch.nn.functional as F
+
+    from nanochat import attention
+    real_rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, *a, **kw: real_rms_norm(x.float(), shape, *a, **kw))
+    model = tiny_model(seed=3, n_kv_head=2).bfloat16()
+    assert model.attention_kernel == "loop"  # its check done before the spy below
+    seen = []
+    real_attention = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda q, k, v, packed: seen.append(
+        (q.dtype, k.dtype, v.dtype)) or real_attention(q, k, v, packed))
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    logits = model(idx, doc_ids=torch.tensor([[0] * 4 + [1] * 6, [0] * 10]))
+    assert seen == [(torch.bfloat16,) * 3] * model.config.n_layer
+    monkeypatch.setattr(F, "rms_norm", real_rms_norm)
+    # The same numbers as an rms_norm that keeps bf16 (torch <= 2.11), within bf16 rounding.
+    torch.testing.assert_close(model(idx, doc_ids=torch.tensor([[0] * 4 + [1] * 6, [0] * 10])), logits,
+                               atol=0.1, rtol=0.02)

@@ -123,7 +123,8 @@ def test_evaluate_loss_is_per_supervised_token(tiny_tokenizer):
     model.init_weights()
     batches = step_batches(dataset, plan_step(dataset, range(len(dataset)), 1), 0)
     with torch.no_grad():
-        total = sum(model(b["inputs"], b["targets"], loss_reduction="sum", doc_ids=b["doc_ids"]).item()
+        total = sum(model(b["inputs"], b["targets"], loss_reduction="sum", layout=b["layout"],
+                          supervised_index=b["supervised_index"]).item()
                     for b in batches)
     expected = total / dataset.total_supervised()
     assert evaluate_loss(model, batches) == pytest.approx(expected, rel=1e-6)
@@ -428,4 +429,18 @@ def test_training_imports_neither_evaluation_nor_pipelines():
 def test_the_attention_kernel_is_printed_once(tmp_path, tiny_base_dir, data_file, capsys):
     train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0))
     out = capsys.readouterr().out
-    assert out.count("attention for packed rows: loop (nanochat.attention)") == 1  # CPU: the per-document loop
+    assert out.count("attention for packed rows: loop (nanochat.attention; checked against the reference on cpu "
+                     "in float32)") == 1  # CPU: the per-document loop
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["attention_kernel"] == "loop"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["attention_kernel"] for r in records if "train_loss" in r] == ["loop"]
+
+
+def test_a_named_kernel_that_fails_its_check_is_an_error(tmp_path, tiny_base_dir, data_file):
+    with pytest.raises(TrainError, match="--attention_kernel flex: the 'flex' attention kernel failed its check on "
+                                         "cpu, float32.*backward"):
+        train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, attention_kernel="flex"))
+    summary = train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0,
+                                  attention_kernel="dense", output_tag="dense"))
+    assert summary["attention_kernel"] == "dense" and summary["status"] == "completed"
