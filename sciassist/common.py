@@ -54,7 +54,35 @@ def resolve_device(name: str | None = "auto", local_rank: int | None = None) -> 
         raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+    if device.type == "cuda":
+        problem = missing_gpu_kernels(device)
+        if problem:
+            raise UserError(problem)
     return device
+
+
+def missing_gpu_kernels(device: torch.device) -> str | None:
+    """Why this torch build cannot run on this GPU, or None. A CUDA wheel holds machine code for
+    a list of GPU architectures (torch.cuda.get_arch_list()) plus PTX that newer GPUs can
+    compile; a GPU older than all of them gets "no kernel image is available" at the first op.
+    Volta (V100, sm_70) left PyPI's CUDA 12.8 wheels in torch 2.11 and is in no CUDA 13 wheel."""
+    if getattr(torch.version, "hip", None):
+        return None
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list:
+        return None  # a build that does not say: let it try
+    major, minor = torch.cuda.get_device_capability(device)
+    capability = major * 10 + minor
+    built = [int(a.split("_")[1]) for a in arch_list if a.startswith("sm_") and a.split("_")[1].isdigit()]
+    ptx = [int(a.split("_")[1]) for a in arch_list if a.startswith("compute_") and a.split("_")[1].isdigit()]
+    if capability in built or any(p <= capability for p in ptx) or any(b // 10 == major and b <= capability
+                                                                        for b in built):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return (f"this torch ({torch.__version__}, CUDA {torch.version.cuda}) has no kernels for {name} (compute "
+            f"capability {major}.{minor}); it was built for {', '.join(arch_list)}. Install a torch build that "
+            f"includes sm_{capability} (for Volta GPUs such as the V100: torch 2.10 or older from PyPI), or use "
+            "--device cpu")
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -93,3 +93,24 @@ def test_compute_dtype_follows_the_policy_on_cpu():
     from sciassist.common import compute_dtype
     assert compute_dtype("cpu") == torch.float32 and compute_dtype("cpu", "bfloat16") == torch.bfloat16
     assert compute_dtype(torch.device("cpu"), "float16") == torch.float16
+
+
+def test_a_gpu_the_torch_build_has_no_kernels_for_is_named(monkeypatch):
+    from sciassist.common import missing_gpu_kernels
+    cu130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # torch 2.11 from PyPI
+    capability = {"value": (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: cu130)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    gpu = torch.device("cuda", 0)
+    problem = missing_gpu_kernels(gpu)
+    assert "has no kernels for Tesla V100-SXM2-16GB (compute capability 7.0)" in problem
+    assert "sm_75, sm_80" in problem and "torch 2.10 or older" in problem and "--device cpu" in problem
+    for ok in ((7, 5), (8, 0), (8, 9), (9, 0), (12, 0), (12, 1)):  # built, same major, or PTX (12.0 -> 12.1)
+        capability["value"] = ok
+        assert missing_gpu_kernels(gpu) is None, ok
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80"])  # torch 2.10 cu128
+    capability["value"] = (7, 0)
+    assert missing_gpu_kernels(gpu) is None
+    capability["value"] = (6, 1)
+    assert "compute capability 6.1" in missing_gpu_kernels(gpu)

@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, config_for_depth
-from sciassist.common import autocast, resolve_device, setting, settings_from_namespace, settings_parser
+from sciassist.common import autocast, precision_for, resolve_device, setting, settings_from_namespace, settings_parser
 from sciassist.data.scienceqa import ScienceQAError, load_scienceqa
 from sciassist.pipelines.tiny_corpus import (
     TinyError,
@@ -233,8 +233,11 @@ class Schedule:
 
 
 def _pretrain(s, model, optimizers, train_tokens, schedule, device):
-    """The language-model loop; returns the per-step losses."""
-    context = autocast(device)
+    """The language-model loop; returns the per-step losses. Precision as fine-tuning has it
+    (sciassist.common.precision_for): bf16 autocast on GPUs with native bf16, fp16 with loss
+    scaling (a step whose gradients overflow is skipped) on older ones, fp32 on CPU."""
+    precision = precision_for(device)
+    scaler = precision.grad_scaler()
     losses = []
     data = batches(train_tokens, s.device_batch_size, s.sequence_len, s.seed)
     bar = tqdm(total=schedule.num_steps or schedule.epoch_cap, desc="pretraining", unit="step",
@@ -250,11 +253,17 @@ def _pretrain(s, model, optimizers, train_tokens, schedule, device):
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
         inputs, targets, epoch = next(data)
-        with context:
+        with precision.autocast():
             loss = model(inputs.to(device), targets.to(device))
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
+        if scaler is None:
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+        else:
+            scaler.scale(loss).backward()
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
         step += 1

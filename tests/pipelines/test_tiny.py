@@ -310,3 +310,19 @@ def test_without_a_time_limit_the_epoch_cap_fixes_the_steps(tmp_path, dataset):
     assert meta["user_config"]["warmdown_from"] == tiny.warmdown_start(14, 0.2)
     with pytest.raises(tiny.TinyError, match="the run needs a budget"):
         tiny.train_tiny(small_settings(tmp_path / "n", dataset, steps=None, max_epochs=None, max_minutes=None))
+
+
+def test_pretraining_follows_the_precision_policy_with_loss_scaling(tmp_path, dataset, monkeypatch):
+    """An fp16 device (a T4's policy, here on CPU) pretrains with a GradScaler: every optimizer
+    step goes through the scaler, as fine-tuning's do."""
+    from sciassist.common import Precision
+    fp16 = Precision(name="float16", device_type="cpu", dtype=torch.float16, needs_grad_scaler=True,
+                     reason="test: a GPU without native bf16")
+    monkeypatch.setattr(tiny, "precision_for", lambda device: fp16)
+    steps = []
+    real_step = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt, *a, **kw: steps.append(
+        self.get_scale()) or real_step(self, opt, *a, **kw))
+    summary = tiny.train_tiny(small_settings(tmp_path / "fp16", dataset, steps=3))
+    assert len(summary["losses"]) == 3 and all(math.isfinite(x) for x in summary["losses"])
+    assert len(steps) == 3 * 2 and steps[0] == 65536.0  # 2 optimizers (Muon, AdamW) a step; the default scale
