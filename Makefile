@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.9,torch==2.13.0)
 TORCH_INDEX ?=
+# The second and third test environments (make test-colab, make test-newest).
+PYTHON313 ?= $(or $(shell command -v python3.13 2>/dev/null),$(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+COLAB_VENV ?= .venv-colab
+NEWEST_VENV ?= .venv-newest
 # Empty variables pass no flag: the commands' own defaults apply (their --help lists them).
 MODEL ?= d20
 SCIENCEQA ?= hf
@@ -23,7 +27,7 @@ BASE_DIR_FLAG = $(if $(BASE_DIR),--base_dir "$(BASE_DIR)")
 TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE)) --model_tag $(MODEL) \
 	$(BASE_DIR_FLAG) $(if $(OUTPUT_TAG),--output_tag $(OUTPUT_TAG))
 
-.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test lint bench plan bench-gpu rehearse-d20 clean
+.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test test-colab test-newest lint bench plan bench-gpu rehearse-d20 clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -74,6 +78,23 @@ recipe-gpu: install ## the GPU recipe (from-scratch model on one GPU; untested o
 test: install ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
 
+test-colab: $(COLAB_VENV)/.installed ## the suite in Colab's GPU image versions: Python 3.13, torch 2.11 (CUDA build, run on the CPU), its transformers/datasets/hub/peft
+	$(COLAB_VENV)/bin/python -m pytest -q $(ARGS)
+
+$(COLAB_VENV)/.installed: ci/requirements-colab.txt requirements.txt requirements-dev.txt
+	@test -n "$(PYTHON313)" || { echo "make test-colab needs Python 3.13 (python3.13 on PATH, or PYTHON313=/path/to/python3.13)"; exit 2; }
+	test -x $(COLAB_VENV)/bin/python || $(PYTHON313) -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/python -m pip install -q -r ci/requirements-colab.txt
+	touch $@
+
+test-newest: $(NEWEST_VENV)/.installed ## the suite with the newest torch these machines have (2.14.1) and the newest libraries
+	$(NEWEST_VENV)/bin/python -m pytest -q $(ARGS)
+
+$(NEWEST_VENV)/.installed: ci/requirements-newest.txt requirements.txt requirements-dev.txt
+	test -x $(NEWEST_VENV)/bin/python || python3 -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q -r ci/requirements-newest.txt
+	touch $@
+
 lint: install
 	$(VENV)/bin/ruff check .
 
@@ -89,5 +110,5 @@ bench-gpu: install ## the GPU benchmark on a CUDA machine, at most ~8 min (OUT=D
 rehearse-d20: install ## a random d20 in the published layout through train/evaluate/chat on CPU (~3 min, ~9 GiB)
 	$(PY) bench/rehearse_d20.py --append $(ARGS)
 
-clean: ## remove the virtual environment and run outputs
-	rm -rf $(VENV) finetuned_model_checkpoint eval_results demo_output notebook_output.ipynb .pytest_cache
+clean: ## remove the virtual environments and run outputs
+	rm -rf $(VENV) $(COLAB_VENV) $(NEWEST_VENV) finetuned_model_checkpoint eval_results demo_output notebook_output.ipynb .pytest_cache
