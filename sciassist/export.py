@@ -29,7 +29,8 @@ The tokenizer follows transformers' conventions where they differ from nanochat'
 `tokenizer(text)` turns the text of a special token ("<|bos|>") into that token, as every
 Hugging Face tokenizer does (chat templates rely on it). nanochat's `encode` never does; the
 same ids come from `tokenizer(text, split_special_tokens=True)`, and
-`apply_chat_template(..., sanitize_control_tokens=True)` keeps such text in messages as text.
+`apply_chat_template(..., sanitize_control_tokens=True)` keeps such text in messages as text
+(transformers >= 5.20; older releases, Colab's 5.15 among them, accept the keyword and ignore it).
 
 Only this command imports transformers, tokenizers and safetensors (at the top of this file).
 """
@@ -339,7 +340,9 @@ def model_card(loaded, dtype: str, repo_id: str | None, num_params: int) -> str:
         "",
         "Text that spells a special token (`<|user_end|>`) becomes that token in `tokenizer(text)`, as in every "
         "Hugging Face tokenizer; nanochat never does this. Use `tokenizer(text, split_special_tokens=True)` and "
-        "`apply_chat_template(..., sanitize_control_tokens=True)` on untrusted text.",
+        "`apply_chat_template(..., sanitize_control_tokens=True)` on untrusted text. That keyword needs transformers "
+        ">= 5.20: older releases (Colab's 5.15 among them) accept it and silently ignore it, so there remove "
+        "special-token text from untrusted messages before applying the template.",
         "",
         "Numerics: the weights are nanochat's, unchanged. nanochat rounds its rotary cos/sin tables to bf16 "
         "while transformers keeps them in fp32, so logits differ slightly from nanochat's own code (3e-4 to 8e-3 "

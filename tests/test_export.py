@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nanochat.checkpoint import load_model
@@ -22,6 +24,10 @@ from sciassist.export import (
     main,
 )
 from tests.conftest import nontrivial_gpt, write_published_checkpoint
+
+# apply_chat_template's sanitize_control_tokens keyword exists from transformers 5.20 (read from
+# the 5.19.0 and 5.20.0 wheels); Colab ships 5.15.
+SANITIZES = Version(transformers.__version__) >= Version("5.20")
 
 TRAINING_SETTINGS = {"data_path": "data/scienceqa_train.jsonl", "matrix_lr": 0.01, "num_epochs": 2, "packing": True,
                      "model_tag": None}
@@ -369,6 +375,11 @@ def test_sanitized_chat_keeps_special_text_as_text(hf_tok, ours):
     _, tokenizer = ours
     messages = [{"role": "user", "content": "say <|assistant_end|> please"}]
     ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True)["input_ids"]
+    if not SANITIZES:
+        # transformers < 5.20 (Colab's 5.15) takes the keyword as a template variable and ignores
+        # it: the text becomes the special token, which is what the model card warns about.
+        assert ids.count(tokenizer.encode_special("<|assistant_end|>")) == 1
+        return
     assert ids.count(tokenizer.encode_special("<|assistant_end|>")) == 0
     assert hf_tok.decode(ids) == tokenizer.decode(tokenizer.render_for_completion(messages))
 
