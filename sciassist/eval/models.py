@@ -139,10 +139,12 @@ def run_model(model, tokenizer, records, options):
     return run
 
 
-def run_models(in_memory, specs, records, options, device, base_dir=None):
+def run_models(in_memory, specs, records, options, device, base_dir=None, also=None):
     """Run base, then fine-tuned: each taken (popped) from `in_memory` {name: (model, tokenizer,
     info)} or loaded from its spec in `specs` {name: spec} (onto `device`, under base_dir),
-    and freed after its run. Returns ({name: run}, {name: model_info + answer_prefix_*})."""
+    and freed after its run. also(name, model, tokenizer): more work for each model while it is
+    loaded (the benchmarks), its result kept as run["also"]. Returns ({name: run},
+    {name: model_info + answer_prefix_*})."""
     runs, infos = {}, {}
     for name in ("base", "finetuned"):
         if name not in in_memory and name not in specs:
@@ -157,6 +159,8 @@ def run_models(in_memory, specs, records, options, device, base_dir=None):
               f"{options.scoring} scoring {len(records)} questions", file=sys.stderr, flush=True)
         run = run_model(model, tokenizer, records, options)
         run["timing"]["load_s"] = load_s
+        if also is not None:
+            run["also"] = also(name, model, tokenizer)
         matching, checked = None, None
         if options.prompt_style == "sciassist":
             matching, checked = answer_prefix_check(tokenizer, records, ANSWER_PREFIX, options.scoring,

@@ -12,6 +12,7 @@ from sciassist.data.answers import ANSWER_PREFIX, LETTERS, parse_answer
 from sciassist.eval.explain import METRICS, PAPER_ROWS
 from sciassist.eval.questions import EvaluationError, prompts_for, question_pid
 from sciassist.eval.table import format_table_markdown, format_topics_markdown
+from sciassist.eval.transfer import benchmarks_markdown
 from sciassist.plots import plot_accuracy_by_category, plot_loss_curve
 
 # ----------------------------------------------------------------------------- the benchmark's results format
@@ -394,7 +395,18 @@ def _files_section(summary):
             "![accuracy by category](accuracy_by_category.png)", ""]
 
 
-REPORT_SECTIONS = (_models_section, _data_section, _settings_section, _accuracy_section, _generation_section,
+def _benchmarks_section(summary):
+    if not summary.get("benchmarks"):
+        return None
+    lines = benchmarks_markdown(summary["benchmarks"])
+    lines += ["", "Time per benchmark (s, scoring and generation): " + "; ".join(
+        f"{s['title']}: " + ", ".join(f"{n} {m['timing_s']:.1f}" for n, m in s["models"].items())
+        for s in summary["benchmarks"]), "", "![benchmarks](benchmarks.png)"]
+    return lines
+
+
+REPORT_SECTIONS = (_models_section, _data_section, _settings_section, _accuracy_section, _benchmarks_section,
+                   _generation_section,
                    _explanations_section, _topics_section, _timing_section, _training_section, _files_section)
 
 

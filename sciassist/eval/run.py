@@ -52,6 +52,7 @@ from sciassist.common import (
     write_json,
 )
 from sciassist.data.answers import ANSWER_FORMATS, detect_answer_format, text_first_breakdown
+from sciassist.eval.benchmarks import load_benchmark, parse_benchmarks
 from sciassist.eval.explain import DEFAULT_SIMILARITY_MODEL, explain_indices, judge_explanations
 from sciassist.eval.models import model_info, run_models
 from sciassist.eval.questions import (
@@ -77,6 +78,7 @@ from sciassist.eval.table import (
     majority_predictions,
     topic_breakdown,
 )
+from sciassist.eval.transfer import benchmark_run, benchmark_summary, draw_benchmark_chart, scienceqa_summary
 from sciassist.plots import parse_training_log
 
 SOURCE_MODEL = "source"
@@ -130,6 +132,13 @@ class EvalSettings:
                                            "(default: scienceqa_train.jsonl beside the data)")
     metrics_path: str | None = setting(None, "metrics.jsonl of a run to re-draw (default: <finetuned>/metrics.jsonl)")
     log_file: str | None = setting(None, "text log of a training run (e.g. the original project's) to draw as well")
+    benchmarks: str = setting("", "other benchmarks beside ScienceQA, comma-separated: arc_easy, arc_challenge, "
+                                  "openbookqa, sciq (transfer), mmlu, mmlu_science, mmlu:<subject> (forgetting); "
+                                  "the same --split (val = their validation split), --limit and prompt style")
+    benchmark_dir: str | None = setting(None, "read the benchmarks from this local root (datasets save_to_disk "
+                                              "folders or .jsonl files: ai2_arc/ARC-Easy/validation, "
+                                              "mmlu/<subject>/test, ...) instead of the Hugging Face hub")
+    benchmark_revision: str | None = setting(None, "hub revision of the benchmarks (default: the pinned one of each)")
     out_dir: str = setting("eval_results", "where the files are written")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
 
@@ -188,6 +197,7 @@ def _check_settings(settings, models):
     if settings.constrain_answers and settings.prompt_style != "sciassist":
         raise EvaluationError("--constrain_answers keeps the reply on the SciAssist answer lines; use it with "
                               "--prompt_style sciassist")
+    parse_benchmarks(settings.benchmarks)
     specs = {name: getattr(settings, name) for name in ("base", "finetuned")
              if getattr(settings, name) is not None and name not in models}
     if not specs and not models and settings.metrics_path is None and settings.log_file is None:
@@ -269,8 +279,20 @@ def evaluate(settings, models=None):
     records, data_info = load_questions(settings.data_path, settings.scienceqa, settings.split,
                                         settings.limit, settings.seed, source_format, settings.skip_bad_records)
     options = run_options(settings, records)
+    benchmarks = [(b, *load_benchmark(b, settings.split, settings.benchmark_dir, settings.seed, settings.limit,
+                                      settings.benchmark_revision)) for b in parse_benchmarks(settings.benchmarks)]
     device = resolve_device(settings.device)
-    runs, infos = run_models(models, specs, records, options, device, settings.base_dir)
+
+    def on_benchmarks(name, model, tokenizer):
+        results = {}
+        for benchmark, bench_records, _ in benchmarks:
+            print(f"[{name}] {benchmark.title}: {len(bench_records)} questions", flush=True)
+            results[benchmark.name] = benchmark_run(model, tokenizer, bench_records, settings.prompt_style,
+                                                    settings.batch_size, settings.generate, settings.max_new_tokens)
+        return results
+
+    runs, infos = run_models(models, specs, records, options, device, settings.base_dir,
+                             also=on_benchmarks if benchmarks else None)
     table, topics, generation = _results(settings, options, records, runs)
     write_model_files(out_dir, files, records, runs)
     write_json(out_dir / "table.json", table)
@@ -293,6 +315,13 @@ def evaluate(settings, models=None):
     }
     if options.constrain_answers:
         summary["constrained"] = constrained_summaries(records, runs)
+    if benchmarks:
+        summary["benchmarks"] = [scienceqa_summary(records, runs, settings.split, options.scoring)]
+        summary["benchmarks"] += [
+            benchmark_summary(info, bench_records, {name: run["also"][b.name] for name, run in runs.items()})
+            for b, bench_records, info in benchmarks]
+        draw_benchmark_chart(out_dir / "benchmarks.png", summary["benchmarks"])
+        files["benchmarks_chart"] = "benchmarks.png"
     if settings.explain:
         summary["explanations"], summary["explanations_info"] = judge_explanations(
             out_dir, files, records, runs, options.explain_indices, settings.similarity_model, settings.explain)

@@ -1,0 +1,235 @@
+"""Transfer and forgetting: the same models on other benchmarks, scored the same honest ways.
+
+Per question and model (benchmark_run), from two teacher-forced passes and one greedy one:
+- letter: the most probable letter after the answer prefix, among the question's letters
+  (nanochat's "categorical" rule; with --prompt_style nanochat, its own prompt). The headline:
+  it is the fine-tune's own answer format and nanochat's published metric, and it has no
+  length bias (every option is one token).
+- choice: the option whose whole answer line (" A. <option>") has the highest summed
+  log-probability. Summed log-probabilities favour short options, so also
+- choice per token and choice per byte: the same sums divided by the line's token count or its
+  UTF-8 byte count (lm-evaluation-harness's acc_norm is per byte).
+- generated: the greedy reply, parsed strictly; an unparseable reply is invalid and wrong.
+Choice rules need the SciAssist answer prefix (prompt style sciassist).
+
+Per benchmark (benchmark_summary): accuracy with 95% Wilson intervals per rule and model,
+chance, the invalid-reply rate, how often each rule picks the shortest option, and the
+fine-tuned minus base difference on the same questions with a 95% paired interval
+(normal approximation on the per-question differences); MMLU also by subject group.
+"""
+
+import math
+import time
+
+from sciassist.common import synchronize
+from sciassist.data.answers import ANSWER_PREFIX, parse_answer
+from sciassist.eval.questions import prompts_for
+from sciassist.eval.scoring import argmax, choice_token_scores, generate_answers, letter_probabilities
+from sciassist.eval.table import WILSON_Z, accuracy_cell, chance_accuracy
+
+RULES = ("letter", "choice", "choice_per_token", "choice_per_byte", "generated")
+HEADLINE = "letter"
+RULE_TITLES = {"letter": "letter", "choice": "choice (summed)", "choice_per_token": "choice per token",
+               "choice_per_byte": "choice per byte (acc_norm)", "generated": "greedy reply"}
+
+
+def benchmark_run(model, tokenizer, records, prompt_style="sciassist", batch_size=32, generate=True,
+                  max_new_tokens=32):
+    """{rule: per-question predicted option index (None = invalid reply)} for RULES that apply,
+    and "timing_s"."""
+    prompts, prefix = prompts_for(records, prompt_style)
+    choices = [r["meta"]["choices"] for r in records]
+    num_choices = [len(c) for c in choices]
+    device = model.get_device()
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = {"letter": [argmax(p) for p in letter_probabilities(model, tokenizer, prompts, num_choices, prefix,
+                                                              batch_size)]}
+    if prefix == ANSWER_PREFIX:
+        continuations, token_scores = choice_token_scores(model, tokenizer, prompts, choices, prefix, batch_size)
+        sums, per_token, per_byte = [], [], []
+        for lines, scores in zip(continuations, token_scores, strict=True):
+            total = [sum(s) for s in scores]
+            sums.append(argmax(total))
+            per_token.append(argmax([t / max(1, len(line)) for t, line in zip(total, lines, strict=True)]))
+            sizes = [len(tokenizer.decode(line).encode("utf-8")) for line in lines]
+            per_byte.append(argmax([t / max(1, size) for t, size in zip(total, sizes, strict=True)]))
+        out.update(choice=sums, choice_per_token=per_token, choice_per_byte=per_byte)
+    if generate:
+        texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+        out["generated"] = [parse_answer(t, k, prefix, c) for t, k, c in zip(texts, num_choices, choices, strict=True)]
+    synchronize(device)
+    out["timing_s"] = time.perf_counter() - t0
+    return out
+
+
+def paired_change(base_correct, finetuned_correct, z=WILSON_Z):
+    """Fine-tuned minus base accuracy on the same questions, in percentage points, with a 95%
+    interval from the per-question differences (each -1, 0 or +1); beyond_noise when the
+    interval excludes 0."""
+    n = len(base_correct)
+    if n == 0 or n != len(finetuned_correct):
+        return None
+    diffs = [int(f) - int(b) for b, f in zip(base_correct, finetuned_correct, strict=True)]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(variance / n)
+    low, high = 100 * (mean - half), 100 * (mean + half)
+    return {"difference": 100 * mean, "ci95": [low, high], "beyond_noise": low > 0 or high < 0,
+            "improved": sum(d > 0 for d in diffs), "worsened": sum(d < 0 for d in diffs)}
+
+
+def _shortest(choices):
+    lengths = [len(c) for c in choices]
+    return lengths.index(min(lengths))
+
+
+def benchmark_summary(info, records, runs):
+    """The benchmark's row data: info (load_benchmark's) + per rule and model the accuracy
+    cell, invalid replies, shortest-option picks, and the paired change (base -> finetuned)."""
+    gold = [r["meta"]["answer"] for r in records]
+    shortest = [_shortest(r["meta"]["choices"]) for r in records]
+    summary = {**info, "count": len(records), "chance": 100 * chance_accuracy([len(r["meta"]["choices"])
+                                                                               for r in records]),
+               "gold_is_shortest": 100 * sum(g == s for g, s in zip(gold, shortest, strict=True)) / len(records),
+               "models": {}, "change": {}, "groups": {}}
+    correct = {}
+    for name, run in runs.items():
+        model = {"timing_s": run["timing_s"]}
+        for rule in RULES:
+            if rule not in run:
+                continue
+            predictions = run[rule]
+            flags = [p == g for p, g in zip(predictions, gold, strict=True)]
+            correct[(name, rule)] = flags
+            cell = accuracy_cell(flags)
+            cell["picks_shortest"] = 100 * sum(p == s for p, s in zip(predictions, shortest, strict=True)) / len(gold)
+            if rule == "generated":
+                cell["invalid"] = 100 * sum(p is None for p in predictions) / len(gold)
+            model[rule] = cell
+        summary["models"][name] = model
+    if "base" in runs and "finetuned" in runs:
+        for rule in RULES:
+            if ("base", rule) in correct and ("finetuned", rule) in correct:
+                summary["change"][rule] = paired_change(correct[("base", rule)], correct[("finetuned", rule)])
+    groups = sorted({r["meta"].get("topic") for r in records if r["meta"].get("topic")})
+    if groups and info.get("benchmark", "").startswith("mmlu"):
+        for group in groups:
+            members = [i for i, r in enumerate(records) if r["meta"].get("topic") == group]
+            summary["groups"][group] = {name: accuracy_cell([correct[(name, HEADLINE)][i] for i in members])
+                                        for name in runs}
+    return summary
+
+
+def scienceqa_summary(records, runs, split, scoring):
+    """ScienceQA's row in the same shape, from the main evaluation's runs (its scoring rule as
+    the headline, its strictly parsed replies as generated)."""
+    converted = {}
+    for name, run in runs.items():
+        converted[name] = {HEADLINE: run["prediction"], "timing_s": sum(v for k, v in run["timing"].items()
+                                                                         if k.endswith("_s") and k != "load_s")}
+        if run.get("generated_prediction") is not None:
+            converted[name]["generated"] = run["generated_prediction"]
+    info = {"benchmark": "scienceqa", "title": f"ScienceQA ({scoring} scoring)", "kind": "scienceqa", "split": split}
+    return benchmark_summary(info, records, converted)
+
+
+# ----------------------------------------------------------------------------- report
+
+KIND_ORDER = {"scienceqa": 0, "transfer": 1, "forgetting": 2}
+KIND_TITLES = {"scienceqa": "ScienceQA", "transfer": "transfer", "forgetting": "forgetting"}
+
+
+def _cell(cell):
+    if not cell or cell.get("accuracy") is None:
+        return "-"
+    return f"{cell['accuracy']:.1f} [{cell['ci95'][0]:.1f}, {cell['ci95'][1]:.1f}]"
+
+
+def _change(change):
+    if not change:
+        return "-", "-"
+    text = f"{change['difference']:+.1f} [{change['ci95'][0]:+.1f}, {change['ci95'][1]:+.1f}]"
+    verdict = ("better" if change["difference"] > 0 else "worse") if change["beyond_noise"] else "within noise"
+    return text, verdict
+
+
+def benchmarks_markdown(summaries):
+    """The report's section: one table, ScienceQA first, then transfer, then forgetting; then
+    the other scoring rules and MMLU's groups."""
+    rows = sorted(summaries, key=lambda s: KIND_ORDER.get(s["kind"], 3))
+    lines = ["## Beyond ScienceQA: transfer and forgetting", "",
+             f"Headline: **{RULE_TITLES[HEADLINE]} scoring** (the fine-tune's own answer format and nanochat's "
+             "published rule; no length bias). Accuracy (%) with 95% Wilson intervals; change = fine-tuned minus "
+             "base on the same questions, with a 95% paired interval; \"within noise\" when it includes 0.", "",
+             "| | benchmark | split | questions | chance | base | fine-tuned | change | verdict | invalid replies "
+             "(base / fine-tuned) |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for s in rows:
+        base, ft = s["models"].get("base", {}), s["models"].get("finetuned", {})
+        change, verdict = _change(s["change"].get(HEADLINE))
+        invalid = " / ".join(f"{m['generated']['invalid']:.1f}" if "generated" in m else "-" for m in (base, ft))
+        lines.append(f"| {KIND_TITLES.get(s['kind'], s['kind'])} | {s['title']} | {s['split']} | {s['count']} | "
+                     f"{s['chance']:.1f} | {_cell(base.get(HEADLINE))} | {_cell(ft.get(HEADLINE))} | {change} | "
+                     f"{verdict} | {invalid} |")
+    lines += ["", "Every rule (base -> fine-tuned accuracy, change, and how often the rule picks the shortest "
+              "option; summed choice scores favour short options):", "",
+              "| benchmark | rule | base | fine-tuned | change | verdict | picks shortest (base / fine-tuned) | "
+              "gold is shortest |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    for s in rows:
+        for rule in RULES:
+            base, ft = s["models"].get("base", {}).get(rule), s["models"].get("finetuned", {}).get(rule)
+            if base is None and ft is None:
+                continue
+            change, verdict = _change(s["change"].get(rule))
+            shortest = " / ".join(f"{c['picks_shortest']:.1f}" if c else "-" for c in (base, ft))
+            lines.append(f"| {s['title']} | {RULE_TITLES[rule]} | {_cell(base)} | {_cell(ft)} | {change} | {verdict} | "
+                         f"{shortest} | {s['gold_is_shortest']:.1f} |")
+    for s in rows:
+        if s["groups"]:
+            lines += ["", f"{s['title']} by subject group ({RULE_TITLES[HEADLINE]} scoring):", "",
+                      "| group | questions | " + " | ".join(s["models"]) + " |",
+                      "|---|---:|" + "---:|" * len(s["models"])]
+            for group, cells in s["groups"].items():
+                count = next(iter(cells.values()))["count"]
+                lines.append(f"| {group} | {count} | " + " | ".join(_cell(cells[n]) for n in s["models"]) + " |")
+    skipped = [(s["title"], s["skipped"]) for s in rows if s.get("skipped")]
+    for title, counts in skipped:
+        lines.append("")
+        lines.append(f"{title}: left out " + ", ".join(f"{n} question{'s' if n != 1 else ''} with {why}"
+                                                    for why, n in counts.items())
+                     + " (two options with the same text cannot be scored fairly)")
+    return lines
+
+
+def draw_benchmark_chart(path, summaries):
+    """benchmarks.png: base and fine-tuned headline accuracy per benchmark with 95% intervals
+    and each benchmark's chance level."""
+    import matplotlib  # deferred: only drawing needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(summaries, key=lambda s: KIND_ORDER.get(s["kind"], 3))
+    names = [n for n in ("base", "finetuned") if any(n in s["models"] for s in rows)]
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.2))
+    for k, name in enumerate(names):
+        xs, ys, errs = [], [], [[], []]
+        for i, s in enumerate(rows):
+            cell = s["models"].get(name, {}).get(HEADLINE)
+            if cell and cell["accuracy"] is not None:
+                xs.append(i + (k - (len(names) - 1) / 2) * width)
+                ys.append(cell["accuracy"])
+                errs[0].append(cell["accuracy"] - cell["ci95"][0])
+                errs[1].append(cell["ci95"][1] - cell["accuracy"])
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=name)
+    for i, s in enumerate(rows):
+        ax.hlines(s["chance"], i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                  label="chance" if i == 0 else None)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([s["title"] for s in rows], rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"ScienceQA, transfer and forgetting ({RULE_TITLES[HEADLINE]} scoring, 95% intervals)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
