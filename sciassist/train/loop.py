@@ -40,6 +40,7 @@ import time
 from tqdm import tqdm
 
 from sciassist.common import synchronize, write_json
+from sciassist.data.batching import step_examples
 from sciassist.train.files import (
     BestCheckpointWriter,
     append_record,
@@ -246,6 +247,19 @@ def _flags_text(settings: TrainSettings) -> str:
     return " ".join(parts)
 
 
+def mix_summary(run: Run, steps_done: int) -> dict | None:
+    """--mix: each source's share, conversations in the training set, and how many of its
+    conversations the steps done so far used (epochs repeat them)."""
+    if run.mix is None:
+        return None
+    seen = [0] * len(run.mix["sources"])
+    origins = run.mix["origins"]
+    for step in range(steps_done):
+        for i in step_examples(len(origins), step, run.settings.target_examples_per_step, run.settings.seed)[1]:
+            seen[origins[i]] += 1
+    return [dict(source, seen=n) for source, n in zip(run.mix["sources"], seen, strict=True)]
+
+
 def run_summary(run: Run, progress: Progress, status: str, error: str | None) -> dict:
     """run_summary.json: how the run went, from the run and where it got to."""
     metrics, best, totals = progress.metrics, progress.best, progress.totals
@@ -280,6 +294,7 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
         "world_size": run.runtime.world_size,
         "device": str(run.device),
         "attention_kernel": run.attention_kernel,
+        "data_mix": mix_summary(run, progress.step),
         "source_model": run.source,
         "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,
         "settings": dataclasses.asdict(run.settings),

@@ -27,7 +27,7 @@ TRAJECTORY_FIELDS = (
     "data_path", "data_dir", "val_path", "val_split", "max_seq_len", "source", "model_tag", "model_step",
     "checkpoint", "num_epochs", "num_iterations", "target_examples_per_step", "matrix_lr", "embedding_lr",
     "unembedding_lr", "weight_decay", "init_lr_frac", "warmup_steps", "grad_clip", "packing", "pack_len",
-    "eval_every", "eval_steps", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr",
+    "eval_every", "eval_steps", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr", "mix",
 )
 # Old flag names that still work (the parser says what they are now).
 RENAMED_FLAGS = {"--checkpoint_dir": "--checkpoint", "--output_dir": "--out_dir"}
@@ -74,6 +74,9 @@ class TrainSettings:
                                          "else the last --val_split of --data_path)")
     val_split: float = setting(0.1, "fraction of --data_path held out for validation when there is no --val_path "
                                     "(the last lines of the file; 0 = no validation)", at_least=0, at_most=1)
+    mix: str = setting("", "more conversations mixed into the training set, each as a share of it: "
+                           "FILE.jsonl:SHARE[,FILE:SHARE...], e.g. general.jsonl:0.2 (20% of the training "
+                           "conversations; validation stays the main data's)")
     skip_bad_lines: bool = setting(False, "skip malformed JSONL lines (each reported with file:line) instead of "
                                           "stopping at the first")
     max_seq_len: int = setting(2048, "longest conversation in positions; longer ones are truncated (and counted)",

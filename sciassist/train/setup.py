@@ -25,6 +25,7 @@ from sciassist.common import precision_for, resolve_device
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import TokenizedDataset, plan_step, step_batches, steps_per_epoch, tokenize_conversations
 from sciassist.data.conversations import ConversationError, read_conversations, split_validation
+from sciassist.data.mixing import mix_conversations, parse_mix
 from sciassist.train.lora import adapter_optimizers, add_adapters
 from sciassist.train.settings import TrainError, TrainSettings
 from sciassist.train.state import resume_path
@@ -187,6 +188,7 @@ class Run:
     precision: object = None  # sciassist.common.Precision: what autocast is, and why
     scaler: object = None  # torch.amp.GradScaler of an fp16 run (its state is in the resume point), else None
     attention_kernel: str | None = None  # the packed-row kernel that passed its check (None: padded batches)
+    mix: dict | None = None  # --mix: {"sources": [...], "origins": origin of each train example}, else None
 
     @property
     def device(self):
@@ -238,6 +240,11 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
         max_seq_len = model.config.sequence_len
 
     train_records, val_records, data_description = load_conversation_sets(settings)
+    train_records, origins, mix_sources = mix_sources_in(settings, train_records)
+    if mix_sources:
+        data_description += "; mixed in: " + ", ".join(f"{m['name']} {m['share']:.0%} ({m['conversations']:,} "
+                                                       f"conversations from {m['available']:,})"
+                                                       for m in mix_sources[1:])
     # kept in every checkpoint's meta: how to read this model's multiple-choice answers (chat, web page)
     source = dict(source, answer_format=detect_answer_format(train_records))
     train_set = tokenize_conversations(tokenizer, train_records, max_seq_len)
@@ -263,7 +270,38 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
                flops_per_token=model.estimate_flops(),
                peak=peak_flops(device),  # MFU is against the dense bf16 peak, the number GPUs are sold by
                fingerprint=data_fingerprint(train_set, val_set), lora=lora, precision=precision,
-               scaler=precision.grad_scaler(), attention_kernel=kernel)
+               scaler=precision.grad_scaler(), attention_kernel=kernel,
+               mix={"sources": mix_sources, "origins": [origins[i] for i in train_set.record_indices]}
+               if mix_sources else None)
+
+
+def mix_sources_in(settings: TrainSettings, train_records):
+    """(records, origin of each, [source description]) with --mix's files mixed into the
+    training records; the records unchanged and no sources without --mix."""
+    try:
+        sources = parse_mix(settings.mix)
+    except ValueError as e:
+        raise TrainError(f"--mix {settings.mix}: {e}") from None
+    if not sources:
+        return train_records, None, None
+    extras = []
+    for source in sources:
+        path = Path(source.path).expanduser()
+        if not path.is_file():
+            raise TrainError(f"--mix: {path} not found (expected a JSONL file, one conversation per line)")
+        try:
+            records = read_conversations(path, skip_bad=settings.skip_bad_lines)
+        except ConversationError as e:
+            raise TrainError(f"--mix: {e}") from e
+        if not records:
+            raise TrainError(f"--mix: {path} has no conversations")
+        extras.append((records, source.share))
+    mixed, origins, counts = mix_conversations(train_records, extras, settings.seed)
+    described = [{"name": "main", "share": 1 - sum(s.share for s in sources), "conversations": counts[0],
+                  "available": len(train_records)}]
+    described += [{"name": s.path, "share": s.share, "conversations": n, "available": len(records)}
+                  for s, n, (records, _) in zip(sources, counts[1:], extras, strict=True)]
+    return mixed, origins, described
 
 
 def choose_attention_kernel(model, settings: TrainSettings, precision) -> str:

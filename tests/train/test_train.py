@@ -444,3 +444,23 @@ def test_a_named_kernel_that_fails_its_check_is_an_error(tmp_path, tiny_base_dir
     summary = train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0,
                                   attention_kernel="dense", output_tag="dense"))
     assert summary["attention_kernel"] == "dense" and summary["status"] == "completed"
+
+
+def test_mix_brings_its_share_and_the_summary_counts_what_was_seen(tmp_path, tiny_base_dir, data_file):
+    extra = tmp_path / "general.jsonl"
+    write_conversations(extra, [{"messages": [{"role": "user", "content": f"Say hello {i}"},
+                                              {"role": "assistant", "content": f"Hello {i}!"}]} for i in range(5)])
+    summary = train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=3, eval_every=0,
+                                  mix=f"{extra}:0.25"))
+    mix = summary["data_mix"]
+    # 36 train conversations (40 less the 10% held out); 0.25 of the mix = 12 from a file of 5
+    assert [(m["name"], m["conversations"], m["available"]) for m in mix] == [("main", 36, 36), (str(extra), 12, 5)]
+    assert mix[0]["share"] == pytest.approx(0.75) and summary["train_conversations"] == 48
+    assert sum(m["seen"] for m in mix) == 3 * 8 and all(m["seen"] > 0 for m in mix)
+    assert summary["val_conversations"] == 4  # validation stays the main data's
+    with pytest.raises(TrainError, match="--mix nope.jsonl: 'nope.jsonl' is not FILE:SHARE"):
+        train(tiny_settings(tiny_base_dir, data_file, tmp_path, mix="nope.jsonl"))
+    with pytest.raises(TrainError, match="--mix: .*missing.jsonl not found"):
+        train(tiny_settings(tiny_base_dir, data_file, tmp_path, mix=f"{tmp_path / 'missing.jsonl'}:0.1"))
+    plain = train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0, output_tag="p"))
+    assert plain["data_mix"] is None
