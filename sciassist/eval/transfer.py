@@ -7,8 +7,9 @@ Per question and model (benchmark_run), from two teacher-forced passes and one g
   length bias (every option is one token).
 - choice: the option whose whole answer line (" A. <option>") has the highest summed
   log-probability. Summed log-probabilities favour short options, so also
-- choice per token and choice per byte: the same sums divided by the line's token count or its
-  UTF-8 byte count (lm-evaluation-harness's acc_norm is per byte).
+- choice per token and choice per character: the same sums divided by the answer line's token
+  count, or by the option text's length in characters (what lm-evaluation-harness's acc_norm
+  divides by: `len(choice)`).
 - generated: the greedy reply, parsed strictly; an unparseable reply is invalid and wrong.
 Choice rules need the SciAssist answer prefix (prompt style sciassist).
 
@@ -27,10 +28,10 @@ from sciassist.eval.questions import prompts_for
 from sciassist.eval.scoring import argmax, choice_token_scores, generate_answers, letter_probabilities
 from sciassist.eval.table import WILSON_Z, accuracy_cell, chance_accuracy
 
-RULES = ("letter", "choice", "choice_per_token", "choice_per_byte", "generated")
+RULES = ("letter", "choice", "choice_per_token", "choice_per_char", "generated")
 HEADLINE = "letter"
 RULE_TITLES = {"letter": "letter", "choice": "choice (summed)", "choice_per_token": "choice per token",
-               "choice_per_byte": "choice per byte (acc_norm)", "generated": "greedy reply"}
+               "choice_per_char": "choice per character (acc_norm)", "generated": "greedy reply"}
 
 
 def benchmark_run(model, tokenizer, records, prompt_style="sciassist", batch_size=32, generate=True,
@@ -47,14 +48,13 @@ def benchmark_run(model, tokenizer, records, prompt_style="sciassist", batch_siz
                                                               batch_size)]}
     if prefix == ANSWER_PREFIX:
         continuations, token_scores = choice_token_scores(model, tokenizer, prompts, choices, prefix, batch_size)
-        sums, per_token, per_byte = [], [], []
-        for lines, scores in zip(continuations, token_scores, strict=True):
+        sums, per_token, per_char = [], [], []
+        for lines, scores, options in zip(continuations, token_scores, choices, strict=True):
             total = [sum(s) for s in scores]
             sums.append(argmax(total))
             per_token.append(argmax([t / max(1, len(line)) for t, line in zip(total, lines, strict=True)]))
-            sizes = [len(tokenizer.decode(line).encode("utf-8")) for line in lines]
-            per_byte.append(argmax([t / max(1, size) for t, size in zip(total, sizes, strict=True)]))
-        out.update(choice=sums, choice_per_token=per_token, choice_per_byte=per_byte)
+            per_char.append(argmax([t / max(1, len(text)) for t, text in zip(total, options, strict=True)]))
+        out.update(choice=sums, choice_per_token=per_token, choice_per_char=per_char)
     if generate:
         texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
         out["generated"] = [parse_answer(t, k, prefix, c) for t, k, c in zip(texts, num_choices, choices, strict=True)]

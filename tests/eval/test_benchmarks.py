@@ -193,18 +193,21 @@ def test_paired_change():
 
 
 def test_length_normalised_choice_scoring_undoes_the_short_option_bias(monkeypatch, tiny_base_dir):
-    """Option A is one short token (log-prob -2); option B is long (6 tokens, -3 in all):
-    summed scores pick A, per token and per byte pick B."""
+    """Option A is short (each token -2); option B is long (-3 in all): summed scores favour
+    the short line, per token and per character pick B."""
     from nanochat.checkpoint import load_model_from
     model, tokenizer, _ = load_model_from(tiny_base_dir, "base", device="cpu")
     records, _ = bm.load_benchmark(one("arc_easy"), "val", write_root(tiny_base_dir.parent / "bias"))
-    records = records[3:4]  # 4 options: wood, iron, wool, paper
+    records = records[3:4]
+    records[0]["meta"]["choices"] = ["x", "a very much longer option", "yyyyyyyy", "zzzzzzzz"]
     short, long = tokenizer.encode(" A. x"), tokenizer.encode(" B. a very much longer option")
     lines = [short, long, short, short]
+    assert 3 * len(short) < 2 * len(long)  # so that B's mean per token beats A's
     monkeypatch.setattr(transfer, "choice_token_scores", lambda *a, **k: (
-        [lines], [[[-2.0], [-0.5] * 6, [-9.0], [-9.0]]]))
+        [lines], [[[-2.0 / len(short)] * len(short), [-3.0 / len(long)] * len(long), [-9.0], [-9.0]]]))
     run = transfer.benchmark_run(model, tokenizer, records, generate=False)
-    assert run["choice"] == [0] and run["choice_per_token"] == [1] and run["choice_per_byte"] == [1]
+    # summed: -2 vs -3; per token: -2/len(short) vs -3/len(long); per character: -2/1 vs -3/25
+    assert run["choice"] == [0] and run["choice_per_token"] == [1] and run["choice_per_char"] == [1]
     assert len(run["letter"]) == 1 and "generated" not in run and run["timing_s"] >= 0
 
 
@@ -252,5 +255,5 @@ def test_evaluate_with_benchmarks_end_to_end(tiny_base_dir, tmp_path, root):
              (("ScienceQA", "ScienceQA (letter scoring)"), ("transfer", "ARC-Easy"), ("transfer", "SciQ"),
               ("forgetting", "MMLU science"))]
     assert order == sorted(order)
-    assert "within noise" in section and "choice per byte (acc_norm)" in section and "by subject group" in section
+    assert "within noise" in section and "choice per character (acc_norm)" in section and "by subject group" in section
     assert (out / "benchmarks.png").stat().st_size > 1000
