@@ -8,7 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.9,torch==2.13.0)
 TORCH_INDEX ?=
 # The second and third test environments (make test-colab, make test-newest).
-PYTHON313 ?= $(or $(shell command -v python3.13 2>/dev/null),$(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+# (pyenv's shim for python3.13 exists but fails unless 3.13 is the active version: ask the interpreter itself)
+PYTHON313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) \
+	$(shell python3.13 -c 'import sys; print(sys.executable)' 2>/dev/null))
 COLAB_VENV ?= .venv-colab
 NEWEST_VENV ?= .venv-newest
 # Empty variables pass no flag: the commands' own defaults apply (their --help lists them).
