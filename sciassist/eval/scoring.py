@@ -148,6 +148,40 @@ def _summed_scores(model, tokenizer, prompts, question_continuations, batch_size
     return summed(_token_scores(model, tokenizer, prompts, question_continuations, batch_size))
 
 
+def text_continuation_scores(model, tokenizer, contexts, continuations, batch_size=32, bos=False):
+    """Per question, the summed log-probability of each continuation text after a plain-text
+    context (no chat template), split as lm-evaluation-harness splits a causal model's pair:
+    trailing spaces of the context move to the continuation, context + continuation is
+    encoded whole and the continuation's tokens are those after the context's own encoding.
+    bos: start with <|bos|> (lm-eval's hf model adds nothing for a tokenizer like the exported
+    one, which has no post-processor). contexts: [str]; continuations: [[str]]."""
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuation lists")
+    start = [tokenizer.get_bos_token_id()] if bos else []
+    pairs = []
+    for context, options in zip(contexts, continuations, strict=True):
+        stripped = context.rstrip()
+        moved = context[len(stripped):]
+        if not stripped:
+            raise EvaluationError("a context must not be empty")
+        context_ids = start + tokenizer.encode(stripped)
+        tails = [(start + tokenizer.encode(stripped + moved + option))[len(context_ids):] for option in options]
+        if any(not tail for tail in tails):
+            raise EvaluationError(f"an empty continuation after {stripped[-40:]!r}")
+        pairs.append((context_ids, tails))
+    rows, owners = [], []
+    for q, (context_ids, tails) in enumerate(pairs):
+        for row in _scoring_rows(context_ids, tails):
+            rows.append(row)
+            owners.append(q)
+    values = _score_rows(model, rows, batch_size, pad_id=tokenizer.get_bos_token_id())
+    sums = [[0.0] * len(tails) for _, tails in pairs]
+    for (_, targets), q, row_values in zip(rows, owners, values, strict=True):
+        for (option, _, _), value in zip(targets, row_values, strict=True):
+            sums[q][option] += value
+    return sums
+
+
 # ----------------------------------------------------------------------------- scores
 
 def letter_scores(model, tokenizer, prompts, num_choices, answer_prefix=ANSWER_PREFIX, batch_size=32):

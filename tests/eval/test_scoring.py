@@ -189,3 +189,32 @@ def test_constrained_choice_equals_token_by_token_constrained_greedy_decoding(ti
         assert scoring.constrained_choice(continuations[0], token_scores[0]) == alive[0]
         picked.append(alive[0])
     assert len(set(picked)) > 1  # the weights are not so flat that every question picks option 0
+
+
+def test_text_continuation_scores_split_as_lm_eval_and_sum_the_continuation(tiny_tokenizer):
+    """Plain text, no chat template: the continuation's tokens are those of context +
+    continuation after the context's own encoding (a trailing space of the context moves to
+    the continuation), and their log-probabilities are summed, as a direct forward computes."""
+    model = lively_gpt(tiny_tokenizer, 2)
+    with torch.no_grad():  # attention that does something: the context matters
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.2)
+    contexts = ["Question: Which is a mammal?\nAnswer:", "Question: What melts ice? "]
+    options = [[" a whale", " a trout that swims"], ["heat", "cold air"]]
+    sums = scoring.text_continuation_scores(model, tiny_tokenizer, contexts, options, batch_size=1)
+    batched = scoring.text_continuation_scores(model, tiny_tokenizer, contexts, options, batch_size=4)
+    assert [x for row in sums for x in row] == pytest.approx([x for row in batched for x in row], abs=1e-5)
+    for context, choices, got in zip(contexts, options, sums, strict=True):
+        stripped = context.rstrip()
+        context_ids = tiny_tokenizer.encode(stripped)
+        for choice, value in zip(choices, got, strict=True):
+            whole = tiny_tokenizer.encode(context + choice)
+            tail = whole[len(context_ids):]
+            with torch.no_grad():
+                log_probs = model(torch.tensor([whole[:-1]]))[0].float().log_softmax(-1)
+            expected = sum(log_probs[len(context_ids) - 1 + t, token].item() for t, token in enumerate(tail))
+            assert value == pytest.approx(expected, abs=1e-4)
+    with_bos = scoring.text_continuation_scores(model, tiny_tokenizer, contexts[:1], options[:1], bos=True)
+    assert with_bos[0] != pytest.approx(sums[0], abs=1e-3)  # <|bos|> first changes what the model sees
+    with pytest.raises(EvaluationError, match="must not be empty"):
+        scoring.text_continuation_scores(model, tiny_tokenizer, ["  "], [["x"]])
