@@ -29,7 +29,7 @@ BASE_DIR_FLAG = $(if $(BASE_DIR),--base_dir "$(BASE_DIR)")
 TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE)) --model_tag $(MODEL) \
 	$(BASE_DIR_FLAG) $(if $(OUTPUT_TAG),--output_tag $(OUTPUT_TAG))
 
-.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test test-colab test-newest lint bench plan bench-gpu rehearse-d20 clean
+.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test test-envs test-colab test-newest lint bench plan bench-gpu rehearse-d20 clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -79,6 +79,8 @@ recipe-gpu: install ## the GPU recipe (from-scratch model on one GPU; untested o
 
 test: install ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
+
+test-envs: $(COLAB_VENV)/.installed $(NEWEST_VENV)/.installed ## install the Colab and newest-torch test environments
 
 test-colab: $(COLAB_VENV)/.installed ## the suite in Colab's GPU image versions: Python 3.13, torch 2.11 (CUDA build, run on the CPU), its transformers/datasets/hub/peft
 	$(COLAB_VENV)/bin/python -m pytest -q $(ARGS)
