@@ -26,7 +26,8 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     workdir = tmp_path / "work"
     # The notebook works from the repository root (it imports nanochat/ and sciassist/).
     shutil.copytree(REPO_ROOT, workdir, ignore=shutil.ignore_patterns(
-        ".venv*", ".git", "notebook_smoke", "test-envs.log", "finetuned_model_checkpoint", "eval_results", "demo_output", "__pycache__"))
+        ".venv*", ".git", "notebook_smoke", "test-envs.log", "finetuned_model_checkpoint", "eval_results",
+        "demo_output", "__pycache__"))
     out = tmp_path / "out.ipynb"
     papermill.execute_notebook(str(workdir / NOTEBOOK.name), str(out), parameters={"SMOKE": True},
                                cwd=str(workdir), kernel_name="python3", progress_bar=False)
