@@ -234,15 +234,17 @@ def _question(benchmark, subject, row, index, seed):
     return str(qid if qid is not None else index), question, options, answer
 
 
-def load_benchmark(benchmark, split="val", root=None, seed=42, limit=None, revision=None):
+def load_benchmark(benchmark, split="val", root=None, seed=42, limit=None, revision=None, options=None):
     """The questions of `benchmark` (a Benchmark) in `split` (train | val | test | dev): from
     the local root `root` when given, else from the hub at REVISIONS (or `revision`). limit:
     a seeded subset of that many (numpy default_rng(seed), the order kept). Returns (records,
-    info)."""
+    info). options: sciassist.data.scienceqa.FormatOptions to write the questions with (default:
+    the prepared ScienceQA data's); evaluate() passes those of the ScienceQA questions it scores,
+    so a benchmark is asked as the fine-tune was trained."""
     hub_split = SPLITS.get(split)
     if hub_split is None:
         raise EvaluationError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    options = sqa.FormatOptions()
+    options = options or sqa.FormatOptions()
     records, sources, skipped = [], [], {}
     for subject in benchmark.subjects or (None,):
         rows, source = (_local_rows(benchmark, subject, hub_split, root) if root is not None

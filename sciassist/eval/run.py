@@ -52,6 +52,7 @@ from sciassist.common import (
     write_json,
 )
 from sciassist.data.answers import ANSWER_FORMATS, detect_answer_format, text_first_breakdown
+from sciassist.data.scienceqa import FormatOptions
 from sciassist.eval.benchmarks import load_benchmark, parse_benchmarks
 from sciassist.eval.explain import DEFAULT_SIMILARITY_MODEL, explain_indices, judge_explanations
 from sciassist.eval.models import model_info, run_models
@@ -62,6 +63,7 @@ from sciassist.eval.questions import (
     load_questions,
     resolve_scoring,
     train_letter_counts,
+    user_text,
 )
 from sciassist.eval.report import (
     draw_accuracy_chart,
@@ -235,6 +237,18 @@ def _results(settings, options, records, runs):
     return table, topics, generation
 
 
+def benchmark_format(records, answer_format):
+    """How the benchmarks' questions are written: as the evaluated ScienceQA questions are (their
+    system prompt or none, their options layout) with their answer format, so that a benchmark
+    is asked the way the fine-tune was trained."""
+    messages = records[0]["messages"]
+    system = messages[0]["content"] if messages and messages[0].get("role") == "system" else ""
+    text = user_text(records[0])
+    layout = "letter_after" if "\nA. " not in text and " (A)" in text else "letter_first"
+    return FormatOptions(system_prompt=system, answer_format=answer_format, options_layout=layout,
+                         include_explanation=False, include_background=False)
+
+
 def constrained_summaries(records, runs):
     """Per model, the constrained replies read like generated ones (accuracy, agreement with the
     scored answer; never invalid: every constrained reply is one of the answer lines)."""
@@ -279,8 +293,10 @@ def evaluate(settings, models=None):
     records, data_info = load_questions(settings.data_path, settings.scienceqa, settings.split,
                                         settings.limit, settings.seed, source_format, settings.skip_bad_records)
     options = run_options(settings, records)
+    asked = benchmark_format(records, options.answer_format)
     benchmarks = [(b, *load_benchmark(b, settings.split, settings.benchmark_dir, settings.seed, settings.limit,
-                                      settings.benchmark_revision)) for b in parse_benchmarks(settings.benchmarks)]
+                                      settings.benchmark_revision, asked))
+                  for b in parse_benchmarks(settings.benchmarks)]
     device = resolve_device(settings.device)
 
     def on_benchmarks(name, model, tokenizer):
@@ -288,7 +304,8 @@ def evaluate(settings, models=None):
         for benchmark, bench_records, _ in benchmarks:
             print(f"[{name}] {benchmark.title}: {len(bench_records)} questions", flush=True)
             results[benchmark.name] = benchmark_run(model, tokenizer, bench_records, settings.prompt_style,
-                                                    settings.batch_size, settings.generate, settings.max_new_tokens)
+                                                    settings.batch_size, settings.generate, settings.max_new_tokens,
+                                                    options.answer_format)
         return results
 
     runs, infos = run_models(models, specs, records, options, device, settings.base_dir,

@@ -2,9 +2,11 @@
 
 Per question and model (benchmark_run), from two teacher-forced passes and one greedy one:
 - letter: the most probable letter after the answer prefix, among the question's letters
-  (nanochat's "categorical" rule; with --prompt_style nanochat, its own prompt). The headline:
-  it is the fine-tune's own answer format and nanochat's published metric, and it has no
-  length bias (every option is one token).
+  (nanochat's "categorical" rule; with --prompt_style nanochat, its own prompt). The headline
+  where it applies: it is the fine-tune's own answer format and nanochat's published metric,
+  and it has no length bias (every option is one token). It does not apply to a text_first
+  fine-tune (its answers name the option before the letter): there the headline is choice per
+  character, which undoes the short-option bias of summed scores.
 - choice: the option whose whole answer line (" A. <option>") has the highest summed
   log-probability. Summed log-probabilities favour short options, so also
 - choice per token and choice per character: the same sums divided by the answer line's token
@@ -29,25 +31,28 @@ from sciassist.eval.scoring import argmax, choice_token_scores, generate_answers
 from sciassist.eval.table import WILSON_Z, accuracy_cell, chance_accuracy
 
 RULES = ("letter", "choice", "choice_per_token", "choice_per_char", "generated")
-HEADLINE = "letter"
 RULE_TITLES = {"letter": "letter", "choice": "choice (summed)", "choice_per_token": "choice per token",
                "choice_per_char": "choice per character (acc_norm)", "generated": "greedy reply"}
 
 
 def benchmark_run(model, tokenizer, records, prompt_style="sciassist", batch_size=32, generate=True,
-                  max_new_tokens=32):
-    """{rule: per-question predicted option index (None = invalid reply)} for RULES that apply,
-    and "timing_s"."""
+                  max_new_tokens=32, answer_format="letter_first"):
+    """{rule: per-question predicted option index (None = invalid reply)} for the RULES that
+    apply to the prompt style and answer format, "headline" (the rule reported first) and
+    "timing_s"."""
     prompts, prefix = prompts_for(records, prompt_style)
     choices = [r["meta"]["choices"] for r in records]
     num_choices = [len(c) for c in choices]
     device = model.get_device()
     synchronize(device)
     t0 = time.perf_counter()
-    out = {"letter": [argmax(p) for p in letter_probabilities(model, tokenizer, prompts, num_choices, prefix,
-                                                              batch_size)]}
+    out = {}
+    if prefix != ANSWER_PREFIX or answer_format == "letter_first":
+        out["letter"] = [argmax(p) for p in letter_probabilities(model, tokenizer, prompts, num_choices, prefix,
+                                                                 batch_size)]
     if prefix == ANSWER_PREFIX:
-        continuations, token_scores = choice_token_scores(model, tokenizer, prompts, choices, prefix, batch_size)
+        continuations, token_scores = choice_token_scores(model, tokenizer, prompts, choices, prefix, batch_size,
+                                                          answer_format)
         sums, per_token, per_char = [], [], []
         for lines, scores, options in zip(continuations, token_scores, choices, strict=True):
             total = [sum(s) for s in scores]
@@ -57,7 +62,9 @@ def benchmark_run(model, tokenizer, records, prompt_style="sciassist", batch_siz
         out.update(choice=sums, choice_per_token=per_token, choice_per_char=per_char)
     if generate:
         texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-        out["generated"] = [parse_answer(t, k, prefix, c) for t, k, c in zip(texts, num_choices, choices, strict=True)]
+        out["generated"] = [parse_answer(t, k, prefix, c, answer_format)
+                            for t, k, c in zip(texts, num_choices, choices, strict=True)]
+    out["headline"] = "letter" if "letter" in out else "choice_per_char"
     synchronize(device)
     out["timing_s"] = time.perf_counter() - t0
     return out
@@ -92,7 +99,8 @@ def benchmark_summary(info, records, runs):
     summary = {**info, "count": len(records), "chance": 100 * chance_accuracy([len(r["meta"]["choices"])
                                                                                for r in records]),
                "gold_is_shortest": 100 * sum(g == s for g, s in zip(gold, shortest, strict=True)) / len(records),
-               "models": {}, "change": {}, "groups": {}}
+               "headline": next(iter(runs.values()))["headline"], "models": {}, "change": {}, "groups": {}}
+    headline = summary["headline"]
     correct = {}
     for name, run in runs.items():
         model = {"timing_s": run["timing_s"]}
@@ -116,7 +124,7 @@ def benchmark_summary(info, records, runs):
     if groups and info.get("benchmark", "").startswith("mmlu"):
         for group in groups:
             members = [i for i, r in enumerate(records) if r["meta"].get("topic") == group]
-            summary["groups"][group] = {name: accuracy_cell([correct[(name, HEADLINE)][i] for i in members])
+            summary["groups"][group] = {name: accuracy_cell([correct[(name, headline)][i] for i in members])
                                         for name in runs}
     return summary
 
@@ -126,8 +134,8 @@ def scienceqa_summary(records, runs, split, scoring):
     the headline, its strictly parsed replies as generated)."""
     converted = {}
     for name, run in runs.items():
-        converted[name] = {HEADLINE: run["prediction"], "timing_s": sum(v for k, v in run["timing"].items()
-                                                                         if k.endswith("_s") and k != "load_s")}
+        converted[name] = {scoring: run["prediction"], "headline": scoring,
+                           "timing_s": sum(v for k, v in run["timing"].items() if k.endswith("_s") and k != "load_s")}
         if run.get("generated_prediction") is not None:
             converted[name]["generated"] = run["generated_prediction"]
     info = {"benchmark": "scienceqa", "title": f"ScienceQA ({scoring} scoring)", "kind": "scienceqa", "split": split}
@@ -159,18 +167,20 @@ def benchmarks_markdown(summaries):
     the other scoring rules and MMLU's groups."""
     rows = sorted(summaries, key=lambda s: KIND_ORDER.get(s["kind"], 3))
     lines = ["## Beyond ScienceQA: transfer and forgetting", "",
-             f"Headline: **{RULE_TITLES[HEADLINE]} scoring** (the fine-tune's own answer format and nanochat's "
-             "published rule; no length bias). Accuracy (%) with 95% Wilson intervals; change = fine-tuned minus "
-             "base on the same questions, with a 95% paired interval; \"within noise\" when it includes 0.", "",
-             "| | benchmark | split | questions | chance | base | fine-tuned | change | verdict | invalid replies "
-             "(base / fine-tuned) |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "Headline rule: **letter** scoring where the answer format has the letter first (the fine-tune's own "
+             "answer and nanochat's published rule; no length bias), **choice per character** for a text_first "
+             "fine-tune (summed choice scores favour short options; per character, as lm-eval's acc_norm, undoes "
+             "that); ScienceQA keeps its own scoring. Accuracy (%) with 95% Wilson intervals; change = fine-tuned "
+             "minus base on the same questions, with a 95% paired interval; \"within noise\" when it includes 0.",
+             "", "| | benchmark | split | questions | rule | chance | base | fine-tuned | change | verdict | invalid "
+             "replies (base / fine-tuned) |", "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
     for s in rows:
-        base, ft = s["models"].get("base", {}), s["models"].get("finetuned", {})
-        change, verdict = _change(s["change"].get(HEADLINE))
+        base, ft, headline = s["models"].get("base", {}), s["models"].get("finetuned", {}), s["headline"]
+        change, verdict = _change(s["change"].get(headline))
         invalid = " / ".join(f"{m['generated']['invalid']:.1f}" if "generated" in m else "-" for m in (base, ft))
         lines.append(f"| {KIND_TITLES.get(s['kind'], s['kind'])} | {s['title']} | {s['split']} | {s['count']} | "
-                     f"{s['chance']:.1f} | {_cell(base.get(HEADLINE))} | {_cell(ft.get(HEADLINE))} | {change} | "
-                     f"{verdict} | {invalid} |")
+                     f"{RULE_TITLES[headline]} | {s['chance']:.1f} | {_cell(base.get(headline))} | "
+                     f"{_cell(ft.get(headline))} | {change} | {verdict} | {invalid} |")
     lines += ["", "Every rule (base -> fine-tuned accuracy, change, and how often the rule picks the shortest "
               "option; summed choice scores favour short options):", "",
               "| benchmark | rule | base | fine-tuned | change | verdict | picks shortest (base / fine-tuned) | "
@@ -186,7 +196,7 @@ def benchmarks_markdown(summaries):
                          f"{shortest} | {s['gold_is_shortest']:.1f} |")
     for s in rows:
         if s["groups"]:
-            lines += ["", f"{s['title']} by subject group ({RULE_TITLES[HEADLINE]} scoring):", "",
+            lines += ["", f"{s['title']} by subject group ({RULE_TITLES[s['headline']]} scoring):", "",
                       "| group | questions | " + " | ".join(s["models"]) + " |",
                       "|---|---:|" + "---:|" * len(s["models"])]
             for group, cells in s["groups"].items():
@@ -214,7 +224,7 @@ def draw_benchmark_chart(path, summaries):
     for k, name in enumerate(names):
         xs, ys, errs = [], [], [[], []]
         for i, s in enumerate(rows):
-            cell = s["models"].get(name, {}).get(HEADLINE)
+            cell = s["models"].get(name, {}).get(s["headline"])
             if cell and cell["accuracy"] is not None:
                 xs.append(i + (k - (len(names) - 1) / 2) * width)
                 ys.append(cell["accuracy"])
@@ -228,7 +238,7 @@ def draw_benchmark_chart(path, summaries):
     ax.set_xticklabels([s["title"] for s in rows], rotation=20, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"ScienceQA, transfer and forgetting ({RULE_TITLES[HEADLINE]} scoring, 95% intervals)")
+    ax.set_title("ScienceQA, transfer and forgetting (headline rule of each, 95% intervals)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

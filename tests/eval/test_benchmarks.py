@@ -214,8 +214,9 @@ def test_length_normalised_choice_scoring_undoes_the_short_option_bias(monkeypat
 def test_benchmark_summary_values():
     records = [{"meta": {"answer": a, "choices": c}} for a, c in
                (([0, ["a", "bbb", "cc"]]), (1, ["aaa", "b"]), (2, ["aa", "bb", "c", "dddd"]), (0, ["x", "yy"]))]
-    runs = {"base": {"letter": [0, 0, 0, 1], "generated": [0, None, None, 1], "timing_s": 1.0},
-            "finetuned": {"letter": [0, 1, 2, 0], "generated": [0, 1, 2, None], "timing_s": 2.0}}
+    runs = {"base": {"letter": [0, 0, 0, 1], "generated": [0, None, None, 1], "timing_s": 1.0, "headline": "letter"},
+            "finetuned": {"letter": [0, 1, 2, 0], "generated": [0, 1, 2, None], "timing_s": 2.0,
+                          "headline": "letter"}}
     s = transfer.benchmark_summary({"benchmark": "x", "title": "X", "kind": "transfer", "split": "validation"},
                                    records, runs)
     assert s["chance"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1 / 4 + 1 / 2) / 4)
@@ -225,7 +226,7 @@ def test_benchmark_summary_values():
     assert s["models"]["finetuned"]["letter"]["picks_shortest"] == 100 and s["gold_is_shortest"] == 100
     assert s["change"]["letter"]["difference"] == 75 and s["change"]["letter"]["improved"] == 3
     lines = transfer.benchmarks_markdown([s])
-    assert any(line.startswith("| transfer | X | validation | 4 | 39.6 | 25.0 [") and "| better |" in line
+    assert any(line.startswith("| transfer | X | validation | 4 | letter | 39.6 | 25.0 [") and "| better |" in line
                and line.endswith("| 50.0 / 25.0 |") for line in lines)
 
 
@@ -257,3 +258,27 @@ def test_evaluate_with_benchmarks_end_to_end(tiny_base_dir, tmp_path, root):
     assert order == sorted(order)
     assert "within noise" in section and "choice per character (acc_norm)" in section and "by subject group" in section
     assert (out / "benchmarks.png").stat().st_size > 1000
+
+
+def test_a_text_first_fine_tune_is_asked_and_scored_in_its_own_format(tiny_base_dir, root):
+    """The benchmarks are written as the evaluated ScienceQA questions are (system prompt or
+    none, the answer format); text_first answers name the option before the letter, so letter
+    scoring does not apply and choice per character is the headline."""
+    from nanochat.checkpoint import load_model_from
+    from sciassist.data import scienceqa as sqa
+    sqa_record = sqa.format_record({"pid": "1", "question": "Which is hot?", "choices": ["ice", "fire"], "answer": 1,
+                                    "hint": "", "image": None, "lecture": "", "solution": ""},
+                                   sqa.FormatOptions(system_prompt="", answer_format="text_first"))
+    asked = ev.benchmark_format([sqa_record], "text_first")
+    assert asked.system_prompt == "" and asked.answer_format == "text_first" and asked.options_layout == "letter_first"
+    records, _ = bm.load_benchmark(one("arc_easy"), "val", root, options=asked)
+    assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant"]
+    assert records[0]["messages"][-1]["content"] == "The correct answer is steam (B)."
+    model, tokenizer, _ = load_model_from(tiny_base_dir, "base", device="cpu")
+    run = transfer.benchmark_run(model, tokenizer, records, max_new_tokens=4, answer_format="text_first")
+    assert "letter" not in run and run["headline"] == "choice_per_char"
+    assert {"choice", "choice_per_token", "choice_per_char", "generated"} <= set(run)
+    summary = transfer.benchmark_summary({"benchmark": "arc_easy", "title": "ARC-Easy", "kind": "transfer",
+                                          "split": "validation"}, records, {"base": run})
+    assert summary["headline"] == "choice_per_char" and "letter" not in summary["models"]["base"]
+    assert any("| choice per character (acc_norm) |" in line for line in transfer.benchmarks_markdown([summary]))
