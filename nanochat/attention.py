@@ -118,12 +118,6 @@ class PackedLayout:
         return torch.from_numpy(np.repeat(np.arange(len(lengths), dtype=np.int32), lengths).reshape(self.B, self.T))
 
 
-def cu_seqlens_from_doc_ids(doc_ids):
-    """doc_ids (B, T) -> (cu_seqlens int32 (N+1,) on the host, max_seqlen int)."""
-    layout = PackedLayout.from_doc_ids(doc_ids)
-    return layout.cu_seqlens, layout.max_seqlen
-
-
 # ----------------------------------------------------------------------------- per-kernel inputs
 
 @dataclass

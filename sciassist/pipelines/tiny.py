@@ -70,6 +70,7 @@ from sciassist.pipelines.tiny_corpus import (
     train_tokenizer,
     training_corpus,
 )
+from sciassist.train.step import apply_update
 
 MARKER_FILE = "tiny_base.json"  # marks a base dir written by this module (safe to overwrite)
 
@@ -233,9 +234,10 @@ class Schedule:
 
 
 def _pretrain(s, model, optimizers, train_tokens, schedule, device):
-    """The language-model loop; returns the per-step losses. Precision as fine-tuning has it
-    (sciassist.common.precision_for): bf16 autocast on GPUs with native bf16, fp16 with loss
-    scaling (a step whose gradients overflow is skipped) on older ones, fp32 on CPU."""
+    """The language-model loop; returns the per-step losses. Precision and the update as
+    fine-tuning has them (sciassist.common.precision_for, sciassist.train.step.apply_update):
+    bf16 autocast on GPUs with native bf16, fp16 with loss scaling on older ones (a step whose
+    gradients overflow is skipped whole), fp32 on CPU."""
     precision = precision_for(device)
     scaler = precision.grad_scaler()
     losses = []
@@ -249,22 +251,11 @@ def _pretrain(s, model, optimizers, train_tokens, schedule, device):
         if schedule.num_steps is not None and step >= schedule.num_steps:
             break
         multiplier = schedule.multiplier(step)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
         inputs, targets, epoch = next(data)
         with precision.autocast():
             loss = model(inputs.to(device), targets.to(device))
-        if scaler is None:
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-        else:
-            scaler.scale(loss).backward()
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
-        model.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        apply_update(model, optimizers, multiplier, scaler=scaler)
         losses.append(loss.item())
         step += 1
         if step == 1:

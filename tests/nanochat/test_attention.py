@@ -13,7 +13,6 @@ from nanochat import attention
 from nanochat.attention import (
     AttentionKernelError,
     PackedLayout,
-    cu_seqlens_from_doc_ids,
     packed_attention,
     prepare,
 )
@@ -50,10 +49,10 @@ def test_layout_from_doc_ids_equals_the_row_lengths():
     layout = PackedLayout.from_doc_ids(DOC_IDS)
     assert layout.cu_seqlens.tolist() == CU and layout.max_seqlen == 12
     assert torch.equal(layout.positions, LAYOUT.positions)
-    cu, max_len = cu_seqlens_from_doc_ids(torch.tensor([[0, 0, 1, -1, -1], [0, 1, 1, 1, -1]]))
-    assert cu.tolist() == [0, 2, 3, 5, 6, 9, 10] and max_len == 3
-    cu, max_len = cu_seqlens_from_doc_ids(torch.zeros(2, 5, dtype=torch.long))
-    assert cu.tolist() == [0, 5, 10] and max_len == 5
+    layout = PackedLayout.from_doc_ids(torch.tensor([[0, 0, 1, -1, -1], [0, 1, 1, 1, -1]]))
+    assert layout.cu_seqlens.tolist() == [0, 2, 3, 5, 6, 9, 10] and layout.max_seqlen == 3
+    layout = PackedLayout.from_doc_ids(torch.zeros(2, 5, dtype=torch.long))
+    assert layout.cu_seqlens.tolist() == [0, 5, 10] and layout.max_seqlen == 5
 
 
 def test_prepare_per_kernel():
