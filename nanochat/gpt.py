@@ -252,9 +252,10 @@ class GPT(nn.Module):
         matmul_params = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                         muon_dtype=None):
         return optim.setup_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                matrix_lr=matrix_lr, weight_decay=weight_decay)
+                                      matrix_lr=matrix_lr, weight_decay=weight_decay, muon_dtype=muon_dtype)
 
     def _positions_and_mask(self, B, T, device, kv_cache, doc_ids, layout):
         """Rotary positions (B or 1, T) and what attention needs: None for plain causal,

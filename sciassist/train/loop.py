@@ -39,6 +39,7 @@ import time
 
 from tqdm import tqdm
 
+from nanochat.optim import muon_dtype_of
 from sciassist.common import synchronize, write_json
 from sciassist.data.batching import step_examples
 from sciassist.train.files import (
@@ -232,6 +233,8 @@ def _describe(run: Run) -> None:
     run.log(f"schedule: {run.num_steps} steps ({run.per_epoch} per epoch, {s.target_examples_per_step} conversations "
             f"each), {run.runtime.world_size} process(es) on {run.device}, "
             f"{'packed rows' if s.packing else 'padded batches'}")
+    if muon_dtype_of(run.optimizers):
+        run.log(f"Muon: Newton-Schulz in {muon_dtype_of(run.optimizers)} (--muon_dtype {s.muon_dtype})")
     if run.attention_kernel is not None:
         run.log(f"attention for packed rows: {run.attention_kernel} (nanochat.attention; checked against the "
                 f"reference on {run.device} in {run.precision.name})")
@@ -294,6 +297,7 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
         "world_size": run.runtime.world_size,
         "device": str(run.device),
         "attention_kernel": run.attention_kernel,
+        "muon_dtype": muon_dtype_of(run.optimizers),
         "data_mix": mix_summary(run, progress.step),
         "source_model": run.source,
         "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,

@@ -13,7 +13,7 @@ The merge is done on CPU copies of the weights (in the checkpoint writer's threa
 live training model. The resume point holds the whole state dict (frozen base + adapters) and the
 adapter optimizer's state, so --resume continues bit for bit as for full fine-tuning.
 
-Optimizer: Muon (torch.optim.Muon as nanochat.optim sets it up for the transformer matrices:
+Optimizer: Muon (nanochat.optim.muon, as nanochat.optim sets it up for the transformer matrices:
 momentum 0.95, Nesterov, 5 Newton-Schulz steps, --weight_decay) on every adapter matrix (A and B;
 nothing else trains), at --lora_lr x --init_lr_frac with the linear decay of every run. Measured
 against AdamW on the same matrices (bench/bench_lora.py optimizers, bench/RESULTS.md "LoRA": 16 steps
@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, MUON_NS_STEPS
+from nanochat.optim import ADAMW_BETAS, ADAMW_EPS, muon
 from sciassist.train.settings import TrainError, TrainSettings, lora_target_names
 
 ADAPTER_NAME = "default"  # peft's name of the one adapter
@@ -110,8 +110,7 @@ def adapter_optimizers(model, settings: TrainSettings, kind: str | None = None) 
         optimizers = [torch.optim.AdamW(params, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0,
                                         fused=fused)]
     elif kind == "muon":
-        optimizers = [torch.optim.Muon(params, lr=lr, weight_decay=settings.weight_decay, momentum=MUON_MOMENTUM,
-                                       nesterov=True, ns_steps=MUON_NS_STEPS, adjust_lr_fn="original")]
+        optimizers = [muon(params, lr=lr, weight_decay=settings.weight_decay, dtype=settings.muon_torch_dtype())]
     else:
         raise ValueError(f"unknown LoRA optimizer {kind!r}")
     for opt in optimizers:

@@ -147,6 +147,11 @@ class TrainSettings:
                                  "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
                                  "ones, e.g. T4, V100; float32 on CPU and mps)")
     compile: bool = setting(False, "torch.compile the model for training")
+    muon_dtype: str = setting("auto", "dtype of Muon's Newton-Schulz iteration: auto | bfloat16 | float32 (auto: "
+                                      "bfloat16 where the device has it natively, CUDA >= 8.0 or a CPU with "
+                                      "AVX512-BF16/AMX; float32 elsewhere, where bf16 is emulated and many times "
+                                      "slower; torch.optim.Muon and nanochat always use bfloat16)",
+                              choices=["auto", "bfloat16", "float32"])
     attention_kernel: str = setting("auto", "attention over packed rows: auto | varlen | flex | dense | loop. Every "
                                             "kernel is checked against a reference on this device before it trains; "
                                             "auto takes the first that passes (varlen, flex, dense on CUDA; loop "
@@ -154,6 +159,11 @@ class TrainSettings:
                                     choices=["auto", *ATTENTION_KERNELS])
     seed: int = setting(42, "seed of the data order (reshuffled every epoch) and torch", at_least=0,
                         at_most=2**63 - 1)
+
+    def muon_torch_dtype(self):
+        """--muon_dtype as a torch dtype (None: auto, the device decides)."""
+        import torch
+        return None if self.muon_dtype == "auto" else getattr(torch, self.muon_dtype)
 
     def run_dir(self) -> Path:
         return Path(self.out_dir).expanduser() / self.output_tag

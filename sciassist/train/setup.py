@@ -317,7 +317,8 @@ def choose_attention_kernel(model, settings: TrainSettings, precision) -> str:
 
 def _optimizers(model, settings: TrainSettings):
     optimizers = model.setup_optimizers(unembedding_lr=settings.unembedding_lr, embedding_lr=settings.embedding_lr,
-                                        matrix_lr=settings.matrix_lr, weight_decay=settings.weight_decay)
+                                        matrix_lr=settings.matrix_lr, weight_decay=settings.weight_decay,
+                                        muon_dtype=settings.muon_torch_dtype())
     for opt in optimizers:  # nanochat's SFT: every lr starts at lr * init_lr_frac, the peak of the schedule
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * settings.init_lr_frac

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from nanochat import optim as optim_module
 from nanochat.optim import adamw_lr_scale, setup_optimizers
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -109,7 +110,8 @@ def test_groups_learning_rates_and_settings():
         assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
         assert not g["fused"]  # fused AdamW is CUDA only
     (muon_group,) = muon.param_groups
-    assert isinstance(muon, torch.optim.Muon)
+    assert isinstance(muon, torch.optim.Muon)  # torch's, with the iteration's dtype chosen
+    assert muon.dtype == (torch.bfloat16 if optim_module._cpu_has_native_bf16() else torch.float32)
     assert muon_group["params"] == list(model.transformer.h.parameters())
     assert muon_group["lr"] == 0.02 and muon_group["initial_lr"] == 0.02
     assert muon_group["momentum"] == 0.95 and muon_group["nesterov"] and muon_group["ns_steps"] == 5
@@ -138,3 +140,89 @@ def test_uncovered_or_shared_parameters_are_refused():
     model.lm_head.weight = model.transformer.wte.weight  # tied
     with pytest.raises(AssertionError, match="tied"):
         setup_optimizers(model)
+
+
+def muon_trajectory(make, shapes=((64, 32), (32, 64), (48, 48)), steps=3, weight_decay=0.01):
+    """Parameters after `steps` Muon steps of seeded gradients (the same for every optimizer)."""
+    torch.manual_seed(3)
+    params = [nn.Parameter(torch.randn(*s) * 0.05) for s in shapes]
+    opt = make(params, weight_decay)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+def torch_muon(params, weight_decay):
+    return torch.optim.Muon(params, lr=0.02, weight_decay=weight_decay, momentum=0.95, nesterov=True, ns_steps=5,
+                            adjust_lr_fn="original")
+
+
+def test_muon_in_bf16_is_torchs_update_bit_for_bit():
+    from nanochat.optim import muon
+    theirs, _ = muon_trajectory(torch_muon)
+    ours, opt = muon_trajectory(lambda ps, wd: muon(ps, lr=0.02, weight_decay=wd, dtype=torch.bfloat16))
+    assert opt.dtype == torch.bfloat16
+    for a, b in zip(theirs, ours, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_muon_in_fp32_is_torchs_update_within_bf16_rounding_and_closer_to_exact():
+    from nanochat.optim import muon
+    start, _ = muon_trajectory(torch_muon, steps=0)
+    theirs, _ = muon_trajectory(torch_muon)
+    ours, _ = muon_trajectory(lambda ps, wd: muon(ps, lr=0.02, weight_decay=wd, dtype=torch.float32))
+    exact, _ = muon_trajectory(lambda ps, wd: muon(ps, lr=0.02, weight_decay=wd, dtype=torch.float64))
+    for p0, a, b, x in zip(start, theirs, ours, exact, strict=True):
+        bf16_error = ((a - p0) - (x - p0)).norm() / (x - p0).norm()
+        fp32_error = ((b - p0) - (x - p0)).norm() / (x - p0).norm()
+        assert 1e-3 < bf16_error < 2e-2  # torch's bf16 iteration: rounding at the 3rd significant digit
+        assert fp32_error < 1e-5  # fp32: at the 6th
+
+
+def test_muon_state_is_torchs_so_checkpoints_load_either_way():
+    from nanochat.optim import Muon, muon
+    _, theirs = muon_trajectory(torch_muon, steps=2)
+    ours_params, ours = muon_trajectory(lambda ps, wd: muon(ps, lr=0.02, weight_decay=wd, dtype=torch.float32),
+                                        steps=2)
+    state = ours.state_dict()
+    assert state["param_groups"][0].keys() == theirs.state_dict()["param_groups"][0].keys()
+    assert {k for s in state["state"].values() for k in s} == {"momentum_buffer"}
+    fresh = torch_muon(ours_params, 0.01)
+    fresh.load_state_dict(state)  # ours -> torch's
+    back = Muon([nn.Parameter(p.clone()) for p in ours_params], dtype=torch.float32, lr=0.02, weight_decay=0.01,
+                adjust_lr_fn="original")
+    back.load_state_dict(theirs.state_dict())  # torch's -> ours
+    assert back.param_groups[0]["momentum"] == 0.95 and back.dtype == torch.float32
+
+
+def test_muon_refuses_a_step_scale_it_does_not_implement():
+    from nanochat.optim import Muon
+    p = nn.Parameter(torch.randn(4, 8))
+    p.grad = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="original"):
+        Muon([p], lr=0.02, adjust_lr_fn="match_rms_adamw").step()
+
+
+def test_orthogonalization_dtype_by_device(monkeypatch):
+    from nanochat import optim
+    monkeypatch.setattr(optim, "_cpu_has_native_bf16", lambda: False)
+    assert optim.orthogonalization_dtype("cpu") == torch.float32
+    monkeypatch.setattr(optim, "_cpu_has_native_bf16", lambda: True)
+    assert optim.orthogonalization_dtype("cpu") == torch.bfloat16
+    for capability, dtype in (((7, 5), torch.float32), ((7, 0), torch.float32), ((8, 0), torch.bfloat16),
+                              ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert optim.orthogonalization_dtype("cuda:0") == dtype
+    assert optim.orthogonalization_dtype("mps") == torch.float32
+
+
+def test_cpu_bf16_flags_read_from_cpuinfo(tmp_path):
+    from nanochat import optim
+    for flags, native in (("fpu avx2 fma", False), ("fpu avx2 avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+        cpuinfo = tmp_path / f"cpuinfo-{native}-{len(flags)}"
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n")
+        assert optim._cpu_has_native_bf16(str(cpuinfo)) is native
+    assert optim._cpu_has_native_bf16(str(tmp_path / "absent")) is False
