@@ -37,7 +37,6 @@ def test_layout_from_row_lengths():
     assert LAYOUT.positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4],
                                          [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], list(range(12))]
     assert LAYOUT.segment_ids().tolist() == [[0] * 3 + [1] * 4 + [2] * 5, [3] * 5 + [4] * 3 + [5] * 4, [6] * 12]
-    assert LAYOUT.segments() == list(zip(CU[:-1], CU[1:], strict=True))
     # An empty row (a rank's dummy micro-batch) is one padding segment.
     empty = PackedLayout.from_row_lengths([[]], 8)
     assert empty.cu_seqlens.tolist() == [0, 8] and empty.max_seqlen == 8
@@ -57,7 +56,7 @@ def test_layout_from_doc_ids_equals_the_row_lengths():
 
 def test_prepare_per_kernel():
     packed = prepare(LAYOUT, "loop", "cpu")
-    assert packed.segments == list(zip(CU[:-1], CU[1:], strict=True))
+    assert packed.lengths == [e - s for s, e in zip(CU[:-1], CU[1:], strict=True)]
     dense = prepare(LAYOUT, "dense", "cpu").mask
     assert dense.shape == (3, 1, 12, 12) and dense.dtype == torch.bool
     assert dense[1, 0, 9].tolist() == [False] * 8 + [True, True, False, False]  # padding sees only padding
@@ -98,6 +97,32 @@ def test_kernels_match_per_document_reference(kernel, Hkv):
     y = packed_attention(q, k, v, prepare(LAYOUT, kernel, "cpu"))
     assert y.shape == q.shape
     assert torch.allclose(y, reference(q, k, v), atol=1e-5)
+
+
+def indexed_loop(q, k, v, layout):
+    """The loop kernel as it was: one SDPA per segment, read and written by indexing the row."""
+    query, key, value = (x.reshape(-1, x.size(2), x.size(3)) for x in (q, k, v))
+    key, value = (x.repeat_interleave(query.size(1) // x.size(1), dim=1) for x in (key, value))
+    y = torch.empty_like(query)
+    cu = layout.cu_seqlens.tolist()
+    for s, e in itertools.pairwise(cu):
+        y[s:e] = F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1)[None] for x in (query, key, value)),
+                                                is_causal=True)[0].transpose(0, 1)
+    return y.view(q.shape)
+
+
+@pytest.mark.parametrize("Hkv", [4, 1])
+def test_loop_split_once_equals_the_indexed_loop(Hkv):
+    results = []
+    for attend in (lambda q, k, v: packed_attention(q, k, v, prepare(LAYOUT, "loop", "cpu")),
+                   lambda q, k, v: indexed_loop(q, k, v, LAYOUT)):
+        q, k, v = random_qkv(Hkv=Hkv, requires_grad=True, seed=5)
+        w = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
+        y = attend(q, k, v)
+        (y * w).sum().backward()
+        results.append([y.detach(), q.grad, k.grad, v.grad])
+    for a, b in zip(*results, strict=True):
+        assert (a - b).abs().max() <= 1e-5
 
 
 def test_gradients_loop_equal_dense():
