@@ -26,21 +26,35 @@ data/scienceqa_train.jsonl, else the bundled sample; --data FILE.jsonl for any o
 tokenizer is trained on their text (rustbpe, --vocab_size) unless --tokenizer_dir gives a
 real one. On CUDA the model vocabulary is 65,536 as in d20 and one extra row reports the
 worst case the memory must fit: full 8 x 2048 rows.
+
+    python bench/bench_train.py --levers --n_layer 4 --n_embd 256 --vocab_size 4096 --steps 4
+
+--levers times each speed lever on and off in the same alternating run: Muon's Newton-Schulz
+iteration in bf16 (torch.optim.Muon's, emulated on CPUs without native bf16) or in the device's
+fast dtype, and the CPU attention loop indexing the row per document (the former kernel,
+written out here) or splitting it once. Two stand-ins of the peers run beside them on the same
+steps and model: nanochat's SFT batching (right-padded micro-batches of --device_batch_size
+conversations, Muon in bf16 as nanochat's own, which is torch's math) and a transformers
+Trainer-style loop (the same padded batches, AdamW on every parameter).
 """
 
 import argparse
+import contextlib
+import itertools
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from random_model import random_gpt  # noqa: E402
 
+from nanochat import attention  # noqa: E402
 from nanochat.attention import PackedLayout  # noqa: E402
 from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
@@ -95,11 +109,36 @@ def build_model(args, tokenizer, device):
     return random_gpt(config, device)
 
 
+def indexed_loop(q, k, v, packed):
+    """The CPU attention loop before it split the row once: per segment, the row is indexed
+    for the input and written by index for the output (the backward zero-fills a row-sized
+    gradient per segment)."""
+    query, key, value = (attention.flatten(x) for x in (q, k, v))
+    key, value = attention.repeat_kv(key, value, query.size(1), dim=1)
+    y = torch.empty_like(query)
+    for s, e in itertools.pairwise(itertools.accumulate(packed.lengths, initial=0)):
+        y[s:e] = F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1)[None] for x in (query, key, value)),
+                                                is_causal=True)[0].transpose(0, 1)
+    return y.view(q.shape)
+
+
+@contextlib.contextmanager
+def attention_loop(kind):
+    """Run with the CPU attention loop `kind`: "split" (the kernel) or "indexed" (the former one)."""
+    kernel = attention._loop
+    if kind == "indexed":
+        attention._loop = indexed_loop
+    try:
+        yield
+    finally:
+        attention._loop = kernel
+
+
 class Loop:
     """One batching method run through the real training step."""
 
-    def __init__(self, name, make_batches, model, optimizers, autocast, device, clock):
-        self.name, self.make_batches, self.clock = name, make_batches, clock
+    def __init__(self, name, make_batches, model, optimizers, autocast, device, clock, loop_kind="split"):
+        self.name, self.make_batches, self.clock, self.loop_kind = name, make_batches, clock, loop_kind
         self.model, self.optimizers, self.autocast, self.device = model, optimizers, autocast, device
         self.seconds, self.positions, self.tokens, self.micro, self.peak_memory = [], 0, 0, [], 0
 
@@ -110,7 +149,8 @@ class Loop:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = self.clock()
-        accumulate_gradients(self.model, batches, num_supervised, self.autocast)
+        with attention_loop(self.loop_kind):
+            accumulate_gradients(self.model, batches, num_supervised, self.autocast)
         set_learning_rates(self.optimizers, 1.0)
         for opt in self.optimizers:
             opt.step()
@@ -161,6 +201,33 @@ def worst_case_memory(model, optimizers, autocast, device, args):
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def lever_loops(model, step_model, padded, packed, packed_sizes, autocast, device, clock, args):
+    """The peers' stand-ins, then each packed device batch with the levers added one at a time."""
+    def muon_run(dtype):
+        optimizers = model.setup_optimizers(muon_dtype=dtype)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] *= 0.02
+        return optimizers
+
+    adamw = [torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)]
+    for group in adamw[0].param_groups:
+        group["initial_lr"] = group["lr"]
+    b = args.device_batch_size
+    loops = [Loop(f"nanochat SFT stand-in: padded batch {b}, Muon bf16", padded, step_model,
+                  muon_run(torch.bfloat16), autocast, device, clock),
+             Loop(f"transformers Trainer stand-in: padded batch {b}, AdamW", padded, step_model, adamw, autocast,
+                  device, clock)]
+    for size in packed_sizes:
+        loops += [Loop(f"packed {size}: Muon bf16, indexed attention loop (before)", packed(size), step_model,
+                       muon_run(torch.bfloat16), autocast, device, clock, loop_kind="indexed"),
+                  Loop(f"packed {size}: + Muon in the device's dtype", packed(size), step_model, muon_run(None),
+                       autocast, device, clock, loop_kind="indexed"),
+                  Loop(f"packed {size}: + attention loop split once (now)", packed(size), step_model, muon_run(None),
+                       autocast, device, clock)]
+    return loops
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -180,6 +247,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    parser.add_argument("--levers", action="store_true",
+                        help="time each speed lever on and off, and the peers' stand-ins (see above)")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -214,10 +283,13 @@ def main(argv=None):
 
     one_thread_cpu = device.type == "cpu" and torch.get_num_threads() == 1
     clock = time.process_time if one_thread_cpu else time.perf_counter
-    loops = [Loop(f"padded (nanochat), batch {args.device_batch_size}", padded, step_model, optimizers, autocast,
-                  device, clock)]
-    loops += [Loop(f"packed, device batch {b}", packed(b), step_model, optimizers, autocast, device, clock)
-              for b in packed_sizes]
+    if args.levers:
+        loops = lever_loops(model, step_model, padded, packed, packed_sizes, autocast, device, clock, args)
+    else:
+        loops = [Loop(f"padded (nanochat), batch {args.device_batch_size}", padded, step_model, optimizers, autocast,
+                      device, clock)]
+        loops += [Loop(f"packed, device batch {b}", packed(b), step_model, optimizers, autocast, device, clock)
+                  for b in packed_sizes]
     per_epoch = steps_per_epoch(len(dataset), args.examples_per_step)
     for k in range(args.warmup + steps):
         _, examples = step_examples(len(dataset), k, args.examples_per_step, args.seed)
@@ -239,7 +311,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for loop in loops:
-        is_packed = loop is not loops[0]
+        is_packed = loop.make_batches is not padded
         seconds = sum(loop.seconds)
         per_step = statistics.mean(loop.seconds)
         efficiency = epoch_efficiency(dataset, args, pad_id, is_packed)
@@ -254,14 +326,22 @@ def main(argv=None):
         worst = worst_case_memory(step_model, optimizers, autocast, device, args)
         print(f"| full rows {args.device_batch_size} x {args.max_seq_len} (memory worst case) | 1 | - | - | - | - | - "
               f"| - | {worst:.1f} GiB |")
-    padded_s, padded_eff = rows[loops[0].name]
     print()
-    for name, (packed_s, _) in list(rows.items())[1:]:
-        ratio = packed_s / padded_s
-        print(f"{name} / padded time: {ratio:.2f} (goal <= 0.60: {'met' if ratio <= 0.6 else 'NOT met'})")
-    packed_eff = rows[loops[1].name][1]
-    print(f"packed token efficiency {packed_eff:.3f} (goal >= 0.95: {'met' if packed_eff >= 0.95 else 'NOT met'}); "
-          f"padded {padded_eff:.3f}")
+    if args.levers:
+        peers = [loop for loop in loops if loop.make_batches is padded]
+        for loop in loops:
+            if loop.make_batches is not padded:
+                speedups = ", ".join(f"{rows[peer.name][0] / rows[loop.name][0]:.2f}x {peer.name.split(':')[0]}"
+                                     for peer in peers)
+                print(f"{loop.name}: {speedups} (goal >= 2.0x each)")
+    else:
+        padded_s, padded_eff = rows[loops[0].name]
+        for name, (packed_s, _) in list(rows.items())[1:]:
+            ratio = packed_s / padded_s
+            print(f"{name} / padded time: {ratio:.2f} (goal <= 0.60: {'met' if ratio <= 0.6 else 'NOT met'})")
+        packed_eff = rows[loops[1].name][1]
+        print(f"packed token efficiency {packed_eff:.3f} (goal >= 0.95: {'met' if packed_eff >= 0.95 else 'NOT met'});"
+              f" padded {padded_eff:.3f}")
     print(f"bench wall time {time.time() - started:.0f} s")
 
 

@@ -31,6 +31,47 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- device and precision
 
+THREADS_HELP = ("CPU threads of torch (default: torch's, one per physical core; the demo, the tiny base and the "
+                "recipes default to 1: their small models gain nothing from a second thread, and on a busy machine "
+                "threads that wait for each other slow a step several times). A run on CPU is bit-identical only "
+                "at the same count on the same CPU type")
+
+
+def use_threads(threads: int | None) -> str:
+    """Set torch's CPU threads (None: keep torch's default) and say so in one line: the count,
+    the CPU model and its logical cores."""
+    if threads:
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    return f"CPU threads: {n} ({cpu_name()}, {os.cpu_count()} logical cores; --threads to change)"
+
+
+_ANNOUNCED = set()
+
+
+def announce_threads(threads: int | None, say=None) -> None:
+    """use_threads, printed the first time a process runs at that count; say(line), when given
+    (a run's log), always gets it."""
+    line = use_threads(threads)
+    if say is not None:
+        say(line)
+    elif line not in _ANNOUNCED:
+        print(line, flush=True)
+    _ANNOUNCED.add(line)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere: platform's, or 'unknown CPU')."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def resolve_device(name: str | None = "auto", local_rank: int | None = None) -> torch.device:
     """`auto` (or None): cuda if available, else mps, else cpu. Under torchrun a bare `cuda`
     means this process's GPU (local_rank). Raises UserError for a device that is not here."""

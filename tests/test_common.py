@@ -1,6 +1,7 @@
 """sciassist.common: settings dataclasses as command lines, ranges, device, atomic JSON."""
 
 import json
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -114,3 +115,22 @@ def test_a_gpu_the_torch_build_has_no_kernels_for_is_named(monkeypatch):
     assert missing_gpu_kernels(gpu) is None
     capability["value"] = (6, 1)
     assert "compute capability 6.1" in missing_gpu_kernels(gpu)
+
+
+def test_threads_line_names_the_count_and_the_cpu_and_is_printed_once(capsys):
+    from sciassist import common
+    before = torch.get_num_threads()
+    try:
+        line = common.use_threads(1)
+        assert torch.get_num_threads() == 1
+        assert line == f"CPU threads: 1 ({common.cpu_name()}, {os.cpu_count()} logical cores; --threads to change)"
+        common._ANNOUNCED.discard(line)
+        common.announce_threads(1)
+        common.announce_threads(None)  # the same count again: not repeated
+        assert capsys.readouterr().out == line + "\n"
+        said = []
+        common.announce_threads(None, say=said.append)  # a run's log always gets it
+        assert said == [line]
+    finally:
+        torch.set_num_threads(before)
+    assert common.cpu_name() and common.cpu_name() != "unknown CPU"

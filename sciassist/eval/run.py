@@ -42,7 +42,9 @@ from pathlib import Path
 from nanochat.checkpoint import CheckpointError, meta_path, model_steps, read_meta
 from sciassist.checkpoints import NEWEST, SPEC_HELP, choose_checkpoint
 from sciassist.common import (
+    THREADS_HELP,
     UserError,
+    announce_threads,
     check_ranges,
     print_error,
     resolve_device,
@@ -143,6 +145,7 @@ class EvalSettings:
     benchmark_revision: str | None = setting(None, "hub revision of the benchmarks (default: the pinned one of each)")
     out_dir: str = setting("eval_results", "where the files are written")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    threads: int | None = setting(None, THREADS_HELP, at_least=1, at_most=4096)
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,8 @@ def evaluate(settings, models=None):
                                       settings.benchmark_revision, asked))
                   for b in parse_benchmarks(settings.benchmarks)]
     device = resolve_device(settings.device)
+    if device.type == "cpu":
+        announce_threads(settings.threads)
 
     def on_benchmarks(name, model, tokenizer):
         results = {}

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.checkpoint import CheckpointError
-from sciassist.common import UserError, setting, settings_from_namespace, settings_parser
+from sciassist.common import (
+    THREADS_HELP,
+    UserError,
+    announce_threads,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+)
 from sciassist.data import scienceqa as sqa
 from sciassist.data.prepare import prepare
 from sciassist.eval.run import evaluate_after_training
@@ -48,10 +55,12 @@ class DemoSettings:
     init_lr_frac: float = setting(0.5, "fine-tuning learning rates x this")
     eval_limit: int | None = setting(None, "evaluate at most this many questions")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
+    threads: int = setting(1, THREADS_HELP, at_least=1, at_most=4096)
 
 
 def run_demo(s):
     started = time.time()
+    announce_threads(s.threads)
     out = Path(s.out_dir)
     data_dir, base_dir, runs_dir = out / "data", out / "base", out / "runs"
 
@@ -64,7 +73,8 @@ def run_demo(s):
 
     print(f"\n== 2/4 tiny base model -> {base_dir}")
     tiny = TinySettings(out_dir=str(base_dir), scienceqa=s.scienceqa, depth=s.depth,
-                        max_minutes=s.base_minutes, steps=s.base_steps, overwrite=True, device=s.device)
+                        max_minutes=s.base_minutes, steps=s.base_steps, overwrite=True, device=s.device,
+                        threads=s.threads)
     train_tiny(tiny)
 
     print(f"\n== 3/4 fine-tune -> {runs_dir / 'demo'}")
@@ -73,6 +83,7 @@ def run_demo(s):
         base_dir=str(base_dir), source="base", out_dir=str(runs_dir), output_tag="demo",
         num_epochs=s.num_epochs, target_examples_per_step=s.target_examples_per_step,
         init_lr_frac=s.init_lr_frac, eval_every=5, max_seq_len=512, save_every=0, device=s.device,
+        threads=s.threads,
     )
     summary = train(settings)
 

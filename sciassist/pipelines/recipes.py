@@ -44,10 +44,17 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from nanochat.checkpoint import CheckpointError
-from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser, write_json
+from sciassist.common import (
+    THREADS_HELP,
+    UserError,
+    announce_threads,
+    print_error,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+    write_json,
+)
 from sciassist.data.conversations import write_conversations
 from sciassist.data.scienceqa import FormatOptions, format_record, load_scienceqa, select_subset, skip_reason
 from sciassist.eval.run import SOURCE_MODEL, EvalSettings, evaluate, named_models
@@ -449,9 +456,7 @@ class RecipeCommand:
                                          "(the one test number of a recipe chosen on val)")
     base_dir: str | None = setting(None, "reuse the tokenizer + base in this folder when it was built with the same "
                                          "settings (another run's <out_dir>/base); default <out_dir>/base")
-    threads: int = setting(1, "torch CPU threads; the model is bit-identical only at the same count. 1 is the "
-                              "measured default: 2 threads on 2 cores gain little on a quiet machine and slow to a "
-                              "crawl when anything else runs (they spin waiting for each other)", at_least=1)
+    threads: int = setting(1, THREADS_HELP, at_least=1, at_most=4096)
     max_minutes: float | None = setting(None, "opt-in: stop the fine-tune after this many minutes (the result is "
                                               "then not the recipe's model; the summary says so)", at_least=1e-9)
 
@@ -460,7 +465,7 @@ def main(argv=None):
     parser = settings_parser(RecipeCommand, "python -m sciassist.pipelines.recipes",
                              "Run a whole recipe: data -> tiny base -> fine-tune -> evaluation.")
     command = settings_from_namespace(RecipeCommand, parser.parse_args(argv))
-    torch.set_num_threads(command.threads)
+    announce_threads(command.threads)
     try:
         summary = run_recipe(command.preset, command.scienceqa, command.out_dir,
                              evaluate_split=None if command.split == "none" else command.split, progress=True,

@@ -58,7 +58,15 @@ from tqdm import tqdm
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, config_for_depth
-from sciassist.common import autocast, precision_for, resolve_device, setting, settings_from_namespace, settings_parser
+from sciassist.common import (
+    THREADS_HELP,
+    autocast,
+    precision_for,
+    resolve_device,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+)
 from sciassist.data.scienceqa import ScienceQAError, load_scienceqa
 from sciassist.pipelines.tiny_corpus import (
     TinyError,
@@ -99,8 +107,7 @@ class TinySettings:
     val_rows: int = setting(16, "rows of sequence_len tokens of val text for val_bpb")
     seed: int = setting(42, "seed of the data order and the initial weights")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
-    threads: int | None = setting(None, "CPU threads while training (default: torch's); 1 is faster when other "
-                                        "jobs keep the cores busy")
+    threads: int | None = setting(1, THREADS_HELP, at_least=1, at_most=4096)
     overwrite: bool = setting(False, "replace tokenizer/ and base_checkpoints/ not written by this module")
     progress: bool = setting(True, "show a progress bar")
 

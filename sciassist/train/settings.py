@@ -13,6 +13,7 @@ from nanochat.checkpoint import CONFIG_LIMITS
 from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
 from sciassist.common import (
     DTYPES,
+    THREADS_HELP,
     UserError,
     range_problem,
     resolve_device,
@@ -143,6 +144,7 @@ class TrainSettings:
     wandb_project: str = setting("sciassist", "the Weights & Biases project of --report_to wandb")
     # runtime
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    threads: int | None = setting(None, THREADS_HELP, at_least=1, at_most=4096)
     dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 (auto: bfloat16 autocast on CUDA GPUs with "
                                  "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
                                  "ones, e.g. T4, V100; float32 on CPU and mps)")

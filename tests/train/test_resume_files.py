@@ -141,7 +141,7 @@ NUMBER_FLAGS = [f for f in dataclasses.fields(TrainSettings)
 
 
 def test_every_number_flag_has_a_range_checked_when_parsed(capsys):
-    assert len(NUMBER_FLAGS) == 23  # 19 + lora_rank, lora_alpha, lora_dropout, lora_lr
+    assert len(NUMBER_FLAGS) == 24  # 19 + lora_rank, lora_alpha, lora_dropout, lora_lr, threads
     for f in NUMBER_FLAGS:
         assert "at_least" in f.metadata and "at_most" in f.metadata or f.name == "model_step", f.name
     for flag, value, expected in [("--device_batch_size", "0", "must be between 1 and 1000000, got 0"),

@@ -437,6 +437,25 @@ def test_the_attention_kernel_is_printed_once(tmp_path, tiny_base_dir, data_file
     assert [r["attention_kernel"] for r in records if "train_loss" in r] == ["loop"]
 
 
+def test_threads_and_muon_dtype_are_stated_once_and_recorded(tmp_path, tiny_base_dir, data_file, capsys):
+    from nanochat import optim
+    from sciassist.common import cpu_name
+    before = torch.get_num_threads()
+    try:
+        summary = train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert out.count(f"CPU threads: 1 ({cpu_name()}, ") == 1
+    expected = "bfloat16" if optim._cpu_has_native_bf16() else "float32"
+    assert out.count(f"Muon: Newton-Schulz in {expected} (--muon_dtype auto)") == 1
+    assert summary["muon_dtype"] == expected
+    summary = train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0,
+                                  muon_dtype="bfloat16", output_tag="bf16"))
+    assert summary["muon_dtype"] == "bfloat16"
+
+
 def test_a_named_kernel_that_fails_its_check_is_an_error(tmp_path, tiny_base_dir, data_file):
     with pytest.raises(TrainError, match="--attention_kernel flex: the 'flex' attention kernel failed its check on "
                                          "cpu, float32.*backward"):
