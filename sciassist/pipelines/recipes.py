@@ -77,7 +77,6 @@ class Recipe:
     eval_limit: int | None = 1000                 # val questions recipes are compared on (None: all)
     eval_max_new_tokens: int = 16                 # letter_first: "The correct answer is X." fits in 16 tokens
     choice_scoring: bool = True                   # also score with --scoring choice (eval_<split>_choice/)
-    minutes: float | None = None                  # end-to-end minutes measured on the build machine (2 cores)
     explain: int = 0                              # questions whose explanation is judged (--explain N)
     tested: bool = True
 
@@ -102,7 +101,6 @@ CPU = Recipe(
     data=dict(system_prompt="", include_explanation=False, include_background=False, answer_format="text_first"),
     shuffled_copies=7,  # chosen on val over 3 (bench/RESULTS.md): fewer invalid replies, same choice accuracy
     eval_max_new_tokens=128,  # the longest answer lines (whole-sentence options) run to about 100 tokens here
-    minutes=27.0,
 )
 
 # Variants of the CPU recipe, the same base (a run can reuse another's: --base_dir) and the
@@ -114,12 +112,12 @@ CPU_LORA = replace(
     CPU, name="cpu-lora",
     description="the CPU recipe with LoRA r=16 adapters on every block projection (Muon at lora_lr 0.1) instead of "
                 "full fine-tuning; the merged model is saved as usual",
-    train={**CPU.train, "lora_rank": 16}, shuffled_copies=3, minutes=None)
+    train={**CPU.train, "lora_rank": 16}, shuffled_copies=3)
 CPU_TUTOR = replace(
     CPU, name="cpu-tutor",
     description="the CPU recipe trained on the tutor's whole reply: the answer (option first), then "
                 "'Explanation: <solution>' and 'Background: <lecture>'",
-    data={**CPU.data, "include_explanation": True, "include_background": True}, shuffled_copies=3, minutes=None,
+    data={**CPU.data, "include_explanation": True, "include_background": True}, shuffled_copies=3,
     explain=100_000)  # every evaluated question with a gold solution
 
 # A GPU preset: NOT RUN (no GPU was lent while the CPU recipe was measured); a starting
@@ -302,8 +300,8 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
         "data_path": str(paths["train"]), "val_path": str(paths["sft_val"]), "source": "base",
         "base_dir": str(base_dir), "out_dir": str(out_dir / "sft"), "output_tag": recipe.name,
         "num_epochs": 1, **recipe.train})
-    limit = TimeLimit(max_minutes)
-    training = train(settings, on_step=limit.check if max_minutes is not None else None)
+    limit = TimeLimit(max_minutes, started, num_steps=settings.num_iterations)
+    training = train(settings, on_step=limit.check)
     timings["finetune_s"] = time.time() - t0
 
     evaluations = _evaluate_splits(recipe, paths, settings.run_dir(), out_dir, splits, timings)
@@ -328,24 +326,41 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
         print(f"warning: --max_minutes {max_minutes:g} stopped the fine-tune at step {training.get('steps_done')} of "
               f"{training.get('num_steps')}; this is not the {recipe.name} recipe's model (drop --max_minutes for it)",
               file=sys.stderr)
-    elif recipe.minutes and not overrides:  # the measured time is the preset's, not a variant's
-        print(f"{recipe.name} recipe: {summary['minutes']:.1f} min here (about {recipe.minutes:g} min on the 2-core "
-              f"build machine; the time scales with CPU speed, the model does not)", file=sys.stderr)
     return summary
 
 
 class TimeLimit:
-    """An opt-in wall-clock limit for train(on_step=...): past it, the run stops as at Ctrl-C
-    (keeping the best checkpoint evaluated so far) and `reached` says so."""
+    """train(on_step=...) of a recipe's fine-tune: after ESTIMATE_AFTER steps it prints the time
+    the rest will take at the rate measured since its first step (the first is a warm-up), and
+    an opt-in wall-clock limit: past it, the run stops as at Ctrl-C (keeping the best
+    checkpoint evaluated so far) and `reached` says so."""
 
-    def __init__(self, minutes):
+    ESTIMATE_AFTER = 20
+
+    def __init__(self, minutes, started=None, num_steps=None):
         self.deadline = None if minutes is None else time.time() + 60 * minutes
+        self.started = time.time() if started is None else started
+        self.num_steps = num_steps
         self.reached = False
+        self.first = None  # (step, time) after the warm-up step
 
     def check(self, record):
+        if "train_loss" in record:
+            self._estimate(record["step"], self.num_steps)
         if self.deadline is not None and time.time() > self.deadline:
             self.reached = True
             raise KeyboardInterrupt
+
+    def _estimate(self, step, num_steps):
+        now = time.time()
+        if self.first is None:
+            self.first = (step, now)
+        elif step - self.first[0] == self.ESTIMATE_AFTER and num_steps:
+            per_step = (now - self.first[1]) / self.ESTIMATE_AFTER
+            left = (num_steps - step) * per_step / 60
+            print(f"fine-tune: {per_step:.2f} s/step over steps {self.first[0] + 1}-{step} -> about {left:.0f} min for "
+                  f"the other {num_steps - step:,} steps; the recipe will have taken about "
+                  f"{(now - self.started) / 60 + left:.0f} min before its evaluation", flush=True)
 
 
 def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings):

@@ -226,7 +226,7 @@ def _describe(run: Run) -> None:
         run.log(f"LoRA: rank {s.lora_rank}, alpha {run.lora.lora_alpha:g}, dropout {s.lora_dropout:g}, targets "
                 f"{s.lora_targets}; {trainable:,} trainable parameters, the rest frozen")
     if run.device.type == "cpu":
-        announce_threads(s.threads, say=run.log)
+        announce_threads(s.threads, say=None if run.runtime.is_main else (lambda line: None))
     run.log(f"precision: {run.precision.name} ({run.precision.reason}); fp32 master weights"
             f"{', loss scaling (GradScaler)' if run.scaler is not None else ''}")
     run.log(f"data: {run.data_description}")

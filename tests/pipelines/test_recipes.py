@@ -193,3 +193,18 @@ def test_the_tutor_recipe_judges_explanations_beside_its_base(tmp_path, sample_d
     results = json.loads((tmp_path / "tutor" / "eval_val" / "results.json").read_text())
     assert results["models"]["base"]["checkpoint_dir"].endswith("d3")
     assert results["explanations_info"]["questions"] == 2
+
+
+def test_the_fine_tune_time_is_estimated_from_its_first_steps(monkeypatch, capsys):
+    from sciassist.pipelines import recipes
+    clock = iter([100.0 + 0.5 * k for k in range(30)])  # step 1 at 100 s, then 0.5 s per step
+    monkeypatch.setattr(recipes.time, "time", lambda: next(clock))
+    limit = recipes.TimeLimit(None, started=40.0, num_steps=4000)
+    for step in range(1, 23):
+        limit.check({"step": step, "train_loss": 1.0})
+        if step == 5:
+            limit.check({"step": step, "val_loss": 1.0})  # a validation record is not a step
+    out = capsys.readouterr().out
+    assert out == ("fine-tune: 0.50 s/step over steps 2-21 -> about 33 min for the other 3,979 steps; the recipe "
+                   "will have taken about 34 min before its evaluation\n")
+    assert not limit.reached

@@ -439,15 +439,16 @@ def test_the_attention_kernel_is_printed_once(tmp_path, tiny_base_dir, data_file
 
 def test_threads_and_muon_dtype_are_stated_once_and_recorded(tmp_path, tiny_base_dir, data_file, capsys):
     from nanochat import optim
-    from sciassist.common import cpu_name
+    from sciassist import common
     before = torch.get_num_threads()
+    common._ANNOUNCED.clear()
     try:
         summary = train(tiny_settings(tiny_base_dir, data_file, tmp_path, num_iterations=1, eval_every=0, threads=1))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     out = capsys.readouterr().out
-    assert out.count(f"CPU threads: 1 ({cpu_name()}, ") == 1
+    assert out.count(f"CPU threads: 1 ({common.cpu_name()}, ") == 1
     expected = "bfloat16" if optim._cpu_has_native_bf16() else "float32"
     assert out.count(f"Muon: Newton-Schulz in {expected} (--muon_dtype auto)") == 1
     assert summary["muon_dtype"] == expected
