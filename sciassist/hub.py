@@ -38,7 +38,7 @@ from huggingface_hub.errors import (
 )
 
 from nanochat.checkpoint import default_base_dir
-from sciassist.common import setting, settings_from_namespace, settings_parser
+from sciassist.common import print_error, setting, settings_from_namespace, settings_parser
 
 STAGING_DIR = ".hub_downloads"
 
@@ -284,8 +284,7 @@ def main(argv=None):
     try:
         download_model(args.model, base_dir, revision=args.revision)
     except HubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return print_error(e)  # one `error:` line, exit code 2
     model = MODELS[args.model]
     print(f"{args.model} is ready in {base_dir} ({model.source_dir}/{model.model_tag}); "
           f"load it with nanochat.checkpoint.load_model_from({str(base_dir)!r}, 'sft', {model.model_tag!r})")

@@ -267,5 +267,5 @@ def test_main(fake_hub, tmp_path, capsys):
     assert layout(base, "d32")["model_000650.pt"].is_file()
     fake_hub.info_error = OfflineModeIsEnabled("offline")
     shutil.rmtree(base)
-    assert hub.main(["--model", "d32", "--base_dir", str(base)]) == 1
+    assert hub.main(["--model", "d32", "--base_dir", str(base)]) == 2
     assert capsys.readouterr().err.startswith("error: no connection to the Hugging Face hub")

@@ -25,6 +25,7 @@ from sciassist.common import (
     THREADS_HELP,
     UserError,
     announce_threads,
+    print_error,
     setting,
     settings_from_namespace,
     settings_parser,
@@ -124,8 +125,7 @@ def main(argv=None):
     try:
         run_demo(settings_from_namespace(DemoSettings, parser.parse_args(argv)))
     except (UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)  # each stage's message says what to do
-        return 1
+        return print_error(e)  # one `error:` line, exit code 2
     return 0
 
 

@@ -62,6 +62,7 @@ from sciassist.common import (
     THREADS_HELP,
     autocast,
     precision_for,
+    print_error,
     resolve_device,
     setting,
     settings_from_namespace,
@@ -370,8 +371,7 @@ def main(argv=None):
     try:
         summary = train_tiny(settings)
     except TinyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return print_error(e)  # one `error:` line, exit code 2
     bpb = f"{summary['val_bpb']:.3f}" if summary["val_bpb"] is not None else "n/a"
     print(f"tiny base model (a stand-in, not d20/d32): {summary['checkpoint_dir']}/model_{summary['step']:06d}.pt, "
           f"{summary['num_params']:,} params, {summary['step']} steps in {summary['train_seconds']:.0f} s, "

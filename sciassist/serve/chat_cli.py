@@ -268,8 +268,7 @@ def run_once(session: ChatSession, question: str) -> int:
     try:
         answer = session.ask(question, on_notice=lambda n: print(n, file=sys.stderr))
     except PromptTooLong as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return print_error(err)  # one `error:` line, exit code 2
     for piece in answer:
         _write(piece)
     _write("\n")

@@ -285,7 +285,7 @@ def test_main(tmp_path, dataset, capsys):
     assert tiny.main(argv) == 0
     out = capsys.readouterr().out
     assert "a stand-in, not d20/d32" in out and f"load_model_from({str(base)!r}, 'base')" in out
-    assert tiny.main(["--out_dir", str(tmp_path / "none"), "--scienceqa", str(tmp_path / "missing")]) == 1
+    assert tiny.main(["--out_dir", str(tmp_path / "none"), "--scienceqa", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
 
 
