@@ -193,6 +193,11 @@ def _in_folder(path: Path, model_step: int | None, kind: str = "checkpoint") -> 
                               f"source[:tag[:step]] (e.g. sft:d20, base:d4:1000)")
     steps = complete_steps(path)
     if not steps:
+        orphans = model_steps(path)  # model files whose meta_<step>.json is missing
+        if orphans:
+            raise CheckpointError(f"{path}: {meta_path(path, orphans[-1]).name} is missing beside "
+                                  f"{model_path(path, orphans[-1]).name} (a checkpoint is model_<step>.pt plus "
+                                  f"meta_<step>.json, its config)")
         raise CheckpointError(f"{path}: no model_<step>.pt files in this directory")
     step = steps[-1] if model_step is None else int(model_step)
     if step not in steps:

@@ -93,6 +93,13 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path, tiny_base_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model_<step>.pt files"):
         choose_checkpoint(checkpoint=tmp_path / "empty")
+    no_meta = tmp_path / "no_meta"
+    no_meta.mkdir()
+    shutil.copy(tiny_base_dir / "base_checkpoints" / "d2" / "model_000000.pt", no_meta / "model_000000.pt")
+    with pytest.raises(CheckpointError) as info:  # the model is there: the missing file is its meta
+        choose_checkpoint(checkpoint=no_meta)
+    assert str(info.value) == (f"{no_meta}: meta_000000.json is missing beside model_000000.pt (a checkpoint is "
+                               f"model_<step>.pt plus meta_<step>.json, its config)")
     with pytest.raises(CheckpointError, match="not both"):
         choose_checkpoint(checkpoint=tmp_path, source="sft")
     with pytest.raises(CheckpointError, match="disagrees"):
