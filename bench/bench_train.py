@@ -246,7 +246,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default: 6 CPU, 10 CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the blocks and the loss as training does (GPT.compile_for_training)")
     parser.add_argument("--levers", action="store_true",
                         help="time each speed lever on and off, and the peers' stand-ins (see above)")
     parser.add_argument("--seed", type=int, default=42)
@@ -267,7 +268,9 @@ def main(argv=None):
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] *= 0.02  # the fine-tuning lrs; their size does not change the timing
-    step_model = torch.compile(model) if args.compile else model
+    if args.compile:
+        model.compile_for_training()
+    step_model = model
     autocast = autocast_for(device, "auto")
 
     def packed(device_batch_size):

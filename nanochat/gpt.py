@@ -94,6 +94,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.eager_attention = None  # set by GPT.compile_for_training: packed attention outside the graph
 
     def forward(self, x, cos, sin, kv_cache, attn_mask):
         B, T, C = x.shape
@@ -104,7 +105,7 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)
         if isinstance(attn_mask, attention.PackedRows):
             # Packed rows (no cache): causal attention within each document segment.
-            y = attention.packed_attention(q, k, v, attn_mask)
+            y = (self.eager_attention or attention.packed_attention)(q, k, v, attn_mask)
             return self.c_proj(y.reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
@@ -175,6 +176,7 @@ class GPT(nn.Module):
         # Not saved in checkpoints (persistent=False), rebuilt by init_rotary().
         self.rotary_seq_len = config.sequence_len * 10
         self.init_rotary()
+        self.chunk_loss = _chunk_loss  # compile_for_training swaps in a compiled one
         self._attention_kernel = None  # a kernel asked for by name; None: the first that passes its check
         self._checked_kernels = {}  # (device, dtype) -> the kernel chosen and checked for it
 
@@ -257,6 +259,25 @@ class GPT(nn.Module):
         return optim.setup_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                       matrix_lr=matrix_lr, weight_decay=weight_decay, muon_dtype=muon_dtype)
 
+    def compile_for_training(self, backend="inductor"):
+        """torch.compile each block and the loss, in place, with dynamic shapes, the packed
+        attention left out of the graph (it runs its own kernel; its per-document Python work
+        would otherwise make a graph per row layout). Packed rows change shape every step; this
+        way a run compiles a fixed handful of graphs, not one per step. State dict keys do not
+        change (nothing is wrapped)."""
+        eager = torch.compiler.disable(attention.packed_attention)
+        for block in self.transformer.h:
+            block.attn.eager_attention = eager
+            block.compile(backend=backend, dynamic=True)
+        self.chunk_loss = torch.compile(_chunk_loss, backend=backend, dynamic=True)
+
+    def uncompile(self):
+        """Undo compile_for_training."""
+        for block in self.transformer.h:
+            block.attn.eager_attention = None
+            block._compiled_call_impl = None
+        self.chunk_loss = _chunk_loss
+
     def _positions_and_mask(self, B, T, device, kv_cache, doc_ids, layout):
         """Rotary positions (B or 1, T) and what attention needs: None for plain causal,
         attention.PackedRows for packed rows, a boolean mask for packed rows with a KV cache."""
@@ -330,12 +351,13 @@ class GPT(nn.Module):
         V = self.config.vocab_size
         chunk = max(1, LOSS_CHUNK_LOGITS // V)
         if x.size(0) <= chunk:
-            per_token = _chunk_loss(x, targets, self.lm_head.weight)
+            per_token = self.chunk_loss(x, targets, self.lm_head.weight)
         elif torch.is_grad_enabled():
-            per_token = torch.cat([checkpoint(_chunk_loss, x[i:i + chunk], targets[i:i + chunk], self.lm_head.weight,
-                                              use_reentrant=False) for i in range(0, x.size(0), chunk)])
+            per_token = torch.cat([checkpoint(self.chunk_loss, x[i:i + chunk], targets[i:i + chunk],
+                                              self.lm_head.weight, use_reentrant=False)
+                                   for i in range(0, x.size(0), chunk)])
         else:
-            per_token = torch.cat([_chunk_loss(x[i:i + chunk], targets[i:i + chunk], self.lm_head.weight)
+            per_token = torch.cat([self.chunk_loss(x[i:i + chunk], targets[i:i + chunk], self.lm_head.weight)
                                    for i in range(0, x.size(0), chunk)])
         if loss_reduction == "none":
             return per_token.view(B, T)  # 0 where the target is ignored

@@ -235,6 +235,9 @@ def _describe(run: Run) -> None:
     run.log(f"schedule: {run.num_steps} steps ({run.per_epoch} per epoch, {s.target_examples_per_step} conversations "
             f"each), {run.runtime.world_size} process(es) on {run.device}, "
             f"{'packed rows' if s.packing else 'padded batches'}")
+    compiled = "blocks and loss compiled (dynamic shapes, packed attention eager)" if run.compiled else "off"
+    asked = s.compile if s.compile is not None else "default: on CUDA only"
+    run.log(f"torch.compile: {compiled} (--compile {asked})")
     if muon_dtype_of(run.optimizers):
         run.log(f"Muon: Newton-Schulz in {muon_dtype_of(run.optimizers)} (--muon_dtype {s.muon_dtype})")
     if run.attention_kernel is not None:
@@ -300,6 +303,7 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
         "device": str(run.device),
         "attention_kernel": run.attention_kernel,
         "muon_dtype": muon_dtype_of(run.optimizers),
+        "compiled": run.compiled,
         "data_mix": mix_summary(run, progress.step),
         "source_model": run.source,
         "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,

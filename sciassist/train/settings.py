@@ -148,7 +148,10 @@ class TrainSettings:
     dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 (auto: bfloat16 autocast on CUDA GPUs with "
                                  "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
                                  "ones, e.g. T4, V100; float32 on CPU and mps)")
-    compile: bool = setting(False, "torch.compile the model for training")
+    compile: bool | None = setting(None, "torch.compile the blocks and the loss (dynamic shapes, packed attention "
+                                         "left eager, so packed rows compile a few graphs, not one per step), "
+                                         "checked by one step before the run; default: on CUDA (falling back to "
+                                         "eager with one line if it fails there), off on CPU and mps")
     muon_dtype: str = setting("auto", "dtype of Muon's Newton-Schulz iteration: auto | bfloat16 | float32 (auto: "
                                       "bfloat16 where the device has it natively, CUDA >= 8.0 or a CPU with "
                                       "AVX512-BF16/AMX; float32 elsewhere, where bf16 is emulated and many times "

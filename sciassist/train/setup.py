@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nanochat.attention import AttentionKernelError
+from nanochat.attention import AttentionKernelError, PackedLayout
 from nanochat.checkpoint import CheckpointError, default_base_dir
 from sciassist.checkpoints import choose_checkpoint, load_choice
 from sciassist.common import precision_for, resolve_device
@@ -188,6 +188,7 @@ class Run:
     precision: object = None  # sciassist.common.Precision: what autocast is, and why
     scaler: object = None  # torch.amp.GradScaler of an fp16 run (its state is in the resume point), else None
     attention_kernel: str | None = None  # the packed-row kernel that passed its check (None: padded batches)
+    compiled: bool = False  # blocks and loss compiled (GPT.compile_for_training)
     mix: dict | None = None  # --mix: {"sources": [...], "origins": origin of each train example}, else None
 
     @property
@@ -260,7 +261,8 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
                    if val_examples else [])
     optimizers = adapter_optimizers(model, settings) if lora is not None else _optimizers(model, settings)
     kernel = choose_attention_kernel(model, settings, precision) if settings.packing else None
-    train_model, no_sync = _wrap_for_training(model, settings, runtime)
+    compiled = compile_model(model, settings, device, precision)
+    train_model, no_sync = _wrap_for_training(model, runtime)
     return Run(settings=settings, runtime=runtime, model=model, train_model=train_model, no_sync=no_sync,
                optimizers=optimizers, tokenizer=tokenizer, source=source, data_description=data_description,
                train_set=train_set, val_set=val_set, val_batches=val_batches, num_val=len(val_examples),
@@ -270,7 +272,7 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
                flops_per_token=model.estimate_flops(),
                peak=peak_flops(device),  # MFU is against the dense bf16 peak, the number GPUs are sold by
                fingerprint=data_fingerprint(train_set, val_set), lora=lora, precision=precision,
-               scaler=precision.grad_scaler(), attention_kernel=kernel,
+               scaler=precision.grad_scaler(), attention_kernel=kernel, compiled=compiled,
                mix={"sources": mix_sources, "origins": [origins[i] for i in train_set.record_indices]}
                if mix_sources else None)
 
@@ -325,7 +327,52 @@ def _optimizers(model, settings: TrainSettings):
     return optimizers
 
 
-def _wrap_for_training(model, settings: TrainSettings, runtime: Runtime):
+def compile_model(model, settings: TrainSettings, device, precision) -> bool:
+    """--compile (default: on CUDA only): the model's blocks and loss compiled in place
+    (GPT.compile_for_training), proven by one forward and backward on a small packed batch
+    before the run starts. When that fails, the default falls back to eager with one line; a
+    --compile the user asked for is an error with the reason."""
+    wanted = settings.compile if settings.compile is not None else compile_by_default(device)
+    if not wanted:
+        return False
+    model.compile_for_training()
+    try:
+        _compile_warm_up(model, device, precision)
+    except Exception as e:  # any failure of the compiler stack (no C++ compiler, no Triton, a bug)
+        model.uncompile()
+        cause = getattr(e, "inner_exception", None) or e  # the backend's own error, not dynamo's wrapper
+        lines = str(cause).strip().splitlines()
+        reason = f"{type(cause).__name__}: {lines[0] if lines else ''}"
+        where = f"on {device} (torch {torch.__version__})"
+        if settings.compile:
+            raise TrainError(f"--compile: torch.compile failed {where}: {reason}") from None
+        print(f"note: torch.compile failed {where}: {reason}; training without it (--no_compile skips the attempt)",
+              file=sys.stderr)
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+    return True
+
+
+def compile_by_default(device) -> bool:
+    """CUDA only: on CPU inductor needs a C++ compiler and measured no faster (bench/RESULTS.md)."""
+    return device.type == "cuda"
+
+
+def _compile_warm_up(model, device, precision):
+    """One forward and backward of two packed rows (two documents each) through the compiled model."""
+    T = min(64, model.config.sequence_len)
+    layout = PackedLayout.from_row_lengths([[T // 2, T // 2 - 5], [T - 7, 3]], T)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, model.config.vocab_size, (2, T), generator=generator).to(device)
+    supervised = torch.arange(0, 2 * T, 2).to(device)
+    with precision.autocast():
+        loss = model(inputs, inputs.roll(-1, 1), loss_reduction="sum", layout=layout.to(device),
+                     supervised_index=supervised)
+    loss.backward()
+
+
+def _wrap_for_training(model, runtime: Runtime):
     """(the module the forward/backward calls, DDP's no_sync or None)."""
     train_model, no_sync = model, None
     if runtime.distributed:
@@ -337,6 +384,4 @@ def _wrap_for_training(model, settings: TrainSettings, runtime: Runtime):
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       **{sync_flag: False})
         train_model, no_sync = ddp, ddp.no_sync
-    if settings.compile:
-        train_model = torch.compile(train_model)
     return train_model, no_sync
