@@ -16,6 +16,9 @@ torch.cuda.max_memory_allocated over the timed steps; the planner's estimate
 (sciassist.train.plan.memory_plan) is given for the same supervised fraction and for every
 position supervised (its worst case, what --dry_run prints).
 
+On CUDA the first kernel's largest batch (at most 8) runs once more compiled as training
+compiles it (--compile, on by default on CUDA), beside its eager row.
+
 Kernel checks, first: every kernel's self-check (nanochat.attention.check_kernel: forward and
 backward on a small random packed batch against the written-out reference) for the compute
 dtype the precision policy gives this GPU and for fp32, with nanochat's head shape and with
@@ -181,6 +184,29 @@ def forward_syncs(model, device):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def compiled_case(model, optimizers, rows, seq, steps, device, peak, skipped):
+    """The first kernel's largest measured batch (at most 8) again with the blocks and loss
+    compiled as training compiles them (GPT.compile_for_training): compiled vs eager."""
+    measured = [r for r in rows if not r.get("oom") and r["batch"] <= 8]
+    if not measured:
+        return []
+    best = max((r for r in measured if r["kernel"] == measured[0]["kernel"]), key=lambda r: r["batch"])
+    model.compile_for_training()
+    try:
+        row = train_case(model, optimizers, best["kernel"], best["batch"], seq, steps, device, peak)
+        row["kernel"] += " + compile"
+        print(f"  d{model.config.n_layer} {row['kernel']} batch {row['batch']}: {row['tokens_per_s']:,.0f} tok/s "
+              f"(eager {best['tokens_per_s']:,.0f})", flush=True)
+        return [row]
+    except Exception as e:  # a compiler failure is a result too
+        model.zero_grad(set_to_none=True)
+        skipped.append(f"{best['kernel']} + compile batch {best['batch']}: {type(e).__name__}: "
+                       f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+        return []
+    finally:
+        model.uncompile()
+
+
 def is_oom(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -210,6 +236,8 @@ def train_bench(config, kernels, batches, seq, steps, device, deadline):
                 else:
                     skipped.append(f"{kernel} batch {batch}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 break
+    if device.type == "cuda" and time.monotonic() < deadline:
+        rows += compiled_case(model, optimizers, rows, seq, steps, device, peak, skipped)
     del model, optimizers
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -48,3 +48,25 @@ def test_smoke_writes_finite_json_and_a_table(tmp_path):
         assert c["results"]["loop"] is None and c["results"]["dense"] is None and c["auto"] == "loop"
         assert c["results"]["flex"] and c["results"]["varlen"]
     assert "| float32 | 2/2x32 | FAIL | FAIL | pass | pass | loop |" in (out / "gpu_bench.md").read_text()
+
+
+def test_the_compiled_row_reruns_the_first_kernels_largest_batch(monkeypatch):
+    """bench/gpu.py's compiled-vs-eager row (CUDA only there), on CPU with an eager backend."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import gpu
+    from random_model import random_gpt
+
+    from nanochat.gpt import GPT, GPTConfig
+    original = GPT.compile_for_training
+    monkeypatch.setattr(GPT, "compile_for_training", lambda self: original(self, backend="eager"))
+    import torch
+    device = torch.device("cpu")
+    model = random_gpt(GPTConfig(sequence_len=64, vocab_size=128, n_layer=1, n_head=2, n_kv_head=2, n_embd=32),
+                       device)
+    optimizers = model.setup_optimizers()
+    rows = [gpu.train_case(model, optimizers, "loop", b, 64, 1, device, None) for b in (1, 2)]
+    rows.append({"kernel": "loop", "batch": 4, "seq": 64, "oom": True})
+    skipped = []
+    (row,) = gpu.compiled_case(model, optimizers, rows, 64, 1, device, None, skipped)
+    assert row["kernel"] == "loop + compile" and row["batch"] == 2 and row["tokens_per_s"] > 0 and not skipped
+    assert all(block._compiled_call_impl is None for block in model.transformer.h)  # eager again after

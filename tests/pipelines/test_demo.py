@@ -34,5 +34,5 @@ def test_demo_runs_every_stage(tmp_path, capsys):
 
 
 def test_demo_reports_a_bad_source_without_a_traceback(tmp_path, capsys):
-    assert main(["--scienceqa", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")]) == 2  # a user error: one line, exit code 2
+    assert main(["--scienceqa", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
