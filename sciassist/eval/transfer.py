@@ -129,13 +129,19 @@ def benchmark_summary(info, records, runs):
     return summary
 
 
+def seconds_spent(timing):
+    """The seconds of a model run's timing dict spent on the questions (not loading the model,
+    and not its rates, questions_per_s)."""
+    return sum(v for k, v in timing.items() if k.endswith("_s") and not k.endswith("_per_s") and k != "load_s")
+
+
 def scienceqa_summary(records, runs, split, scoring):
     """ScienceQA's row in the same shape, from the main evaluation's runs (its scoring rule as
     the headline, its strictly parsed replies as generated)."""
     converted = {}
     for name, run in runs.items():
         converted[name] = {scoring: run["prediction"], "headline": scoring,
-                           "timing_s": sum(v for k, v in run["timing"].items() if k.endswith("_s") and k != "load_s")}
+                           "timing_s": seconds_spent(run["timing"])}
         if run.get("generated_prediction") is not None:
             converted[name]["generated"] = run["generated_prediction"]
     info = {"benchmark": "scienceqa", "title": f"ScienceQA ({scoring} scoring)", "kind": "scienceqa", "split": split}

@@ -282,3 +282,10 @@ def test_a_text_first_fine_tune_is_asked_and_scored_in_its_own_format(tiny_base_
                                           "split": "validation"}, records, {"base": run})
     assert summary["headline"] == "choice_per_char" and "letter" not in summary["models"]["base"]
     assert any("| choice per character (acc_norm) |" in line for line in transfer.benchmarks_markdown([summary]))
+
+
+def test_the_seconds_spent_leave_out_loading_and_rates():
+    from sciassist.eval.transfer import seconds_spent
+    timing = {"scoring_s": 18.8, "scoring_questions_per_s": 53.1, "generate_s": 31.5, "generate_questions_per_s": 31.7,
+              "load_s": 0.4}
+    assert seconds_spent(timing) == pytest.approx(50.3)
