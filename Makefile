@@ -29,7 +29,7 @@ BASE_DIR_FLAG = $(if $(BASE_DIR),--base_dir "$(BASE_DIR)")
 TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE)) --model_tag $(MODEL) \
 	$(BASE_DIR_FLAG) $(if $(OUTPUT_TAG),--output_tag $(OUTPUT_TAG))
 
-.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test test-envs test-colab test-newest lint bench plan bench-gpu rehearse-d20 clean
+.PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test test-envs test-colab test-newest test-wheel lint bench plan bench-gpu rehearse-d20 clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -101,6 +101,9 @@ $(NEWEST_VENV)/.installed: ci/requirements-newest.txt requirements.txt requireme
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+test-wheel: install ## build the wheel, install it with the core dependencies only into .venv-wheel, run `sciassist`
+	TORCH_SPEC="$(TORCH_SPEC)" bash ci/wheel-check $(PY) .venv-wheel
 
 bench: install ## CPU benchmarks (tables on stdout)
 	$(PY) bench/bench_gpt.py

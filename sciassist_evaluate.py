@@ -6,7 +6,7 @@
 
 import sys
 
-from sciassist.eval.run import main
+from sciassist.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("evaluate", sys.argv[1:]))

@@ -6,7 +6,7 @@ Recipes are their own command: `python -m sciassist.pipelines.recipes --preset c
 
 import sys
 
-from sciassist.pipelines.finetune import main
+from sciassist.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("train", sys.argv[1:]))

@@ -63,7 +63,7 @@ from sciassist.train.step import accumulate_gradients, apply_update, peak_flops 
 BATCHES = (1, 2, 4, 8, 16)
 GPU_KERNELS = ("varlen", "flex", "dense")
 CPU_KERNELS = ("dense", "loop")
-SAMPLE = REPO_ROOT / "data" / "sample" / "questions.jsonl"
+SAMPLE = REPO_ROOT / "sciassist" / "data" / "sample" / "questions.jsonl"
 
 
 def sample_questions():

@@ -56,7 +56,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def sample_dir():
-    return REPO_ROOT / "data" / "sample"
+    return REPO_ROOT / "sciassist" / "data" / "sample"
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ Sources, one function (`load_scienceqa(source, split)`) and one flag everywhere 
   hf      the Hugging Face hub dataset derek-thomas/ScienceQA, pinned to the revision the
           original project used. Images are never decoded (only whether one exists is read).
           Hub rows carry no problem id, so pid is "<split>-<row>" (e.g. "test-17").
-  sample  the small sample written for this repository, data/sample/questions.jsonl: one
+  sample  the small sample written for this repository, sciassist/data/sample/questions.jsonl: one
           question per line, the lupantech problem fields plus "pid", "split" and
           "caption" (a directory holding such a questions.jsonl reads the same way).
   DIR     a directory in the lupantech layout: problems.json (pid -> record) and
@@ -77,7 +77,7 @@ HF_REVISION = "f18b0a70359ebfb41f658fd564208d0355b013f4"
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 12000, "val": 4000, "test": 4000}
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"  # package data: installed with the wheel too
 SAMPLE_FILE = "questions.jsonl"
 IMAGE_MODES = ("caption", "keep", "drop")
 

@@ -291,8 +291,7 @@ def test_main(tmp_path, dataset, capsys):
 
 def test_bundled_sample_corpus_has_no_val_or_test_text():
     from sciassist.data.scienceqa import SAMPLE_DIR, SAMPLE_FILE, load_scienceqa
-    if not (SAMPLE_DIR / SAMPLE_FILE).is_file():
-        pytest.skip("data/sample not written yet")
+    assert (SAMPLE_DIR / SAMPLE_FILE).is_file()
     text = "\n".join(corpus.training_corpus("sample"))
     for split in ("val", "test"):
         for record in load_scienceqa("sample", split):

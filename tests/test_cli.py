@@ -1,0 +1,62 @@
+"""The `sciassist` command: every program behind one entry point, a core install that needs no
+optional dependency, and one error line naming the extra when a command reaches for one."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sciassist import cli
+from tests.conftest import REPO_ROOT
+
+OPTIONAL = ("transformers", "peft", "nltk", "rouge", "fastapi", "uvicorn", "starlette", "tensorboard", "wandb")
+CORE = ("train", "evaluate", "chat", "prepare", "download", "plan", "demo", "tiny", "recipe")
+
+
+def run_without_extras(args, blocked=OPTIONAL):
+    """`sciassist ARGS` in a fresh interpreter in which the optional packages cannot be imported."""
+    code = (f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+            f"from sciassist.cli import main\nsys.exit(main({list(args)!r}))")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", CORE)
+def test_core_commands_need_no_extra(command):
+    result = run_without_extras([command, "--help"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage:") and "--" in result.stdout
+
+
+@pytest.mark.parametrize(("command", "module", "extra"), [("export", "transformers", "export"),
+                                                          ("web", "uvicorn", "web")])
+def test_a_missing_extra_is_one_error_line(command, module, extra):
+    result = run_without_extras([command, "--help"])
+    assert result.returncode == 2
+    assert result.stderr == (f"error: sciassist {command} needs {module}, which is not installed: "
+                             f"pip install 'sciassist[{extra}]'\n")
+
+
+def test_usage_and_unknown_commands(capsys):
+    assert cli.main([]) == 2 and cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in cli.COMMANDS)
+    assert cli.main(["fine-tune"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: unknown command 'fine-tune'; expected one of "
+                                            f"{', '.join(cli.COMMANDS)}\n")
+
+
+def test_a_command_is_its_module_and_a_missing_non_optional_module_is_a_bug(monkeypatch):
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "probe", ("tests.test_cli", "a test"))
+    monkeypatch.setattr(sys.modules[__name__], "main", lambda argv: seen.append(argv), raising=False)
+    assert cli.main(["probe", "--x", "1"]) == 0 and seen == [["--x", "1"]]
+    monkeypatch.setitem(cli.COMMANDS, "broken", ("sciassist.no_such_module", "a test"))
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["broken"])
+
+
+def test_scripts_run_through_the_command():
+    for script in ("sciassist_train.py", "sciassist_evaluate.py"):
+        result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and "--out_dir" in result.stdout
