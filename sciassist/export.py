@@ -67,7 +67,7 @@ ROPE_THETA = 10000.0  # nanochat.gpt.GPT.init_rotary's base
 # F.rms_norm(x, shape) with eps=None uses the machine epsilon of x's dtype; nanochat runs fp32
 # (off CUDA) and transformers' NanoChatRMSNorm computes in fp32 whatever the weights' dtype.
 RMS_NORM_EPS = torch.finfo(torch.float32).eps
-# The chat's sampling defaults (sciassist.serve.chat_cli.ChatSettings), which serve may not be imported here.
+# The chat's sampling defaults (sciassist.serve.generation.ChatSettings), which serve may not be imported here.
 SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 50, "max_new_tokens": 512}
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # where nanochat.engine.Engine stops
 PAD_TOKEN = "<|assistant_end|>"  # nanochat's SFT pads with it; <|bos|> would mask every prompt's first token

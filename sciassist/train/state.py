@@ -112,7 +112,7 @@ class ResumeState:
                    elapsed_s=progress.elapsed(), totals=progress.totals, settings=dataclasses.asdict(run.settings),
                    data_fingerprint=run.fingerprint, num_steps=run.num_steps,
                    epoch=progress.step // run.per_epoch, step_in_epoch=progress.step % run.per_epoch,
-                   grad_scaler=run.scaler.state_dict() if getattr(run, "scaler", None) is not None else {})
+                   grad_scaler=run.scaler.state_dict() if run.scaler is not None else {})
 
     def save(self, path) -> None:
         """Atomically: a crash while saving leaves the previous resume point intact (and a
@@ -201,7 +201,7 @@ def start_or_resume(run) -> Progress:
     # "--lora_rank 8 there, 16 now" says more than the keys that differ
     state.check_compatible(run.settings, run.fingerprint, run.resume_path)
     state.check_model(run.model, run.resume_path)
-    progress = state.restore(run.model, run.optimizers, run.resume_path, getattr(run, "scaler", None))
+    progress = state.restore(run.model, run.optimizers, run.resume_path, run.scaler)
     best_step = progress.best["step"]
     if best_step is not None and not (run.run_dir / f"model_{best_step:06d}.pt").is_file():
         # removed meanwhile (e.g. by a fresh run started in the same folder): the next

@@ -237,7 +237,7 @@ def forward_backward(run, step) -> StepWork:
     plan = run.plan(run.train_set, examples)
     batches = step_batches(run.train_set, plan, run.pad_id, run.device)
     loss_sum = accumulate_gradients(run.train_model, batches, plan.num_supervised, run.autocast,
-                                    run.runtime.world_size, run.no_sync, getattr(run, "scaler", None))
+                                    run.runtime.world_size, run.no_sync, run.scaler)
     counts = torch.tensor([sum(b["num_positions"] for b in batches), sum(b["num_tokens"] for b in batches)],
                           dtype=torch.float64, device=run.device)
     loss_and_counts = torch.cat([loss_sum.double().view(1), counts])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sciassist.checkpoints import resolve_model
-from sciassist.serve import chat_cli
+from sciassist.serve import chat_cli, generation
 from sciassist.serve.chat_cli import (
     ChatSession,
     ChatSettings,
@@ -260,7 +260,7 @@ def test_interactive_loop_ends_on_ctrl_d_and_ctrl_c(loaded, exc):
 def test_parser_defaults():
     args = build_parser().parse_args([])
     assert (args.temperature, args.top_k, args.max_tokens, args.seed) == (0.6, 50, 512, None)
-    assert args.system_prompt == TUTOR and chat_cli.TUTOR_SYSTEM_PROMPT == TUTOR
+    assert args.system_prompt == TUTOR and generation.TUTOR_SYSTEM_PROMPT == TUTOR
     assert args.finetuned_dir == "finetuned_model_checkpoint" and args.checkpoint is None
 
 

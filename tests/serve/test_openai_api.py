@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from nanochat.engine import Engine
 from sciassist.checkpoints import resolve_model
-from sciassist.serve.chat_cli import render_prompt, stream_reply
+from sciassist.serve.generation import render_prompt, stream_reply
 from sciassist.serve.web.openai_api import StopText
 from sciassist.serve.web.server import BackgroundServer, ServerSettings, create_app
 

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sciassist.checkpoints import resolve_model
-from sciassist.serve.chat_cli import render_prompt, stream_reply
+from sciassist.serve.generation import render_prompt, stream_reply
 from sciassist.serve.web.__main__ import _is_loopback, build_parser
 from sciassist.serve.web.requests import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS
 from sciassist.serve.web.server import BackgroundServer, ServerSettings, create_app

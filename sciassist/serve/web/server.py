@@ -18,7 +18,7 @@ Hardening, and why
     the client should slow down).
   * A client that goes away stops its generation (checked between tokens), so an
     abandoned tab does not keep the model busy.
-  * Text leaves the server only as complete UTF-8 (see chat_cli.IncrementalDecoder).
+  * Text leaves the server only as complete UTF-8 (see generation.IncrementalDecoder).
   * Request bodies over max_body_bytes are refused with 413 before they are parsed.
 """
 
@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sciassist.common import setting
 from sciassist.data.answers import question_options
-from sciassist.serve.chat_cli import ChatSettings
+from sciassist.serve.generation import ChatSettings
 from sciassist.serve.web.openai_api import add_openai_routes
 from sciassist.serve.web.requests import (
     DEFAULT_MAX_BODY_BYTES,

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from nanochat.engine import Engine
 from sciassist.common import compute_dtype
 from sciassist.eval.scoring import choice_scores, letter_probabilities, softmax
-from sciassist.serve.chat_cli import PromptTooLong, inference_context, render_prompt, stream_reply
+from sciassist.serve.generation import PromptTooLong, inference_context, render_prompt, stream_reply
 from sciassist.serve.web.requests import (
     MAX_MAX_TOKENS,
     MAX_MESSAGE_CHARS,
