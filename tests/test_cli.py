@@ -60,3 +60,31 @@ def test_scripts_run_through_the_command():
         result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and "--out_dir" in result.stdout
+
+
+BAD_INPUT = {
+    "train": ["--checkpoint", "{missing}", "--device", "cpu"],
+    "evaluate": ["--finetuned", "{missing}", "--data_path", "{missing}.jsonl", "--device", "cpu"],
+    "chat": ["--checkpoint", "{missing}", "-p", "hi", "--device", "cpu"],
+    "web": ["--checkpoint", "{missing}", "--device", "cpu"],
+    "export": ["--checkpoint", "{missing}", "--out_dir", "{tmp}/export"],
+    "prepare": ["--scienceqa", "{missing}", "--out_dir", "{tmp}/data"],
+    "download": ["--model", "d99"],
+    "plan": ["--seq", "0"],
+    "demo": ["--scienceqa", "{missing}", "--out_dir", "{tmp}/demo"],
+    "tiny": ["--scienceqa", "{missing}", "--out_dir", "{tmp}/tiny"],
+    "recipe": ["--preset", "nope", "--scienceqa", "{missing}", "--out_dir", "{tmp}/recipe"],
+}
+
+
+def test_every_command_answers_bad_input_with_exit_code_2_and_an_error_line(tmp_path, capsys):
+    assert set(BAD_INPUT) == set(cli.COMMANDS)
+    for command, args in BAD_INPUT.items():
+        args = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in args]
+        try:
+            code = cli.main([command, *args])
+        except SystemExit as e:  # argparse: a flag's value out of its range or choices
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (command, err)
+        assert err and "error: " in err[-1] and "Traceback" not in "\n".join(err), (command, err)

@@ -41,7 +41,6 @@ The coefficients are fitted to measured CPU peaks (bench/plan_check.py, bench/RE
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -51,8 +50,9 @@ import torch
 from nanochat import gpt
 from nanochat.checkpoint import meta_path, read_meta
 from nanochat.gpt import GPT, Block, GPTConfig, config_for_depth
+from sciassist.common import setting, settings_from_namespace, settings_parser
 from sciassist.train.lora import OPTIMIZER as LORA_OPTIMIZER
-from sciassist.train.settings import LORA_TARGETS, lora_target_names
+from sciassist.train.settings import LORA_TARGETS, MAX_LORA_RANK, MAX_POSITIONS, lora_target_names
 
 GB = 10**9  # cards are sold in GB; the table says GB
 GIB = 2**30
@@ -350,13 +350,16 @@ def _table_row(config: GPTConfig, cards_gb, seq: int, lora: LoraShape | None) ->
     return f"| {name} | {_gb(static)} | {_gb(per_row)} | " + " | ".join(cells) + " |"
 
 
+@dataclasses.dataclass
+class PlanCommand:
+    table: bool = setting(False, "only the d20 / d32 table on 16, 24, 40, 80 GB cards (markdown)")
+    seq: int = setting(2048, "positions per row", at_least=16, at_most=MAX_POSITIONS)
+    lora_rank: int = setting(16, "rank of the LoRA rows (0: full fine-tuning only)", at_least=0, at_most=MAX_LORA_RANK)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sciassist.train.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", action="store_true", help="d20 / d32 on 16, 24, 40, 80 GB cards (markdown)")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--lora_rank", type=int, default=16, help="rank of the LoRA rows (0: full fine-tuning only)")
-    args = parser.parse_args(argv)
+    parser = settings_parser(PlanCommand, "python -m sciassist.train.plan", __doc__)
+    args = settings_from_namespace(PlanCommand, parser.parse_args(argv))
     print(readme_table(seq=args.seq, lora_rank=args.lora_rank))
     if not args.table:
         lora = LoraShape(args.lora_rank) if args.lora_rank > 0 else None
