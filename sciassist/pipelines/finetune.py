@@ -58,6 +58,11 @@ def command_from_args(argv=None) -> FinetuneCommand:
     return settings_from_namespace(FinetuneCommand, build_parser().parse_args(argv))
 
 
+def settings_from_args(argv=None) -> TrainSettings:
+    """The TrainSettings of sciassist_train.py's command line (for library callers and tests)."""
+    return command_from_args(argv).train_settings()
+
+
 def dry_run(settings: TrainSettings) -> dict:
     """The memory plan of `settings` (sciassist.train.plan; with --lora_rank > 0 the LoRA one),
     printed; only the checkpoint's meta_<step>.json is read (the model is built on the meta device)."""

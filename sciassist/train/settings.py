@@ -18,8 +18,6 @@ from sciassist.common import (
     range_problem,
     resolve_device,
     setting,
-    settings_from_namespace,
-    settings_parser,
 )
 
 # Settings that shape the run's trajectory: a resume point made with other values would
@@ -172,15 +170,6 @@ class TrainSettings:
 
     def run_dir(self) -> Path:
         return Path(self.out_dir).expanduser() / self.output_tag
-
-
-def build_parser():
-    return settings_parser(TrainSettings, prog="sciassist_train.py", renamed=RENAMED_FLAGS,
-                           description="Fine-tune a nanochat checkpoint on chat conversations (ScienceQA by default).")
-
-
-def settings_from_args(argv=None) -> TrainSettings:
-    return settings_from_namespace(TrainSettings, build_parser().parse_args(argv))
 
 
 def check_settings(s: TrainSettings) -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from nanochat.checkpoint import load_model
 from nanochat.gpt import GPT
+from sciassist.pipelines.finetune import settings_from_args
 from sciassist.train.loop import train
 from sciassist.train.lora import (
     ADAPTER_CONFIG,
@@ -20,7 +21,7 @@ from sciassist.train.lora import (
     add_adapters,
     merged_state_dict,
 )
-from sciassist.train.settings import LORA_TARGETS, TrainError, TrainSettings, check_settings, settings_from_args
+from sciassist.train.settings import LORA_TARGETS, TrainError, TrainSettings, check_settings
 from tests.train.test_train import data_file, live_base_dir  # noqa: F401 (pytest fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,8 +11,9 @@ import torch
 import sciassist.train.step as step_module
 from nanochat.checkpoint import load_model
 from sciassist.common import UserError, autocast, precision_for
+from sciassist.pipelines.finetune import settings_from_args
 from sciassist.train.loop import train
-from sciassist.train.settings import TrainError, check_settings, settings_from_args
+from sciassist.train.settings import TrainError, check_settings
 from tests.train.test_train import data_file, live_base_dir, read_metrics, resume_weights, tiny_settings  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from sciassist.pipelines.finetune import main
+from sciassist.pipelines.finetune import main, settings_from_args
 from sciassist.train.loop import train
-from sciassist.train.settings import TrainError, TrainSettings, check_settings, settings_from_args
+from sciassist.train.settings import TrainError, TrainSettings, check_settings
 from sciassist.train.setup import load_conversation_sets
 from tests.train.test_stopping import command_line, leftovers
 from tests.train.test_train import data_file, tiny_settings  # noqa: F401 (data_file is a fixture)

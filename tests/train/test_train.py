@@ -15,8 +15,9 @@ from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from sciassist.data.batching import plan_step, step_batches, tokenize_conversations
 from sciassist.data.conversations import write_conversations
+from sciassist.pipelines.finetune import build_parser, settings_from_args
 from sciassist.train.loop import train
-from sciassist.train.settings import TrainError, TrainSettings, build_parser, check_settings, settings_from_args
+from sciassist.train.settings import TrainError, TrainSettings, check_settings
 from sciassist.train.setup import load_conversation_sets
 from sciassist.train.step import (
     accumulate_gradients,
