@@ -23,13 +23,13 @@ from nanochat.checkpoint import CheckpointError, default_base_dir
 from sciassist.checkpoints import choose_checkpoint, load_choice
 from sciassist.common import precision_for, resolve_device
 from sciassist.data.answers import detect_answer_format
-from sciassist.data.batching import TokenizedDataset, plan_step, step_batches, steps_per_epoch, tokenize_conversations
+from sciassist.data.batching import TokenizedDataset, step_batches, steps_per_epoch, tokenize_conversations
 from sciassist.data.conversations import ConversationError, read_conversations, split_validation
 from sciassist.data.mixing import mix_conversations, parse_mix
 from sciassist.train.lora import adapter_optimizers, add_adapters
 from sciassist.train.settings import TrainError, TrainSettings
 from sciassist.train.state import resume_path
-from sciassist.train.step import peak_flops
+from sciassist.train.step import peak_flops, plan_for
 from sciassist.train.tracking import Tracker
 
 
@@ -207,18 +207,9 @@ class Run:
         if self.runtime.is_main:
             tqdm.write(message)  # above the progress bar while there is one
 
-    def plan(self, dataset, examples):
-        return plan_for(self.settings, self.runtime, dataset, examples)
-
     def is_eval_step(self, step):
         periodic = self.settings.eval_every and step % self.settings.eval_every == 0
         return bool(self.val_batches) and (step == 0 or step == self.num_steps or bool(periodic))
-
-
-def plan_for(settings: TrainSettings, runtime: Runtime, dataset, examples):
-    """This rank's share of the micro-batches of `examples`, as the settings batch them."""
-    return plan_step(dataset, examples, settings.device_batch_size, runtime.world_size, runtime.rank,
-                     packed=settings.packing, pack_len=settings.pack_len)
 
 
 def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sciassist.data.batching import step_batches, step_examples
+from sciassist.data.batching import plan_step, step_batches, step_examples
 
 SAVING_NOTICE = "saving the resume point, one moment"
 
@@ -229,12 +229,18 @@ class StepWork:
     row_len: int
 
 
+def plan_for(settings, runtime, dataset, examples):
+    """This rank's share of the micro-batches of `examples`, as the settings batch them."""
+    return plan_step(dataset, examples, settings.device_batch_size, runtime.world_size, runtime.rank,
+                     packed=settings.packing, pack_len=settings.pack_len)
+
+
 def forward_backward(run, step) -> StepWork:
     """Batch step `step`'s conversations (a function of the seed and the step) and
     accumulate their gradients; the gradients are ready for apply_update."""
     s = run.settings
     epoch, examples = step_examples(len(run.train_set), step, s.target_examples_per_step, s.seed)
-    plan = run.plan(run.train_set, examples)
+    plan = plan_for(s, run.runtime, run.train_set, examples)
     batches = step_batches(run.train_set, plan, run.pad_id, run.device)
     loss_sum = accumulate_gradients(run.train_model, batches, plan.num_supervised, run.autocast,
                                     run.runtime.world_size, run.no_sync, run.scaler)
