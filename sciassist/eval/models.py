@@ -1,5 +1,6 @@
-"""One model on the questions: where it comes from (model_info, load_model) and how it is
-run (run_model: scored answers, generated replies, timings). `options` is a
+"""One model on the questions: where it comes from (model_info; load_for_evaluation, a spec
+through sciassist.checkpoints, the one resolver) and how it is run (run_model: scored answers,
+generated replies, timings). `options` is a
 sciassist.eval.run.RunOptions (prompt_style, scoring, answer_format, batch_size, generate,
 max_new_tokens, sample_indices, sample_max_tokens, explain_indices, explain_max_tokens), read
 by attribute.
@@ -46,7 +47,7 @@ def model_info(model, meta=None, spec=None, checkpoint_dir=None, step=None):
     }
 
 
-def load_model(spec, base_dir=None, device="auto"):
+def load_for_evaluation(spec, base_dir=None, device="auto"):
     """(model, tokenizer, model_info) for a --base / --finetuned value (see sciassist.checkpoints)."""
     choice = choose_checkpoint(spec, base_dir=base_dir)
     loaded = load_choice(choice, device)
@@ -153,7 +154,7 @@ def run_models(in_memory, specs, records, options, device, base_dir=None, also=N
         if name in in_memory:
             model, tokenizer, info = in_memory.pop(name)
         else:
-            model, tokenizer, info = load_model(specs[name], base_dir, device)
+            model, tokenizer, info = load_for_evaluation(specs[name], base_dir, device)
         load_s = time.perf_counter() - t0
         print(f"[{name}] {info.get('checkpoint_dir') or info.get('spec')} step {info.get('step')}: "
               f"{options.scoring} scoring {len(records)} questions", file=sys.stderr, flush=True)
