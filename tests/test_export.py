@@ -13,6 +13,7 @@ from nanochat.checkpoint import load_model
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from sciassist import export as export_module
+from sciassist import model_card
 from sciassist.export import (
     CHAT_TEMPLATE,
     EXPORT_MARK,
@@ -182,10 +183,10 @@ def test_model_card_from_results_json(tmp_path, tiny_tokenizer):
                                                       "Avg": {"accuracy": None, "ci95": None}}}]}
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"settings": {"split": "val"}, "table": table}))
-    found = export_module.evaluation_of(tmp_path)
+    found = model_card.evaluation_of(tmp_path)
     assert found["source"] == "eval/results.json" and found["settings"] == {"split": "val"}
     assert "| finetuned | 40.00 | n/a |" in found["table"]
-    assert export_module.evaluation_of(tmp_path / "nothing") is None
+    assert model_card.evaluation_of(tmp_path / "nothing") is None
 
 
 # ----------------------------------------------------------------------------- the model's numbers

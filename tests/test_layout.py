@@ -14,6 +14,7 @@ LAYERS = {
     "sciassist.data": 3,
     "sciassist.train": 4, "sciassist.eval": 4,
     "sciassist.serve": 5, "sciassist.pipelines": 5, "sciassist.export": 5,
+    "sciassist.model_card": 4,
     "sciassist.cli": 6,  # the command: every program, imported by name when asked for
 }
 OURS = ("nanochat", "sciassist")
