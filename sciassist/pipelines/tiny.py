@@ -274,6 +274,16 @@ def _pretrain(s, model, optimizers, train_tokens, schedule, device):
     return losses
 
 
+def _schedule(s, n_train_tokens, tokens_per_step, t_start):
+    """The pretraining schedule: --steps, or the epoch cap when no time limit is given (steps
+    known up front), else until the time limit or the cap."""
+    epoch_cap = max(1, math.ceil(s.max_epochs * n_train_tokens / tokens_per_step)) if s.max_epochs else None
+    fixed = s.steps if s.steps is not None else (epoch_cap if s.max_minutes is None else None)
+    return Schedule(
+        num_steps=fixed, warmdown_from=warmdown_start(fixed, s.warmdown_ratio) if fixed else None,
+        epoch_cap=epoch_cap, deadline=t_start + 60 * s.max_minutes if s.max_minutes is not None else math.inf)
+
+
 def _train_tiny(settings):
     t_start = time.time()
     s = settings
@@ -300,12 +310,7 @@ def _train_tiny(settings):
     print(f"tiny base: {len(train_docs)} training documents, {n_train_tokens:,} tokens, vocab {vocab_size}; "
           f"GPT depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads, "
           f"{model.num_params():,} params; {tokens_per_step:,} tokens per step on {device}")
-    epoch_cap = max(1, math.ceil(s.max_epochs * n_train_tokens / tokens_per_step)) if s.max_epochs else None
-    # steps known up front: --steps, or the epoch cap when no time limit is given
-    fixed = s.steps if s.steps is not None else (epoch_cap if s.max_minutes is None else None)
-    schedule = Schedule(
-        num_steps=fixed, warmdown_from=warmdown_start(fixed, s.warmdown_ratio) if fixed else None,
-        epoch_cap=epoch_cap, deadline=t_start + 60 * s.max_minutes if s.max_minutes is not None else math.inf)
+    schedule = _schedule(s, n_train_tokens, tokens_per_step, t_start)
     t_loop = time.time()
     losses = _pretrain(s, model, optimizers, train_tokens, schedule, device)
     loop_seconds = time.time() - t_loop
@@ -326,17 +331,10 @@ def _train_tiny(settings):
     checkpoint_dir = base_dir / "base_checkpoints" / f"d{config.n_layer}"
     user_config = dataclasses.asdict(s)
     user_config.update(vocab_size=vocab_size, steps=step, warmdown_from=schedule.warmdown_from)
-    meta = {
-        "model_config": dataclasses.asdict(config),
-        "step": step,
-        "val_bpb": val_bpb,
-        "user_config": user_config,
-        "device_batch_size": s.device_batch_size,
-        "max_seq_len": s.sequence_len,
-        "train_loss": final_loss,
-        "source": "sciassist.pipelines.tiny (a stand-in for a published base model)",
-    }
-    save_checkpoint(checkpoint_dir, step, model, meta)
+    save_checkpoint(checkpoint_dir, step, model, {
+        "model_config": dataclasses.asdict(config), "step": step, "val_bpb": val_bpb, "user_config": user_config,
+        "device_batch_size": s.device_batch_size, "max_seq_len": s.sequence_len, "train_loss": final_loss,
+        "source": "sciassist.pipelines.tiny (a stand-in for a published base model)"})
     summary = {
         "base_dir": str(base_dir),
         "checkpoint_dir": str(checkpoint_dir),

@@ -104,12 +104,9 @@ async def _nanochat_events(events):
 # The app
 
 
-def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI app around one loaded model (sciassist.checkpoints.LoadedModel)."""
-    settings = settings or ServerSettings()
-    app = FastAPI(title="SciAssist chat", docs_url=None, redoc_url=None, openapi_url=None)
-    state = ChatState(loaded, settings)
-    app.state.chat = state
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as the same JSON body (error_response): bad requests, HTTP errors, and an
+    unexpected exception (logged, its type only in the reply)."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -126,6 +123,14 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}", path=request.url.path)
 
+
+def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app around one loaded model (sciassist.checkpoints.LoadedModel)."""
+    settings = settings or ServerSettings()
+    app = FastAPI(title="SciAssist chat", docs_url=None, redoc_url=None, openapi_url=None)
+    state = ChatState(loaded, settings)
+    app.state.chat = state
+    add_error_handlers(app)
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     # The page needs nothing from elsewhere; the policy makes sure it never loads anything.
     page_headers = {
