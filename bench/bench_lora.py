@@ -41,7 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from nanochat.gpt import GPT, config_for_depth  # noqa: E402
-from sciassist.train import lora  # noqa: E402
+from nanochat.optim import ADAMW_BETAS, ADAMW_EPS  # noqa: E402
+from sciassist.train import lora, setup  # noqa: E402
 from sciassist.train.settings import TrainSettings  # noqa: E402
 
 
@@ -115,16 +116,27 @@ def short_run(args, out_dir, tag, **overrides):
     return settings, summary
 
 
+def adamw_adapter_optimizers(model, settings):
+    """The alternative measured against Muon: AdamW (nanochat's betas and eps) on the adapters."""
+    params = [p for _, p in lora.adapter_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=settings.lora_lr * settings.init_lr_frac, betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                            weight_decay=0.0, fused=params[0].device.type == "cuda")
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    return [opt]
+
+
 def optimizers(args):
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
-            lora.OPTIMIZER = kind
+            # the training run builds its adapters' optimizers with setup.adapter_optimizers
+            setup.adapter_optimizers = adamw_adapter_optimizers if kind == "adamw" else lora.adapter_optimizers
             for lr in lrs:
                 _, s = short_run(args, tmp, f"{kind}_{lr}", lora_rank=args.rank, lora_lr=lr,
                                  init_lr_frac=args.init_lr_frac)
                 results.append((kind, lr, s["initial_val_loss"], s["best_val_loss"], s["final_val_loss"]))
-        lora.OPTIMIZER = "muon"
+        setup.adapter_optimizers = lora.adapter_optimizers
     print(f"\nLoRA r={args.rank} adapters, {args.steps} steps of {args.batch} conversations, lr = lora_lr x "
           f"init_lr_frac {args.init_lr_frac} (linear decay), val loss on {args.val} conversations\n")
     print("| optimizer | lora_lr | val loss at start | best val loss | final val loss |")

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import ADAMW_BETAS, ADAMW_EPS, muon
+from nanochat.optim import muon
 from sciassist.train.settings import TrainError, TrainSettings, lora_target_names
 
 ADAPTER_NAME = "default"  # peft's name of the one adapter
@@ -40,7 +40,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # peft's keys in adapter_model.safetensors are those of a PeftModel wrapping the model
 PEFT_PREFIX = "base_model.model."
-# "muon" (chosen, see the module docstring) or "adamw" (kept for bench/bench_lora.py's measurement)
+# the adapters' optimizer (chosen over AdamW, see the module docstring; bench/bench_lora.py measures both)
 OPTIMIZER = "muon"
 
 
@@ -97,22 +97,14 @@ def adapter_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def adapter_optimizers(model, settings: TrainSettings, kind: str | None = None) -> list:
-    """The optimizers of the adapters: Muon on all of them (OPTIMIZER, chosen), or AdamW on them
-    ("adamw", for the measurement). Every group has 'initial_lr' (lr x init_lr_frac) for the schedule."""
-    kind = kind or OPTIMIZER
+def adapter_optimizers(model, settings: TrainSettings) -> list:
+    """The adapters' optimizer: Muon on all of them (OPTIMIZER), at lora_lr x init_lr_frac, with
+    'initial_lr' set for the schedule."""
     params = [p for _, p in adapter_parameters(model)]
     if not params:
         raise TrainError("LoRA: no adapter parameter to train (check --lora_targets)")
     lr = settings.lora_lr * settings.init_lr_frac
-    if kind == "adamw":
-        fused = params[0].device.type == "cuda"  # the fused kernel exists only for CUDA tensors
-        optimizers = [torch.optim.AdamW(params, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0,
-                                        fused=fused)]
-    elif kind == "muon":
-        optimizers = [muon(params, lr=lr, weight_decay=settings.weight_decay, dtype=settings.muon_torch_dtype())]
-    else:
-        raise ValueError(f"unknown LoRA optimizer {kind!r}")
+    optimizers = [muon(params, lr=lr, weight_decay=settings.weight_decay, dtype=settings.muon_torch_dtype())]
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
