@@ -184,7 +184,7 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
                 saved.append(progress.step)
         bar.update(1)
         bar.set_postfix(loss=f"{work.train_loss:.4f}", lr=f"{multiplier:.3f}",
-                        tok_s=f"{work.positions / seconds:,.0f}", refresh=False)
+                        pos_s=f"{work.positions / seconds:,.0f}", refresh=False)
         if on_step is not None:
             on_step(record)
 

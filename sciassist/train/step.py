@@ -309,7 +309,7 @@ def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elaps
     device, world = run.device, run.runtime.world_size
     record = {
         "step": step, "epoch": work.epoch, "train_loss": work.train_loss, "lr_multiplier": multiplier,
-        "tokens_per_s": work.positions / seconds,  # processed positions, padding included
+        "positions_per_s": work.positions / seconds,  # processed positions, padding included
         "real_tokens_per_s": work.tokens / seconds,
         "supervised_tokens_per_s": work.supervised / seconds,
         "token_efficiency": work.tokens / work.positions if work.positions else 0.0,

@@ -229,7 +229,7 @@ def test_training_run_outputs(tmp_path, tiny_base_dir, data_file, tiny_tokenizer
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     assert len(train_losses) == 12 and train_losses[-1] < 0.5 * train_losses[0]
     assert [s for s, _ in val] == [0, 2, 4, 6, 8, 10, 12] and val[-1][1] < 0.5 * val[0][1]
-    assert {"lr_multiplier", "tokens_per_s", "supervised_tokens_per_s", "mfu", "peak_memory_gb",
+    assert {"lr_multiplier", "positions_per_s", "supervised_tokens_per_s", "mfu", "peak_memory_gb",
             "elapsed_s"} <= set(records[1])
     assert records[1]["mfu"] is None  # no peak FLOP/s figure for a CPU
     # exactly one best checkpoint, loadable by nanochat's loader, with the run's meta
