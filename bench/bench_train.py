@@ -60,8 +60,8 @@ from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.common import autocast as autocast_for  # noqa: E402
 from sciassist.data.batching import (  # noqa: E402
+    arrange_step,
     padded_batches,
-    plan_step,
     step_batches,
     step_examples,
     steps_per_epoch,
@@ -172,7 +172,7 @@ def epoch_efficiency(dataset, args, pad_id, packed):
     for step in range(steps_per_epoch(len(dataset), args.examples_per_step)):
         _, examples = step_examples(len(dataset), step, args.examples_per_step, args.seed)
         if packed:
-            plan = plan_step(dataset, examples, args.device_batch_size, pack_len=args.pack_len)
+            plan = arrange_step(dataset, examples, args.device_batch_size, pack_len=args.pack_len)
             real += sum(dataset.lengths[i] for mb in plan.micro_batches for row in mb for i in row)
             positions += sum(len(mb) * plan.row_len for mb in plan.micro_batches)
         else:
@@ -275,7 +275,7 @@ def main(argv=None):
 
     def packed(device_batch_size):
         def make(examples):
-            plan = plan_step(dataset, examples, device_batch_size, pack_len=args.pack_len)
+            plan = arrange_step(dataset, examples, device_batch_size, pack_len=args.pack_len)
             return step_batches(dataset, plan, pad_id, device), plan.num_supervised
         return make
 

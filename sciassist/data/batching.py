@@ -4,9 +4,9 @@ Conversations -> training batches, in three separately testable stages.
 1. tokenize_conversations: render each conversation with its supervision mask (only the
    assistant's tokens and its <|assistant_end|> are trained on), cut it to max_seq_len and
    count what was cut.
-2. plan_step: which conversations one optimizer step uses (a shuffle of the whole set per
+2. arrange_step: which conversations one optimizer step uses (a shuffle of the whole set per
    epoch, from the seed), how they are packed into rows, and which rows each rank runs.
-   The plan is a pure function of (dataset lengths, seed, step, world size), so every rank
+   The arrangement is a pure function of (dataset lengths, seed, step, world size), so every rank
    computes the same one without talking to the others, and a resumed run gets the same
    batches as an uninterrupted one.
 3. collate: rows -> tensors (inputs, targets) and, on the host, what the forward needs to
@@ -191,7 +191,7 @@ def balanced_row_len(lengths, num_rows, max_len):
 
 
 @dataclass
-class StepPlan:
+class StepRows:
     """What one rank does in one optimizer step.
 
     micro_batches: this rank's micro-batches; each is a list of rows, each row a list of
@@ -211,7 +211,7 @@ class StepPlan:
     num_examples: int
 
 
-def plan_step(dataset, example_indices, device_batch_size, world_size=1, rank=0, packed=True, pack_len=None):
+def arrange_step(dataset, example_indices, device_batch_size, world_size=1, rank=0, packed=True, pack_len=None):
     """Split one optimizer step's conversations into this rank's micro-batches.
 
     packed=True: the step's conversations are packed (best-fit) into rows of pack_len
@@ -247,7 +247,7 @@ def plan_step(dataset, example_indices, device_batch_size, world_size=1, rank=0,
     rows_per_rank = -(-len(rows) // world_size)
     num_micro = max(1, -(-rows_per_rank // rows_per_micro))
     micro_batches = [my_rows[k * rows_per_micro:(k + 1) * rows_per_micro] for k in range(num_micro)]
-    return StepPlan(micro_batches=micro_batches, row_len=row_len,
+    return StepRows(micro_batches=micro_batches, row_len=row_len,
                     num_supervised=sum(dataset.supervised[i] for i in example_indices),
                     num_examples=len(example_indices))
 

@@ -29,7 +29,7 @@ from sciassist.data.mixing import mix_conversations, parse_mix
 from sciassist.train.lora import adapter_optimizers, add_adapters
 from sciassist.train.settings import TrainError, TrainSettings
 from sciassist.train.state import resume_path
-from sciassist.train.step import peak_flops, plan_for
+from sciassist.train.step import arrange_for, peak_flops
 from sciassist.train.tracking import Tracker
 
 
@@ -248,7 +248,7 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     # The validation set is fixed: the same conversations (file order) at every evaluation.
     val_examples = list(range(min(len(val_set), settings.eval_steps * settings.device_batch_size)))
-    val_batches = (step_batches(val_set, plan_for(settings, runtime, val_set, val_examples), pad_id, device)
+    val_batches = (step_batches(val_set, arrange_for(settings, runtime, val_set, val_examples), pad_id, device)
                    if val_examples else [])
     optimizers = adapter_optimizers(model, settings) if lora is not None else _optimizers(model, settings)
     kernel = choose_attention_kernel(model, settings, precision) if settings.packing else None

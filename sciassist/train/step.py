@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sciassist.data.batching import plan_step, step_batches, step_examples
+from sciassist.data.batching import arrange_step, step_batches, step_examples
 
 SAVING_NOTICE = "saving the resume point, one moment"
 
@@ -229,9 +229,9 @@ class StepWork:
     row_len: int
 
 
-def plan_for(settings, runtime, dataset, examples):
+def arrange_for(settings, runtime, dataset, examples):
     """This rank's share of the micro-batches of `examples`, as the settings batch them."""
-    return plan_step(dataset, examples, settings.device_batch_size, runtime.world_size, runtime.rank,
+    return arrange_step(dataset, examples, settings.device_batch_size, runtime.world_size, runtime.rank,
                      packed=settings.packing, pack_len=settings.pack_len)
 
 
@@ -240,7 +240,7 @@ def forward_backward(run, step) -> StepWork:
     accumulate their gradients; the gradients are ready for apply_update."""
     s = run.settings
     epoch, examples = step_examples(len(run.train_set), step, s.target_examples_per_step, s.seed)
-    plan = plan_for(s, run.runtime, run.train_set, examples)
+    plan = arrange_for(s, run.runtime, run.train_set, examples)
     batches = step_batches(run.train_set, plan, run.pad_id, run.device)
     loss_sum = accumulate_gradients(run.train_model, batches, plan.num_supervised, run.autocast,
                                     run.runtime.world_size, run.no_sync, run.scaler)

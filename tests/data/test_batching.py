@@ -7,12 +7,12 @@ import torch
 from nanochat.gpt import GPT, GPTConfig
 from sciassist.data.batching import (
     ROW_MULTIPLE,
+    arrange_step,
     balanced_row_len,
     collate,
     epoch_order,
     pack_rows,
     padded_batches,
-    plan_step,
     step_batches,
     step_examples,
     steps_per_epoch,
@@ -155,14 +155,14 @@ def test_collate_packed_targets_layout_and_padding(tiny_tokenizer, dataset):
 
 def test_plan_packs_rows_to_a_budget_of_positions(dataset):
     examples = list(range(len(dataset)))
-    plan = plan_step(dataset, examples, device_batch_size=1)
+    plan = arrange_step(dataset, examples, device_batch_size=1)
     assert plan.row_len % ROW_MULTIPLE == 0 or plan.row_len == dataset.max_seq_len
     rows = [row for mb in plan.micro_batches for row in mb]
     assert all(sum(dataset.lengths[i] for i in row) <= plan.row_len for row in rows)
     # 1 row of max_seq_len positions per micro-batch = max_seq_len // row_len rows of row_len
     per_micro = max(1, dataset.max_seq_len // plan.row_len)
     assert all(len(mb) <= per_micro for mb in plan.micro_batches) and len(plan.micro_batches[0]) == per_micro
-    narrow = plan_step(dataset, examples, device_batch_size=1, pack_len=16)
+    narrow = arrange_step(dataset, examples, device_batch_size=1, pack_len=16)
     assert narrow.row_len <= plan.row_len and narrow.row_len >= max(dataset.lengths)
     batches = step_batches(dataset, plan, 0)
     assert all(b["inputs"].shape[1] == plan.row_len for b in batches)
@@ -186,7 +186,7 @@ def test_packing_does_not_leak_between_conversations(tiny_tokenizer, dataset, mo
 
 def test_packed_and_padded_sum_loss_are_equal(tiny_tokenizer, dataset, model):
     examples = list(range(len(dataset)))
-    plan = plan_step(dataset, examples, device_batch_size=2, packed=True)
+    plan = arrange_step(dataset, examples, device_batch_size=2, packed=True)
     packed = step_batches(dataset, plan, pad_id(tiny_tokenizer))
     padded = padded_batches(dataset, examples, 3, pad_id(tiny_tokenizer))
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_reshuffle_is_deterministic_and_differs_per_epoch():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharding_is_disjoint_with_equal_micro_steps(dataset, packed, world_size):
     examples = list(range(len(dataset)))
-    plans = [plan_step(dataset, examples, device_batch_size=1, world_size=world_size, rank=r, packed=packed)
+    plans = [arrange_step(dataset, examples, device_batch_size=1, world_size=world_size, rank=r, packed=packed)
              for r in range(world_size)]
     per_rank = [[i for mb in p.micro_batches for row in mb for i in row] for p in plans]
     flat = [i for ids in per_rank for i in ids]
@@ -237,12 +237,12 @@ def test_sharding_is_disjoint_with_equal_micro_steps(dataset, packed, world_size
     assert len({len(p.micro_batches) for p in plans}) == 1
     assert len({p.num_supervised for p in plans}) == 1 and plans[0].num_supervised == dataset.total_supervised()
     with pytest.raises(ValueError, match="rank"):
-        plan_step(dataset, examples, 1, world_size=2, rank=2)
+        arrange_step(dataset, examples, 1, world_size=2, rank=2)
 
 
 def test_micro_batch_without_supervision_contributes_zero(tiny_tokenizer, dataset, model):
     # more ranks than rows: some ranks get an empty micro-batch to stay in step with the others
-    plan = plan_step(dataset, [1], device_batch_size=4, world_size=2, rank=1)
+    plan = arrange_step(dataset, [1], device_batch_size=4, world_size=2, rank=1)
     assert plan.micro_batches == [[]]
     empty = collate(dataset, [], pad_id(tiny_tokenizer))
     assert empty["num_supervised"] == 0 and (empty["targets"] == -1).all()

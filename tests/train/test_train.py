@@ -13,7 +13,7 @@ import torch
 import sciassist.train.step as step_module
 from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from sciassist.data.batching import plan_step, step_batches, tokenize_conversations
+from sciassist.data.batching import arrange_step, step_batches, tokenize_conversations
 from sciassist.data.conversations import write_conversations
 from sciassist.pipelines.finetune import build_parser, settings_from_args
 from sciassist.train.loop import train
@@ -122,14 +122,14 @@ def test_evaluate_loss_is_per_supervised_token(tiny_tokenizer):
     model = GPT(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1, n_head=2,
                           n_kv_head=2, n_embd=32))
     model.init_weights()
-    batches = step_batches(dataset, plan_step(dataset, range(len(dataset)), 1), 0)
+    batches = step_batches(dataset, arrange_step(dataset, range(len(dataset)), 1), 0)
     with torch.no_grad():
         total = sum(model(b["inputs"], b["targets"], loss_reduction="sum", layout=b["layout"],
                           supervised_index=b["supervised_index"]).item()
                     for b in batches)
     expected = total / dataset.total_supervised()
     assert evaluate_loss(model, batches) == pytest.approx(expected, rel=1e-6)
-    empty = step_batches(dataset, plan_step(dataset, [0], 1, world_size=2, rank=1), 0)  # an all-ignored batch
+    empty = step_batches(dataset, arrange_step(dataset, [0], 1, world_size=2, rank=1), 0)  # an all-ignored batch
     assert evaluate_loss(model, batches + empty) == pytest.approx(expected, rel=1e-6)
     assert model.training  # evaluation leaves the mode as it found it
 
@@ -164,7 +164,7 @@ def test_unsupervised_targets_do_not_change_the_loss(tiny_base_dir, tiny_tokeniz
                                  {"role": "assistant", "content": "The correct answer is 5."},
                                  {"role": "user", "content": trailing}]}]
         ds = tokenize_conversations(tiny_tokenizer, records + arithmetic_conversations(10)[:3], max_seq_len=64)
-        plan = plan_step(ds, range(len(ds)), device_batch_size=1)
+        plan = arrange_step(ds, range(len(ds)), device_batch_size=1)
         model.zero_grad(set_to_none=True)
         return accumulate_gradients(model, step_batches(ds, plan, 0), plan.num_supervised).item(), plan.num_supervised
 
@@ -178,7 +178,7 @@ def test_unsupervised_targets_do_not_change_the_loss(tiny_base_dir, tiny_tokeniz
 
 def _one_step(model, dataset, device_batch_size, packed):
     optimizers = model.setup_optimizers(unembedding_lr=0.2, embedding_lr=5.0, matrix_lr=0.5)
-    plan = plan_step(dataset, range(len(dataset)), device_batch_size, packed=packed)
+    plan = arrange_step(dataset, range(len(dataset)), device_batch_size, packed=packed)
     batches = step_batches(dataset, plan, 0)
     loss = accumulate_gradients(model, batches, plan.num_supervised)
     grads = [p.grad.clone() for p in model.parameters()]
