@@ -115,8 +115,8 @@ def what_the_numbers_mean(s, report, evaluation):
             f"A generated answer counts only when the reply parses strictly as \"The correct answer is X. "
             f"<option>\"; a model this small, fine-tuned on a few dozen questions, rarely writes that line whole, "
             f"so the generated rows can be 0.00 while scored accuracy (the answer the model finds likeliest) "
-            f"is not.\nFor real numbers: make recipe-cpu SCIENCEQA=DIR (the CPU recipe, about half an hour on 2 "
-            f"cores; README, \"The CPU recipe\").")
+            f"is not.\nFor real numbers: make recipe-cpu SCIENCEQA=DIR (the CPU recipe: about 45 minutes on 2 "
+            f"AVX2 cores, it prints its own estimate; README, \"Results\").")
 
 
 def main(argv=None):
