@@ -351,16 +351,25 @@ def compile_by_default(device) -> bool:
 
 
 def _compile_warm_up(model, device, precision):
-    """One forward and backward of two packed rows (two documents each) through the compiled model."""
+    """Every graph a run compiles, compiled here, where a failure can still fall back: forward and
+    backward of packed rows, then the validation forward (eval mode, no gradients), each for two
+    rows and for one (torch specialises a size of 1)."""
     T = min(64, model.config.sequence_len)
-    layout = PackedLayout.from_row_lengths([[T // 2, T // 2 - 5], [T - 7, 3]], T)
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randint(0, model.config.vocab_size, (2, T), generator=generator).to(device)
-    supervised = torch.arange(0, 2 * T, 2).to(device)
-    with precision.autocast():
-        loss = model(inputs, inputs.roll(-1, 1), loss_reduction="sum", layout=layout.to(device),
-                     supervised_index=supervised)
-    loss.backward()
+    try:
+        for training in (True, False):
+            model.train(training)
+            for rows in ([[T // 2, T // 2 - 5], [T - 7, 3]], [[T - 9, 9]]):
+                layout = PackedLayout.from_row_lengths(rows, T)
+                inputs = torch.randint(0, model.config.vocab_size, (len(rows), T), generator=generator).to(device)
+                supervised = torch.arange(0, len(rows) * T, 2).to(device)
+                with torch.set_grad_enabled(training), precision.autocast():
+                    loss = model(inputs, inputs.roll(-1, 1), loss_reduction="sum", layout=layout.to(device),
+                                 supervised_index=supervised)
+                if training:
+                    loss.backward()
+    finally:
+        model.train()
 
 
 def _wrap_for_training(model, runtime: Runtime):

@@ -46,7 +46,7 @@ def packed_steps(count, vocab, seed=0):
             targets = inputs.roll(-1, 1)
             supervised = torch.tensor(sorted(rng.sample(range(B * T), B * T // 2)))
             batches.append({"inputs": inputs, "targets": targets, "supervised_index": supervised,
-                            "layout": PackedLayout.from_row_lengths(rows, T)})
+                            "num_supervised": len(supervised), "layout": PackedLayout.from_row_lengths(rows, T)})
         steps.append((batches, sum(len(b["supervised_index"]) for b in batches)))
     return steps
 
@@ -78,6 +78,22 @@ def test_twenty_steps_of_changing_rows_compile_a_fixed_handful_of_graphs():
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     for a, b in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_after_the_warm_up_training_and_validation_compile_nothing_more(monkeypatch):
+    from sciassist.train.step import evaluate_loss
+    backend = CountingBackend()
+    original = type(tiny_model()).compile_for_training
+    monkeypatch.setattr(type(tiny_model()), "compile_for_training", lambda self: original(self, backend=backend))
+    model = tiny_model(seed=4)
+    model.attention_kernel = "loop"
+    assert setup.compile_model(model, TrainSettings(compile=True), torch.device("cpu"), precision_for("cpu"))
+    warmed = backend.graphs
+    assert warmed > 0 and model.training and all(p.grad is None for p in model.parameters())
+    steps = packed_steps(20, model.config.vocab_size, seed=2)
+    run_steps(model, steps)
+    evaluate_loss(model, [b for batches, _ in steps[:3] for b in batches])
+    assert backend.graphs == warmed
 
 
 def test_compiling_keeps_the_state_dict_and_uncompile_restores_eager():
