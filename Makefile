@@ -118,4 +118,4 @@ rehearse-d20: install ## a random d20 in the published layout through train/eval
 	$(PY) bench/rehearse_d20.py --append $(ARGS)
 
 clean: ## remove the virtual environments and run outputs
-	rm -rf $(VENV) $(COLAB_VENV) $(NEWEST_VENV) finetuned_model_checkpoint eval_results demo_output notebook_output.ipynb .pytest_cache
+	rm -rf $(VENV) $(COLAB_VENV) $(NEWEST_VENV) .venv-wheel finetuned_model_checkpoint eval_results demo_output notebook_output.ipynb .pytest_cache

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from nanochat.optim import native_bf16
+
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 
@@ -161,13 +163,10 @@ def compute_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtyp
 
 
 def cuda_has_native_bf16(device: torch.device) -> bool:
-    """Ampere (compute capability 8.0) and newer compute bf16 in hardware. Older GPUs (T4 7.5,
-    V100 7.0) only emulate it, many times slower; torch.cuda.is_bf16_supported() says True for
-    them unless asked without emulation."""
-    if getattr(torch.version, "hip", None):  # ROCm: no compute capability to go by
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)
+    """Ampere (compute capability 8.0) and newer compute bf16 in hardware; older GPUs (T4 7.5,
+    V100 7.0) only emulate it, many times slower (nanochat.optim.native_bf16, which Muon's
+    dtype goes by too)."""
+    return native_bf16(device)
 
 
 def precision_for(device: torch.device | str, dtype: str = "auto") -> Precision:

@@ -58,16 +58,7 @@ from sciassist.common import (
 from sciassist.data.conversations import write_conversations
 from sciassist.data.scienceqa import FormatOptions, format_record, load_scienceqa, select_subset, skip_reason
 from sciassist.eval.run import SOURCE_MODEL, EvalSettings, evaluate, named_models
-from sciassist.pipelines.presets import (  # noqa: F401 (the presets live there; their names here too)
-    CPU,
-    CPU_LORA,
-    CPU_TUTOR,
-    GPU,
-    RECIPES,
-    Recipe,
-    RecipeError,
-    get_recipe,
-)
+from sciassist.pipelines.presets import RECIPES, RecipeError, get_recipe
 from sciassist.pipelines.tiny import MARKER_FILE, TinySettings, train_tiny
 from sciassist.train.loop import train
 from sciassist.train.settings import TrainSettings
@@ -257,13 +248,13 @@ class TimeLimit:
 
     def check(self, record):
         if "train_loss" in record:
-            self._estimate(record["step"], self.num_steps)
+            self._estimate(record["step"])
         if self.deadline is not None and time.time() > self.deadline:
             self.reached = True
             raise KeyboardInterrupt
 
-    def _estimate(self, step, num_steps):
-        now = time.time()
+    def _estimate(self, step):
+        now, num_steps = time.time(), self.num_steps
         if self.first is None:
             self.first = (step, now)
         elif step - self.first[0] == self.ESTIMATE_AFTER and num_steps:

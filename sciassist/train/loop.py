@@ -40,7 +40,7 @@ import time
 from tqdm import tqdm
 
 from nanochat.optim import muon_dtype_of
-from sciassist.common import announce_threads, synchronize, write_json
+from sciassist.common import announce_threads, synchronize, use_threads, write_json
 from sciassist.data.batching import step_examples
 from sciassist.train.files import (
     BestCheckpointWriter,
@@ -225,8 +225,10 @@ def _describe(run: Run) -> None:
         trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         run.log(f"LoRA: rank {s.lora_rank}, alpha {run.lora.lora_alpha:g}, dropout {s.lora_dropout:g}, targets "
                 f"{s.lora_targets}; {trainable:,} trainable parameters, the rest frozen")
-    if run.device.type == "cpu":
-        announce_threads(s.threads, say=None if run.runtime.is_main else (lambda line: None))
+    if run.device.type == "cpu" and run.runtime.is_main:
+        announce_threads(s.threads)
+    elif run.device.type == "cpu":  # the other ranks set theirs without a word
+        use_threads(s.threads)
     run.log(f"precision: {run.precision.name} ({run.precision.reason}); fp32 master weights"
             f"{', loss scaling (GradScaler)' if run.scaler is not None else ''}")
     run.log(f"data: {run.data_description}")

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from nanochat.attention import KERNELS as ATTENTION_KERNELS
 from nanochat.checkpoint import CONFIG_LIMITS
 from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
@@ -147,9 +149,9 @@ class TrainSettings:
                                  "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
                                  "ones, e.g. T4, V100; float32 on CPU and mps)")
     compile: bool | None = setting(None, "torch.compile the blocks and the loss (dynamic shapes, packed attention "
-                                         "left eager, so packed rows compile a few graphs, not one per step), "
-                                         "checked by one step before the run; default: on CUDA (falling back to "
-                                         "eager with one line if it fails there), off on CPU and mps")
+                                         "left eager, so packed rows compile a few graphs, not one per step), all "
+                                         "compiled by a warm-up before the run; default: on CUDA (falling back to "
+                                         "eager with one line if that fails), off on CPU and mps")
     muon_dtype: str = setting("auto", "dtype of Muon's Newton-Schulz iteration: auto | bfloat16 | float32 (auto: "
                                       "bfloat16 where the device has it natively, CUDA >= 8.0 or a CPU with "
                                       "AVX512-BF16/AMX; float32 elsewhere, where bf16 is emulated and many times "
@@ -165,7 +167,6 @@ class TrainSettings:
 
     def muon_torch_dtype(self):
         """--muon_dtype as a torch dtype (None: auto, the device decides)."""
-        import torch
         return None if self.muon_dtype == "auto" else getattr(torch, self.muon_dtype)
 
     def run_dir(self) -> Path:

@@ -320,9 +320,9 @@ def _optimizers(model, settings: TrainSettings):
 
 def compile_model(model, settings: TrainSettings, device, precision) -> bool:
     """--compile (default: on CUDA only): the model's blocks and loss compiled in place
-    (GPT.compile_for_training), proven by one forward and backward on a small packed batch
-    before the run starts. When that fails, the default falls back to eager with one line; a
-    --compile the user asked for is an error with the reason."""
+    (GPT.compile_for_training), every graph compiled by a warm-up before the run starts. When
+    that fails, the default falls back to eager with one line; a --compile the user asked for
+    is an error with the reason."""
     wanted = settings.compile if settings.compile is not None else compile_by_default(device)
     if not wanted:
         return False
@@ -346,7 +346,8 @@ def compile_model(model, settings: TrainSettings, device, precision) -> bool:
 
 
 def compile_by_default(device) -> bool:
-    """CUDA only: on CPU inductor needs a C++ compiler and measured no faster (bench/RESULTS.md)."""
+    """CUDA only: on CPU inductor needs a C++ compiler, and its 9% per step at the recipe's sizes
+    does not repay its minute of compiling on a short run (bench/RESULTS.md)."""
     return device.type == "cuda"
 
 

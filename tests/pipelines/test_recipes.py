@@ -5,7 +5,7 @@ import pytest
 
 from sciassist.data.conversations import read_conversations
 from sciassist.data.scienceqa import FormatOptions, load_scienceqa
-from sciassist.pipelines import recipes
+from sciassist.pipelines import presets, recipes
 
 
 def raw_question(pid="1", choices=("cat", "dog", "fish"), answer=1):
@@ -15,15 +15,15 @@ def raw_question(pid="1", choices=("cat", "dog", "fish"), answer=1):
 
 
 def test_get_recipe_merges_dict_fields_and_rejects_unknown_names():
-    recipe = recipes.get_recipe("cpu", train={"num_iterations": 7}, shuffled_copies=1)
+    recipe = presets.get_recipe("cpu", train={"num_iterations": 7}, shuffled_copies=1)
     assert recipe.train["num_iterations"] == 7
-    assert recipe.train["matrix_lr"] == recipes.CPU.train["matrix_lr"]  # the other keys stay
-    assert recipe.shuffled_copies == 1 and recipes.CPU.shuffled_copies == 7  # the preset is untouched
+    assert recipe.train["matrix_lr"] == presets.CPU.train["matrix_lr"]  # the other keys stay
+    assert recipe.shuffled_copies == 1 and presets.CPU.shuffled_copies == 7  # the preset is untouched
     with pytest.raises(recipes.RecipeError, match="unknown recipe 'nope'"):
-        recipes.get_recipe("nope")
+        presets.get_recipe("nope")
     with pytest.raises(recipes.RecipeError, match="unknown recipe field"):
-        recipes.get_recipe("cpu", epochs=3)
-    assert recipes.RECIPES["gpu"].tested is False
+        presets.get_recipe("cpu", epochs=3)
+    assert presets.RECIPES["gpu"].tested is False
 
 
 def test_shuffled_copy_moves_the_answer_with_its_option():
@@ -40,7 +40,7 @@ def test_shuffled_copy_moves_the_answer_with_its_option():
 
 
 def test_training_records_answer_only_with_copies():
-    options = FormatOptions(**recipes.CPU.data)
+    options = FormatOptions(**presets.CPU.data)
     raw = [raw_question("1"), raw_question("2", answer=0), {**raw_question("3"), "question": None}]
     records, skipped = recipes.training_records(raw, options, shuffled_copies=2, seed=1)
     assert skipped == 1 and len(records) == 6
@@ -68,7 +68,7 @@ def test_headline_reads_an_evaluation_summary():
 
 
 def test_prepare_recipe_data_keeps_selection_and_sft_val_apart(tmp_path, scienceqa_dir):
-    recipe = recipes.get_recipe("cpu", eval_limit=50, sft_val_size=20, shuffled_copies=0)
+    recipe = presets.get_recipe("cpu", eval_limit=50, sft_val_size=20, shuffled_copies=0)
     paths, counts = recipes.prepare_recipe_data(recipe, scienceqa_dir, tmp_path, splits=("val",))
     eval_pids = {r["meta"]["pid"] for r in read_conversations(paths["eval_val"])}
     sft_pids = {r["meta"]["pid"] for r in read_conversations(paths["sft_val"])}
@@ -126,7 +126,7 @@ def test_run_recipe_in_miniature(tmp_path, sample_dir):
     assert letter["base_reused"] and val["scoring"] == "letter" and 0.0 <= val["choice_acc"] <= 1.0
     assert (tmp_path / "letter" / "eval_val_choice" / "table.md").is_file()
     # a second run with the same base settings reuses the base
-    again, reused = recipes.build_base(recipes.get_recipe("cpu", tiny=summary["recipe"]["tiny"]), str(sample_dir),
+    again, reused = recipes.build_base(presets.get_recipe("cpu", tiny=summary["recipe"]["tiny"]), str(sample_dir),
                                        out / "base")
     assert reused and again["step"] == 2
 
@@ -148,7 +148,7 @@ MINIATURE = dict(
 
 def test_every_recipe_is_budgeted_in_steps():
     # a time limit would make the trained model depend on the machine's speed
-    for recipe in recipes.RECIPES.values():
+    for recipe in presets.RECIPES.values():
         assert isinstance(recipe.tiny.get("steps"), int) and "max_minutes" not in recipe.tiny, recipe.name
         assert isinstance(recipe.train.get("num_iterations"), int), recipe.name
         assert not any("minutes" in key for key in recipe.train), recipe.name
