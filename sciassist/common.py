@@ -3,8 +3,10 @@ command line generated from a settings dataclass.
 
 Settings dataclasses are the one source of defaults. A field becomes `--<name>`; its help is
 `setting(default, help)`'s text; bools take `--x`, `--x false` and `--no_x`; Optional[T]
-fields take `none`. A renamed flag keeps working for a while: the parser rewrites it and
-says so on stderr.
+fields take `none`. What a value may be (choices, bounds, a rule of its own) is declared on the
+field too, and checked by one function, value_problem: when the flag is parsed, and by
+check_fields for settings built in code. A renamed flag keeps working for a while: the parser
+rewrites it and says so on stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -225,13 +228,24 @@ def write_json(path, data) -> Path:
 
 # ----------------------------------------------------------------------------- settings -> argparse
 
-def setting(default, help: str, **cli):
-    """A settings field: its default, its --help text, and optional details: choices=[...],
-    at_least=N / at_most=N (a number's allowed range, checked when the flag is parsed and by
-    check_ranges), flags=("-p",) for extra option strings, cli=False to keep it off the CLI."""
+# What a setting() may say about its values; every rule is checked by value_problem, when the flag
+# is parsed and by check_fields for settings built in code.
+RULES = ("choices", "at_least", "at_most", "above", "below", "check")
+CLI_DETAILS = ("flags", "cli", "required")
+
+
+def setting(default, help: str, **details):
+    """A settings field: its default, its --help text, and what its value may be, declared once:
+    choices=[...]; at_least=N / at_most=N (inclusive bounds), above=N / below=N (exclusive);
+    check=function(value) -> what is wrong or None (a rule of this field alone). For the command
+    line: flags=("-p",) more option strings, cli=False to leave it off, required=True."""
+    unknown = sorted(set(details) - set(RULES) - set(CLI_DETAILS))
+    if unknown:
+        raise TypeError(f"setting() got unknown detail(s) {', '.join(unknown)}")
+    metadata = {"help": help, **details}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **cli})
-    return dataclasses.field(default=default, metadata={"help": help, **cli})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def parse_bool(text) -> bool:
@@ -243,38 +257,80 @@ def parse_bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def range_problem(value, meta) -> str | None:
-    """What is wrong with a number for a field's at_least / at_most, or None (None values pass)."""
-    low, high = meta.get("at_least"), meta.get("at_most")
-    if value is None or (low is None and high is None) or isinstance(value, bool):
+def value_problem(value, meta) -> str | None:
+    """What is wrong with `value` by a field's rules (RULES), or None. None values (an Optional
+    field's "none") and bools pass the number rules."""
+    if value is None:
         return None
-    if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+    if "choices" in meta and value not in meta["choices"]:
+        return f"must be one of {', '.join(map(str, meta['choices']))}"
+    problem = _range_problem(value, meta)
+    if problem is None and meta.get("check") is not None:
+        problem = meta["check"](value)
+    return problem
+
+
+def _range_problem(value, meta) -> str | None:
+    low, high = meta.get("at_least"), meta.get("at_most")
+    above, below = meta.get("above"), meta.get("below")
+    if (low, high, above, below) == (None,) * 4 or isinstance(value, bool):
+        return None
+    if not isinstance(value, (int, float)):
+        return "must be a number"
+    if not math.isfinite(value):
         return "must be a finite number"
-    if low is not None and high is not None and not low <= value <= high:
-        return f"must be between {low} and {high}"
-    if low is not None and value < low:
-        return f"must be >= {low}"
-    if high is not None and value > high:
-        return f"must be <= {high}"
-    return None
+    if ((low is None or value >= low) and (above is None or value > above)
+            and (high is None or value <= high) and (below is None or value < below)):
+        return None
+    return "must be " + describe_range(low, high, above, below)
 
 
-def check_ranges(settings) -> None:
-    """Raise UserError naming the flag for every number of `settings` outside its field's range
-    (the same check the command line makes, for settings built in code)."""
-    problems = [f"--{f.name} {problem}, got {getattr(settings, f.name)!r}" for f in dataclasses.fields(settings)
-                if (problem := range_problem(getattr(settings, f.name), f.metadata))]
+def describe_range(low=None, high=None, above=None, below=None) -> str:
+    """A range in words: "between 1 and 10", ">= 0", "a positive number <= 100", "a fraction in [0, 1)"."""
+    if above == 0:
+        upper = f" <= {high}" if high is not None else f" < {below}" if below is not None else ""
+        return "a positive number" + upper
+    lower = low if low is not None else above
+    upper = high if high is not None else below
+    if lower is None:
+        return f"<= {high}" if high is not None else f"< {below}"
+    if upper is None:
+        return f">= {low}" if low is not None else f"> {above}"
+    if low is not None and high is not None:
+        return f"between {low} and {high}"
+    interval = f"{'[' if low is not None else '('}{lower}, {upper}{']' if high is not None else ')'}"
+    return f"a fraction in {interval}" if (lower, upper) == (0, 1) else f"in {interval}"
+
+
+def field_problems(settings) -> list[str]:
+    """'--<flag> <problem>, got <value>' for every field of `settings` that breaks its rules."""
+    problems = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        for item in (value if isinstance(value, list) else [value]):
+            problem = value_problem(item, f.metadata)
+            if problem:
+                problems.append(f"--{f.name} {problem}, got {item!r}")
+                break
+    return problems
+
+
+def check_fields(settings, error=None) -> None:
+    """Raise `error` (UserError by default) naming every flag whose value breaks its field's rules:
+    for settings built in code, the same check the command line makes when it parses them."""
+    problems = field_problems(settings)
     if problems:
-        raise UserError("invalid settings: " + "; ".join(problems))
+        raise (error or UserError)("invalid settings: " + "; ".join(problems))
 
 
-def _in_range(parse, meta):
-    if meta.get("at_least") is None and meta.get("at_most") is None:
+def _checked(parse, meta):
+    """`parse` (text -> value), then the field's rules: a broken rule is argparse's error for the flag."""
+    if not any(meta.get(rule) is not None for rule in RULES):
         return parse
 
     def checked(text):
         value = parse(text)
-        problem = range_problem(value, meta)
+        problem = value_problem(value, meta)
         if problem:
             raise argparse.ArgumentTypeError(f"{problem}, got {text}")
         return value
@@ -327,12 +383,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: st
         if typing.get_origin(inner) is list:
             item = typing.get_args(inner)[0]
             kwargs.update(action="append", default=kwargs["default"] if only_given else list(default),
-                          metavar=item.__name__.upper(), type=item)
+                          metavar=item.__name__.upper(), type=_checked(item, meta))
             kwargs["help"] += "; repeatable"
         elif optional:
-            kwargs.update(type=_in_range(_optional(inner), meta), metavar=inner.__name__.upper())
+            kwargs.update(type=_checked(_optional(inner), meta), metavar=inner.__name__.upper())
         else:
-            kwargs.update(type=_in_range(inner, meta), metavar=inner.__name__.upper())
+            kwargs.update(type=_checked(inner, meta), metavar=inner.__name__.upper())
         if meta.get("required"):
             kwargs.pop("default")
             kwargs["required"] = True

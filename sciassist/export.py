@@ -56,7 +56,15 @@ from nanochat.checkpoint import CheckpointError
 from nanochat.gpt import SOFTCAP
 from nanochat.tokenizer import SPECIAL_TOKENS
 from sciassist.checkpoints import CheckpointSettings, choose_checkpoint, load_choice
-from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser, write_json
+from sciassist.common import (
+    UserError,
+    check_fields,
+    print_error,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+    write_json,
+)
 from sciassist.hf_import import byte_symbols
 from sciassist.hf_import import weight_names as nanochat_names
 from sciassist.model_card import model_card
@@ -325,8 +333,7 @@ def export(settings: ExportSettings, api: HfApi | None = None) -> dict:
         raise ExportError("--out_dir is required: the folder to write")
     out_dir = Path(settings.out_dir).expanduser()
     check_out_dir(out_dir)
-    if settings.dtype not in DTYPES:
-        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+    check_fields(settings, ExportError)
     choice = choose_checkpoint(settings.checkpoint, settings.source, settings.model_tag, settings.model_step,
                                settings.base_dir, settings.finetuned_dir)
     loaded = load_choice(choice, device=settings.device)

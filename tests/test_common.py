@@ -10,7 +10,8 @@ import torch
 from sciassist.common import (
     UserError,
     autocast,
-    check_ranges,
+    check_fields,
+    describe_range,
     resolve_device,
     setting,
     settings_from_namespace,
@@ -27,6 +28,9 @@ class Example:
     packing: bool = setting(True, "pack rows")
     origins: list[str] = setting([], "allowed origins")
     name: str = setting("run", "a name", choices=["run", "other"])
+    rate: float = setting(0.1, "a rate", above=0, at_most=10.0)
+    share: float = setting(0.5, "a share", at_least=0, below=1)
+    tag: str = setting("a", "a tag", check=lambda text: None if text.isalpha() else "must be letters only")
 
 
 def parse(*argv):
@@ -49,7 +53,11 @@ def test_every_field_is_a_flag_with_its_default():
     (["--temperature", "3"], "argument --temperature: must be between 0.0 and 2.0, got 3"),
     (["--temperature", "nan"], "argument --temperature: must be a finite number, got nan"),
     (["--limit", "-5"], "argument --limit: must be >= 1, got -5"),
-    (["--name", "x"], "invalid choice: 'x'"),
+    (["--name", "x"], "argument --name: must be one of run, other, got x"),
+    (["--rate", "0"], "argument --rate: must be a positive number <= 10.0, got 0"),
+    (["--rate", "inf"], "argument --rate: must be a finite number, got inf"),
+    (["--share", "1"], "argument --share: must be a fraction in [0, 1), got 1"),
+    (["--tag", "a1"], "argument --tag: must be letters only, got a1"),
     (["--packing", "maybe"], "expected true or false"),
 ])
 def test_bad_values_are_refused_at_parse_time_with_the_range(argv, message, capsys):
@@ -63,10 +71,45 @@ def test_renamed_flags_still_work_with_a_note(capsys):
     assert "note: --bs is now --batch_size" in capsys.readouterr().err
 
 
-def test_check_ranges_for_settings_built_in_code():
-    check_ranges(Example())
+def test_check_fields_for_settings_built_in_code():
+    check_fields(Example())
     with pytest.raises(UserError, match=r"--batch_size must be >= 1, got 0; --temperature must be between"):
-        check_ranges(Example(batch_size=0, temperature=-1.0))
+        check_fields(Example(batch_size=0, temperature=-1.0))
+    with pytest.raises(UserError) as info:
+        check_fields(Example(name="x", rate=-1.0, share=float("nan"), tag="a b", limit=None))
+    assert str(info.value) == ("invalid settings: --name must be one of run, other, got 'x'; --rate must be a "
+                               "positive number <= 10.0, got -1.0; --share must be a finite number, got nan; "
+                               "--tag must be letters only, got 'a b'")
+
+    class OwnError(UserError):
+        pass
+    with pytest.raises(OwnError, match="--limit must be >= 1, got 0"):
+        check_fields(Example(limit=0), OwnError)
+
+
+def test_the_parser_and_check_fields_say_the_same_for_the_same_value(capsys):
+    for flag, text, value in [("batch_size", "0", 0), ("share", "2", 2.0), ("name", "x", "x"), ("tag", "1", "1")]:
+        with pytest.raises(SystemExit):
+            parse(f"--{flag}", text)
+        parsed = capsys.readouterr().err.split(f"argument --{flag}: ")[1].rsplit(", got", 1)[0]
+        with pytest.raises(UserError) as info:
+            check_fields(Example(**{flag: value}))
+        assert str(info.value) == f"invalid settings: --{flag} {parsed}, got {value!r}"
+
+
+@pytest.mark.parametrize("bounds, words", [
+    ({"low": 1, "high": 10}, "between 1 and 10"), ({"low": 0}, ">= 0"), ({"high": 5}, "<= 5"),
+    ({"above": 2}, "> 2"), ({"below": 3}, "< 3"), ({"above": 0}, "a positive number"),
+    ({"above": 0, "high": 100.0}, "a positive number <= 100.0"), ({"low": 0, "below": 1}, "a fraction in [0, 1)"),
+    ({"above": 1, "high": 4}, "in (1, 4]"),
+])
+def test_ranges_in_words(bounds, words):
+    assert describe_range(**bounds) == words
+
+
+def test_a_misspelt_rule_is_refused_where_the_setting_is_declared():
+    with pytest.raises(TypeError, match="unknown detail"):
+        setting(1, "x", at_lest=0)
 
 
 def test_device_and_precision_on_cpu():

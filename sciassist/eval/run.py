@@ -45,7 +45,7 @@ from sciassist.common import (
     THREADS_HELP,
     UserError,
     announce_threads,
-    check_ranges,
+    check_fields,
     print_error,
     resolve_device,
     setting,
@@ -188,15 +188,7 @@ def run_options(settings, records):
 
 def _check_settings(settings, models):
     """Refuse bad settings before any model is loaded; returns {name: spec} of the models to load."""
-    check_ranges(settings)
-    if settings.prompt_style not in PROMPT_STYLES:
-        raise EvaluationError(f"--prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
-                              f"got {settings.prompt_style!r}")
-    if settings.scoring not in (*SCORING_MODES, "auto"):
-        raise EvaluationError(f"--scoring must be one of auto, {', '.join(SCORING_MODES)}, got {settings.scoring!r}")
-    if settings.answer_format not in (*ANSWER_FORMATS, "auto"):
-        raise EvaluationError(f"--answer_format must be one of auto, {', '.join(ANSWER_FORMATS)}, "
-                              f"got {settings.answer_format!r}")
+    check_fields(settings, EvaluationError)  # each field's declared choices and range
     if settings.scoring == "choice" and settings.prompt_style != "sciassist":
         raise EvaluationError("--scoring choice scores the SciAssist answer line; use it with --prompt_style sciassist")
     if settings.constrain_answers and settings.prompt_style != "sciassist":

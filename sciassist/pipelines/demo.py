@@ -25,6 +25,7 @@ from sciassist.common import (
     THREADS_HELP,
     UserError,
     announce_threads,
+    check_fields,
     print_error,
     setting,
     settings_from_namespace,
@@ -45,7 +46,7 @@ class DemoSettings:
     base_steps: int | None = setting(None, "pretraining steps of the tiny base (default: 4 passes over its text)",
                                      at_least=1)
     base_minutes: float | None = setting(None, "opt-in time limit of the tiny base instead (the steps then "
-                                               "depend on the machine)", at_least=1e-9)
+                                               "depend on the machine)", above=0)
     depth: int = setting(4, "depth of the tiny base")
     train_size: str | None = setting(None, "training questions, a number or all (default: all of the sample, "
                                            "2000 of a full copy)")
@@ -60,6 +61,7 @@ class DemoSettings:
 
 
 def run_demo(s):
+    check_fields(s)
     started = time.time()
     announce_threads(s.threads)
     out = Path(s.out_dir)

@@ -375,7 +375,7 @@ class RecipeCommand:
                                          "settings (another run's <out_dir>/base); default <out_dir>/base")
     threads: int = setting(1, THREADS_HELP, at_least=1, at_most=4096)
     max_minutes: float | None = setting(None, "opt-in: stop the fine-tune after this many minutes (the result is "
-                                              "then not the recipe's model; the summary says so)", at_least=1e-9)
+                                              "then not the recipe's model; the summary says so)", above=0)
 
 
 def main(argv=None):

@@ -61,6 +61,7 @@ from nanochat.gpt import GPT, config_for_depth
 from sciassist.common import (
     THREADS_HELP,
     autocast,
+    check_fields,
     precision_for,
     print_error,
     resolve_device,
@@ -89,24 +90,25 @@ class TinySettings:
     out_dir: str = setting(None, "nanochat base dir to write (tokenizer/, base_checkpoints/)", required=True)
     scienceqa: str = setting("sample", "ScienceQA source of the training text: sample | DIR (lupantech layout) | hf")
     vocab_size: int | None = setting(None, "default: 4096 capped at one token per 64 bytes of training text (>= 512)")
-    depth: int = setting(4, "transformer layers")
-    n_embd: int | None = setting(None, "width (default: nanochat's 64 * depth)")
-    n_head: int | None = setting(None, "attention heads (default: heads of 128 channels)")
-    sequence_len: int = setting(512, "positions per row")
-    device_batch_size: int = setting(8, "rows per step")
+    depth: int = setting(4, "transformer layers", at_least=1)
+    n_embd: int | None = setting(None, "width (default: nanochat's 64 * depth)", at_least=1)
+    n_head: int | None = setting(None, "attention heads (default: heads of 128 channels)", at_least=1)
+    sequence_len: int = setting(512, "positions per row", at_least=2)
+    device_batch_size: int = setting(8, "rows per step", at_least=1)
     steps: int | None = setting(None, "exact number of optimizer steps (deterministic weights; ignores "
-                                      "--max_epochs and --max_minutes)")
+                                      "--max_epochs and --max_minutes)", at_least=1)
     max_epochs: float | None = setting(4.0, "at most this many passes over the training text (see the module "
-                                            "docstring)")
+                                            "docstring)", above=0)
     max_minutes: float | None = setting(None, "opt-in time limit up to the final evaluation, when --steps is not "
                                               "given: the step count then depends on the machine's speed",
-                                        at_least=1e-9)
-    warmdown_ratio: float = setting(0.2, "fraction of the steps over which the learning rate decays to 0")
-    matrix_lr: float = setting(0.02, "Muon learning rate (nanochat's base training)")
-    embedding_lr: float = setting(0.2, "AdamW learning rate of the embedding")
-    unembedding_lr: float = setting(0.004, "AdamW learning rate of lm_head")
-    val_rows: int = setting(16, "rows of sequence_len tokens of val text for val_bpb")
-    seed: int = setting(42, "seed of the data order and the initial weights")
+                                        above=0)
+    warmdown_ratio: float = setting(0.2, "fraction of the steps over which the learning rate decays to 0",
+                                    at_least=0, at_most=1)
+    matrix_lr: float = setting(0.02, "Muon learning rate (nanochat's base training)", above=0)
+    embedding_lr: float = setting(0.2, "AdamW learning rate of the embedding", above=0)
+    unembedding_lr: float = setting(0.004, "AdamW learning rate of lm_head", above=0)
+    val_rows: int = setting(16, "rows of sequence_len tokens of val text for val_bpb", at_least=1)
+    seed: int = setting(42, "seed of the data order and the initial weights", at_least=0)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int | None = setting(1, THREADS_HELP, at_least=1, at_most=4096)
     overwrite: bool = setting(False, "replace tokenizer/ and base_checkpoints/ not written by this module")
@@ -183,14 +185,7 @@ def train_tiny(settings):
 def _check(s):
     if s.steps is None and s.max_epochs is None and s.max_minutes is None:
         raise TinyError("give --steps N, --max_epochs E or --max_minutes M: the run needs a budget")
-    if s.max_minutes is not None and not s.max_minutes > 0:
-        raise TinyError(f"max_minutes must be positive, got {s.max_minutes}")
-    if s.steps is not None and s.steps < 1:
-        raise TinyError(f"--steps must be at least 1, got {s.steps}")
-    if s.max_epochs is not None and not s.max_epochs > 0:
-        raise TinyError(f"max_epochs must be positive, got {s.max_epochs}")
-    if not 0 <= s.warmdown_ratio <= 1:
-        raise TinyError(f"warmdown_ratio must be in [0, 1], got {s.warmdown_ratio}")
+    check_fields(s, TinyError)
 
 
 def _texts(source):

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import muon
+from sciassist.common import check_fields
 from sciassist.train.settings import TrainError, TrainSettings, lora_target_names
 
 ADAPTER_NAME = "default"  # peft's name of the one adapter
@@ -62,13 +63,6 @@ def lora_config(settings: TrainSettings):
                       target_modules=lora_target_names(settings.lora_targets), bias="none")
 
 
-def projection_names(model: GPT) -> list[str]:
-    """The names (last part) of the Linear layers of the transformer blocks: what --lora_targets may name."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.transformer.h.named_modules()
-             if isinstance(module, torch.nn.Linear)}
-    return sorted(names)
-
-
 def add_adapters(model: GPT, settings: TrainSettings):
     """Inject the adapters of --lora_rank/--lora_alpha/--lora_dropout/--lora_targets into `model`
     (in place; peft initialises A randomly from torch's generator and B to zero, so the model's
@@ -76,12 +70,7 @@ def add_adapters(model: GPT, settings: TrainSettings):
     # peft: a heavy optional dependency, imported only by LoRA runs (see lora_config)
     from peft import inject_adapter_in_model
 
-    targets = lora_target_names(settings.lora_targets)
-    valid = projection_names(model)
-    unknown = [name for name in targets if name not in valid]
-    if unknown or not targets:
-        raise TrainError(f"--lora_targets {settings.lora_targets!r}: unknown module name(s) "
-                         f"{', '.join(unknown) or '(none given)'}; the valid names are {', '.join(valid)}")
+    check_fields(settings, TrainError)  # --lora_targets among them: names of nanochat's block projections
     config = lora_config(settings)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, p in model.named_parameters():  # peft froze the base; make sure nothing else trains

@@ -3,8 +3,6 @@ of the same name), the checks of their values, and the command line built from t
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from sciassist.common import (
     DTYPES,
     THREADS_HELP,
     UserError,
-    range_problem,
+    field_problems,
     resolve_device,
     setting,
 )
@@ -54,6 +52,24 @@ def lora_target_names(text: str) -> list[str]:
     return [name.strip() for name in str(text).split(",") if name.strip()]
 
 
+def lora_targets_problem(text: str) -> str | None:
+    """--lora_targets' rule: one or more of LORA_TARGETS, comma-separated."""
+    targets = lora_target_names(text)
+    unknown = [name for name in targets if name not in LORA_TARGETS]
+    if unknown or not targets:
+        return (f"names unknown module name(s) {', '.join(unknown) or '(none given)'}; the valid names are "
+                f"{', '.join(LORA_TARGETS)} (comma-separated)")
+    return None
+
+
+def _steps_problem(value) -> str | None:
+    return "must be -1 (from epochs) or > 0" if value == 0 else None
+
+
+def _folder_name_problem(text) -> str | None:
+    return None if text and "/" not in text and text not in (".", "..") else "must be a plain folder name"
+
+
 class TrainError(UserError):
     """A problem the user can fix (bad flag, missing file, diverged run); the message says how."""
 
@@ -74,7 +90,7 @@ class TrainSettings:
     val_path: str | None = setting(None, "validation JSONL (default: scienceqa_val.jsonl for 'scienceqa', "
                                          "else the last --val_split of --data_path)")
     val_split: float = setting(0.1, "fraction of --data_path held out for validation when there is no --val_path "
-                                    "(the last lines of the file; 0 = no validation)", at_least=0, at_most=1)
+                                    "(the last lines of the file; 0 = no validation)", at_least=0, below=1)
     mix: str = setting("", "more conversations mixed into the training set, each as a share of it: "
                            "FILE.jsonl:SHARE[,FILE:SHARE...], e.g. general.jsonl:0.2 (20% of the training "
                            "conversations; validation stays the main data's)")
@@ -83,7 +99,8 @@ class TrainSettings:
     max_seq_len: int = setting(2048, "longest conversation in positions; longer ones are truncated (and counted)",
                                at_least=16, at_most=MAX_POSITIONS)
     # model
-    source: str = setting("sft", f"checkpoint kind in --base_dir to start from: {' | '.join(SOURCES)}")
+    source: str = setting("sft", f"checkpoint kind in --base_dir to start from: {' | '.join(SOURCES)}",
+                          choices=list(SOURCES))
     model_tag: str | None = setting(None, "model folder, e.g. d20 (default: the largest d<N> present)")
     model_step: int | None = setting(None, "checkpoint step (default: the latest)", at_least=0)
     base_dir: str | None = setting(None, "nanochat base dir (default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
@@ -92,20 +109,21 @@ class TrainSettings:
     # optimisation
     num_epochs: int = setting(4, "passes over the training set", at_least=0, at_most=MAX_EPOCHS)
     num_iterations: int = setting(-1, "total optimizer steps; -1 = num_epochs x (train examples // "
-                                      "target_examples_per_step)", at_least=-1, at_most=MAX_STEPS)
+                                      "target_examples_per_step)", at_least=-1, at_most=MAX_STEPS,
+                                  check=_steps_problem)
     device_batch_size: int = setting(8, "micro-batch size per GPU, in rows of max_seq_len positions (packed rows "
                                         "are often shorter, then more of them fit); conversations when not packed",
                                      at_least=1, at_most=MAX_BATCH)
     target_examples_per_step: int = setting(64, "conversations per optimizer step over all GPUs (effective batch)",
                                             at_least=1, at_most=MAX_BATCH)
-    matrix_lr: float = setting(0.01, "Muon learning rate for the transformer matrices", at_least=0, at_most=MAX_LR)
+    matrix_lr: float = setting(0.01, "Muon learning rate for the transformer matrices", above=0, at_most=MAX_LR)
     embedding_lr: float = setting(0.1, "AdamW learning rate for the token embedding (x (n_embd/768)^-0.5)",
-                                  at_least=0, at_most=MAX_LR)
-    unembedding_lr: float = setting(0.002, "AdamW learning rate for lm_head (x (n_embd/768)^-0.5)", at_least=0,
+                                  above=0, at_most=MAX_LR)
+    unembedding_lr: float = setting(0.002, "AdamW learning rate for lm_head (x (n_embd/768)^-0.5)", above=0,
                                     at_most=MAX_LR)
     weight_decay: float = setting(0.0, "Muon weight decay", at_least=0, at_most=MAX_LR)
     init_lr_frac: float = setting(0.02, "every learning rate is multiplied by this (nanochat's SFT convention)",
-                                  at_least=0, at_most=1)
+                                  above=0, at_most=1)
     warmup_steps: int = setting(0, "linear warmup steps before the linear decay to zero", at_least=0,
                                 at_most=MAX_STEPS)
     grad_clip: float = setting(0.0, "clip the gradient norm to this (0 = off)", at_least=0, at_most=1e6)
@@ -119,13 +137,14 @@ class TrainSettings:
                                 "train, Muon at --lora_lr, and the run saves the merged model plus <run>/adapter/",
                              at_least=0, at_most=MAX_LORA_RANK)
     lora_alpha: float | None = setting(None, "LoRA scaling alpha (the update is alpha/r x B A; default: 2 x "
-                                             "--lora_rank)", at_least=0, at_most=1e6)
-    lora_dropout: float = setting(0.0, "dropout on the adapters' input (0..1)", at_least=0, at_most=1)
+                                             "--lora_rank)", above=0, at_most=1e6)
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input, a fraction in [0, 1)", at_least=0, below=1)
     lora_targets: str = setting(",".join(LORA_TARGETS), f"comma-separated block projections to adapt, of "
-                                                        f"{', '.join(LORA_TARGETS)} (c_proj: attention and MLP)")
+                                                        f"{', '.join(LORA_TARGETS)} (c_proj: attention and MLP)",
+                            check=lora_targets_problem)
     lora_lr: float = setting(0.1, "Muon learning rate of the LoRA adapters (x --init_lr_frac, like every lr; "
                                    "--matrix_lr, --embedding_lr and --unembedding_lr do not apply with LoRA)",
-                             at_least=0, at_most=MAX_LR)
+                             above=0, at_most=MAX_LR)
     # evaluation
     eval_every: int = setting(25, "validation loss every N steps (and at step 0 and the end; 0 = only those)",
                               at_least=0, at_most=MAX_STEPS)
@@ -135,7 +154,8 @@ class TrainSettings:
                                       "(sciassist_train.py / sciassist.pipelines.finetune)")
     # output
     out_dir: str = setting(DEFAULT_FINETUNED_DIR, "where runs are written")
-    output_tag: str = setting("finetuned", "run name: files go to <out_dir>/<output_tag>/")
+    output_tag: str = setting("finetuned", "run name: files go to <out_dir>/<output_tag>/",
+                              check=_folder_name_problem)
     save_every: int = setting(250, "write a resume point every N steps (0 = only at the end / on Ctrl-C)",
                               at_least=0, at_most=MAX_STEPS)
     resume: bool = setting(False, "continue the run in <out_dir>/<output_tag>/resume/ (same flags)")
@@ -147,7 +167,7 @@ class TrainSettings:
     threads: int | None = setting(None, THREADS_HELP, at_least=1, at_most=4096)
     dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 (auto: bfloat16 autocast on CUDA GPUs with "
                                  "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
-                                 "ones, e.g. T4, V100; float32 on CPU and mps)")
+                                 "ones, e.g. T4, V100; float32 on CPU and mps)", choices=list(DTYPES))
     compile: bool | None = setting(None, "torch.compile the blocks and the loss (dynamic shapes, packed attention "
                                          "left eager, so packed rows compile a few graphs, not one per step), all "
                                          "compiled by a warm-up before the run; default: on CUDA (falling back to "
@@ -174,50 +194,15 @@ class TrainSettings:
 
 
 def check_settings(s: TrainSettings) -> None:
-    """Raise TrainError naming the flag for any value that cannot work."""
-    problems = []
-
-    def need(ok, flag, what):
-        if not ok:
-            problems.append(f"--{flag} {what}, got {getattr(s, flag)!r}")
-
-    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"):
-        value = getattr(s, name)
-        need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, "must be a positive number")
-    need(s.init_lr_frac <= 1 if isinstance(s.init_lr_frac, (int, float)) else True, "init_lr_frac", "must be <= 1")
-    need(math.isfinite(s.weight_decay) and s.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(math.isfinite(s.grad_clip) and s.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
-    need(0 <= s.val_split < 1, "val_split", "must be a fraction in [0, 1)")
-    need(s.num_epochs >= 1 or s.num_iterations > 0, "num_epochs", "must be >= 1")
-    need(s.num_iterations == -1 or s.num_iterations > 0, "num_iterations", "must be -1 (from epochs) or > 0")
-    for name in ("device_batch_size", "target_examples_per_step", "eval_steps"):
-        need(getattr(s, name) >= 1, name, "must be >= 1")
-    for name in ("eval_every", "save_every", "warmup_steps"):
-        need(getattr(s, name) >= 0, name, "must be >= 0")
-    need(s.max_seq_len >= 16, "max_seq_len", "must be >= 16")
-    need(s.pack_len >= 1, "pack_len", "must be >= 1")
-    need(s.source in SOURCES, "source", f"must be one of {', '.join(SOURCES)}")
-    need(s.model_step is None or s.model_step >= 0, "model_step", "must be >= 0")
-    need(s.dtype in DTYPES, "dtype", f"must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
-    need(math.isfinite(s.lora_lr) and s.lora_lr > 0, "lora_lr", "must be a positive number")
-    need(0 <= s.lora_dropout < 1, "lora_dropout", "must be a fraction in [0, 1)")
-    need(s.lora_alpha is None or (math.isfinite(s.lora_alpha) and s.lora_alpha > 0), "lora_alpha",
-         "must be a positive number (or none: 2 x --lora_rank)")
-    targets = lora_target_names(s.lora_targets)
-    unknown = [name for name in targets if name not in LORA_TARGETS]
-    need(not unknown, "lora_targets", f"names unknown module(s) {', '.join(unknown)}: the valid names are "
-                                      f"{', '.join(LORA_TARGETS)} (comma-separated)")
-    need(bool(targets) or unknown, "lora_targets", f"must name at least one of {', '.join(LORA_TARGETS)}")
-    need(s.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}")
-    need(bool(s.output_tag) and "/" not in s.output_tag and s.output_tag not in (".", ".."),
-         "output_tag", "must be a plain folder name")
+    """Raise TrainError naming the flag for any value that cannot work: each field's own rules
+    (declared on it, as the command line checks them), then the rules between fields and the
+    device this machine has."""
+    problems = field_problems(s)
+    if not problems and s.num_epochs < 1 and s.num_iterations <= 0:
+        problems.append(f"--num_epochs must be >= 1 (or --num_iterations > 0), got {s.num_epochs!r}")
     try:
         resolve_device(s.device)
     except UserError as e:
         problems.append(str(e))
-    # every number's range (as the command line checks it), for the flags not named above
-    named = {problem.split()[0] for problem in problems}
-    problems += [f"--{f.name} {problem}, got {getattr(s, f.name)!r}" for f in dataclasses.fields(s)
-                 if f"--{f.name}" not in named and (problem := range_problem(getattr(s, f.name), f.metadata))]
     if problems:
         raise TrainError("invalid settings: " + "; ".join(problems))

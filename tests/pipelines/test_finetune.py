@@ -32,8 +32,10 @@ def test_cli_errors_are_short_and_say_what_to_do(tmp_path, tiny_base_dir, data_f
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     code, err = run("--data_path", str(bad), "--base_dir", str(tiny_base_dir), "--source", "base", "--device", "cpu")
     assert code == 2 and f"{bad}:1:" in err
-    code, err = run("--matrix_lr", "0")
-    assert code == 2 and "--matrix_lr must be a positive number" in err
+    with pytest.raises(SystemExit) as e:
+        main(["--matrix_lr", "0"])
+    assert e.value.code == 2 and "argument --matrix_lr: must be a positive number <= 100.0, got 0" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--num_epochs", "four"])
     assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err

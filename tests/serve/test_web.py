@@ -434,7 +434,20 @@ def test_server_cli_refuses_out_of_range_defaults(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--top_k", "500"])
     assert exc.value.code == 2
-    assert "top_k 1..200" in capsys.readouterr().err
+    assert "argument --top_k: must be between 1 and 200, got 500" in capsys.readouterr().err
+    for flag, value, expected in [("--max_tokens", "5000", "between 1 and 4096"), ("--max_pending", "0", ">= 1"),
+                                  ("--temperature", "2.5", "between 0.0 and 2.0"), ("--port", "70000", "between 1 and 65535")]:
+        with pytest.raises(SystemExit):
+            main([flag, value])
+        assert f"argument {flag}: must be {expected}" in capsys.readouterr().err
+
+
+def test_an_app_built_in_code_refuses_settings_outside_the_api_limits():
+    from sciassist.common import UserError
+    from sciassist.serve.web.server import ServerSettings, create_app
+
+    with pytest.raises(UserError, match="--top_k must be between 1 and 200, got 0; --max_pending must be >= 1, got 0"):
+        create_app(None, ServerSettings(max_pending=0, top_k=0))
 
 
 def test_background_server_serves_on_a_free_loopback_port(app):

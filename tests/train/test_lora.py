@@ -68,10 +68,15 @@ def test_a_bad_target_name_is_named_with_the_valid_ones(tiny_base_dir):
     message = str(info.value)
     assert "--lora_targets" in message and "q_proj" in message
     assert "c_q, c_k, c_v, c_proj, c_fc" in message
-    # the model's own check (the same names, from its Linear layers)
-    with pytest.raises(TrainError, match=r"unknown module name\(s\) wte; the valid names are c_fc, c_k, c_proj, "
-                                         r"c_q, c_v"):
+    # adding adapters to a model checks the same rule (settings built in code may skip check_settings)
+    with pytest.raises(TrainError, match=r"--lora_targets names unknown module name\(s\) wte; the valid names are "
+                                         r"c_q, c_k, c_v, c_proj, c_fc"):
         add_adapters(base_model(tiny_base_dir), TrainSettings(lora_rank=4, lora_targets="c_q,wte"))
+    # the names are those of the Linear layers of nanochat's blocks
+    model = base_model(tiny_base_dir)
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.transformer.h.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    assert linear == set(LORA_TARGETS)
 
 
 def test_step_0_logits_equal_the_base_and_only_adapters_change(live_base_dir):

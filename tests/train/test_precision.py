@@ -13,7 +13,7 @@ from nanochat.checkpoint import load_model
 from sciassist.common import UserError, autocast, precision_for
 from sciassist.pipelines.finetune import settings_from_args
 from sciassist.train.loop import train
-from sciassist.train.settings import TrainError, check_settings
+from sciassist.train.settings import TrainError, TrainSettings, check_settings
 from tests.train.test_train import data_file, live_base_dir, read_metrics, resume_weights, tiny_settings  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,14 +80,17 @@ def test_cuda_explicit_dtype_wins(monkeypatch):
     assert precision_for(t4, "float16").needs_grad_scaler
 
 
-def test_a_bad_dtype_names_the_flag_and_the_choices(tmp_path):
+def test_a_bad_dtype_names_the_flag_and_the_choices(tmp_path, capsys):
     with pytest.raises(UserError, match=r"--dtype must be one of auto, bfloat16, float16, float32, got 'fp8'"):
         precision_for(torch.device("cpu"), "fp8")
     with pytest.raises(UserError, match="--dtype must be one of"):
         autocast(torch.device("cpu"), "half")
     assert settings_from_args(["--dtype", "float16"]).dtype == "float16"
-    with pytest.raises(TrainError, match=r"--dtype must be auto, bfloat16, float16 or float32, got 'fp8'"):
-        check_settings(settings_from_args(["--dtype", "fp8", "--device", "cpu"]))
+    with pytest.raises(SystemExit):
+        settings_from_args(["--dtype", "fp8", "--device", "cpu"])
+    assert "argument --dtype: must be one of auto, bfloat16, float16, float32, got fp8" in capsys.readouterr().err
+    with pytest.raises(TrainError, match=r"--dtype must be one of auto, bfloat16, float16, float32, got 'fp8'"):
+        check_settings(TrainSettings(dtype="fp8", device="cpu"))
 
 
 # --- training

@@ -15,7 +15,7 @@ import uvicorn
 from nanochat.checkpoint import CheckpointError
 from sciassist.checkpoints import CheckpointSettings, resolve_from_settings
 from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser
-from sciassist.serve.web.server import ServerSettings, create_app, settings_problem
+from sciassist.serve.web.server import ServerSettings, create_app
 
 
 @dataclass
@@ -23,7 +23,7 @@ class WebCommand(CheckpointSettings, ServerSettings):
     """The model flags, the server's settings, and where to listen."""
 
     host: str = setting("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)")
-    port: int = setting(8000, "port to listen on")
+    port: int = setting(8000, "port to listen on", at_least=1, at_most=65535)
 
 
 def build_parser():
@@ -42,10 +42,7 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    command = settings_from_namespace(WebCommand, parser.parse_args(argv))
-    problem = settings_problem(command)
-    if problem:
-        parser.error(problem)
+    command = settings_from_namespace(WebCommand, parser.parse_args(argv))  # every value checked as parsed
     try:
         loaded = resolve_from_settings(command)
     except (CheckpointError, UserError) as err:

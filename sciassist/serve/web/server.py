@@ -37,7 +37,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sciassist.common import setting
+from sciassist.common import check_fields, setting
 from sciassist.data.answers import question_options
 from sciassist.serve.generation import ChatSettings
 from sciassist.serve.web.openai_api import add_openai_routes
@@ -66,27 +66,19 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 @dataclass
 class ServerSettings(ChatSettings):
     """The sampling defaults (used when a request does not say; a fixed seed makes every
-    request reproducible) and the server's limits."""
+    request reproducible), within the limits the API puts on a request, and the server's limits."""
 
-    top_k: int = setting(50, "sample from the k likeliest")
-    max_pending: int = setting(4, "generations running + waiting for the model; more get HTTP 429")
-    max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES, "larger request bodies get HTTP 413 before parsing")
+    temperature: float = setting(0.6, "default sampling temperature of a request (0 = greedy)",
+                                 at_least=MIN_TEMPERATURE, at_most=MAX_TEMPERATURE)
+    top_k: int = setting(50, "sample from the k likeliest", at_least=MIN_TOP_K, at_most=MAX_TOP_K)
+    max_tokens: int = setting(512, "longest answer in tokens", at_least=MIN_MAX_TOKENS, at_most=MAX_MAX_TOKENS)
+    max_pending: int = setting(4, "generations running + waiting for the model; more get HTTP 429", at_least=1)
+    max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES, "larger request bodies get HTTP 413 before parsing",
+                                  at_least=1)
     allow_origins: list[str] = setting([], "allow this origin cross-site (CORS; default: same origin only)",
                                        flags=("--allow_origin",))
     allowed_hosts: list[str] = setting([], "answer requests addressed to this host name too (loopback names always "
                                            "are; * = any name)", flags=("--allow_host",))
-
-
-def settings_problem(settings: ServerSettings) -> str | None:
-    """What makes these settings unusable (defaults outside the API's limits), or None."""
-    if not (MIN_TEMPERATURE <= settings.temperature <= MAX_TEMPERATURE
-            and settings.top_k is not None and MIN_TOP_K <= settings.top_k <= MAX_TOP_K
-            and MIN_MAX_TOKENS <= settings.max_tokens <= MAX_MAX_TOKENS):
-        return (f"defaults must respect the API limits: temperature {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}, "
-                f"top_k {MIN_TOP_K}..{MAX_TOP_K}, max_tokens {MIN_MAX_TOKENS}..{MAX_MAX_TOKENS}")
-    if settings.max_pending < 1:
-        return "--max_pending must be >= 1"
-    return None
 
 
 def _sse(payload: dict) -> str:
@@ -127,6 +119,7 @@ def add_error_handlers(app: FastAPI) -> None:
 def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app around one loaded model (sciassist.checkpoints.LoadedModel)."""
     settings = settings or ServerSettings()
+    check_fields(settings)  # settings built in code: the checks the command line makes
     app = FastAPI(title="SciAssist chat", docs_url=None, redoc_url=None, openapi_url=None)
     state = ChatState(loaded, settings)
     app.state.chat = state
