@@ -82,17 +82,17 @@ class BestCheckpointWriter:
 def checkpoint_meta(run, step, val_loss, best) -> dict:
     """meta_<step>.json of a checkpoint of this run: nanochat's keys and the run's."""
     return {
-        "model_config": dataclasses.asdict(run.model.config),
+        "model_config": dataclasses.asdict(run.learner.model.config),
         "step": step,
         "val_loss": val_loss,
         "best_val_loss": best["val_loss"],
         "source_model": run.source["model_file"],
         "source_step": run.source["step"],
         "answer_format": run.source.get("answer_format", "letter_first"),
-        "max_seq_len": run.max_seq_len,
+        "max_seq_len": run.data.max_seq_len,
         "device_batch_size": run.settings.device_batch_size,
         "training_settings": dataclasses.asdict(run.settings),
-        **({"lora": lora_meta(run.settings)} if run.lora is not None else {}),
+        **({"lora": lora_meta(run.settings)} if run.learner.lora is not None else {}),
     }
 
 

@@ -114,7 +114,7 @@ def train(settings: TrainSettings, on_step=None) -> dict:
 def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
     """Train from progress.step to the end; returns (status, error): completed, interrupted
     (Ctrl-C or on_step raised KeyboardInterrupt), terminated (SIGTERM) or diverged."""
-    writer = BestCheckpointWriter(run.run_dir, run.lora)
+    writer = BestCheckpointWriter(run.run_dir, run.learner.lora)
     bar = tqdm(total=run.num_steps, initial=progress.step, disable=not run.runtime.is_main, dynamic_ncols=True,
                mininterval=1.0, desc="fine-tuning", file=sys.stderr)
     saved = []  # the steps whose resume point was saved
@@ -141,19 +141,19 @@ def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
         with stopping():
             if saved[-1:] != [progress.step]:
                 _save_resume(run, progress)
-            if not run.val_batches:  # nothing to choose the best by: the final weights are the result
+            if not run.data.val_batches:  # nothing to choose the best by: the final weights are the result
                 progress.best = {"step": progress.step, "val_loss": None}
                 if run.runtime.is_main:
-                    writer.save(progress.step, run.model, checkpoint_meta(run, progress.step, None, progress.best),
-                                None)
+                    meta = checkpoint_meta(run, progress.step, None, progress.best)
+                    writer.save(progress.step, run.learner.model, meta, None)
                     writer.wait()
     return status, error
 
 
 def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_step, saved: list) -> None:
     """The validation of a fresh run's step 0, then the steps from progress.step to the end."""
-    settings, device = run.settings, run.device
-    if progress.step == 0 and not progress.metrics and run.val_batches:  # a fresh run: where it starts from
+    settings, device, learner = run.settings, run.device, run.learner
+    if progress.step == 0 and not progress.metrics and run.data.val_batches:  # a fresh run: where it starts from
         with defer_interrupt():
             record = {"step": 0, "elapsed_s": round(progress.elapsed(), 3)}
             _validate(run, progress, writer, record)
@@ -166,7 +166,7 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
             raise _Diverged(f"training loss is {work.train_loss} at step {progress.step + 1}")
         multiplier = lr_multiplier(progress.step, run.num_steps, settings.warmup_steps)
         with defer_interrupt():  # the weights, the optimizers and the records change together
-            update = apply_update(run.model, run.optimizers, multiplier, settings.grad_clip, run.scaler)
+            update = apply_update(learner.model, learner.optimizers, multiplier, settings.grad_clip, learner.scaler)
             synchronize(device)
             seconds = max(time.time() - t0, 1e-9)
             progress.step += 1
@@ -192,7 +192,8 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
 def _validate(run: Run, progress: Progress, writer: BestCheckpointWriter, record: dict) -> None:
     """The validation loss at progress.step into `record`; a new best is written as the checkpoint."""
     step = progress.step
-    val_loss = evaluate_loss(run.model, run.val_batches, run.autocast, run.runtime.distributed)
+    learner = run.learner
+    val_loss = evaluate_loss(learner.model, run.data.val_batches, learner.precision.autocast(), run.runtime.distributed)
     if not math.isfinite(val_loss):
         raise _Diverged(f"validation loss is {val_loss} at step {step}")
     best = progress.best
@@ -200,7 +201,7 @@ def _validate(run: Run, progress: Progress, writer: BestCheckpointWriter, record
         previous = best["step"]
         progress.best = best = {"step": step, "val_loss": val_loss}
         if run.runtime.is_main:
-            writer.save(step, run.model, checkpoint_meta(run, step, val_loss, best), previous)
+            writer.save(step, learner.model, checkpoint_meta(run, step, val_loss, best), previous)
     record["val_loss"] = val_loss
     record["best_val_loss"] = best["val_loss"]
     run.log(f"step {step}/{run.num_steps}: val loss {val_loss:.4f} "
@@ -219,32 +220,33 @@ def _save_resume(run: Run, progress: Progress) -> None:
 
 
 def _describe(run: Run) -> None:
-    c, s = run.model.config, run.settings
-    run.log(f"model: {run.source['model_file']} (d{c.n_layer}, {run.model.num_params():,} params)")
-    if run.lora is not None:
-        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-        run.log(f"LoRA: rank {s.lora_rank}, alpha {run.lora.lora_alpha:g}, dropout {s.lora_dropout:g}, targets "
+    learner, data, s = run.learner, run.data, run.settings
+    model = learner.model
+    run.log(f"model: {run.source['model_file']} (d{model.config.n_layer}, {model.num_params():,} params)")
+    if learner.lora is not None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        run.log(f"LoRA: rank {s.lora_rank}, alpha {learner.lora.lora_alpha:g}, dropout {s.lora_dropout:g}, targets "
                 f"{s.lora_targets}; {trainable:,} trainable parameters, the rest frozen")
     if run.device.type == "cpu" and run.runtime.is_main:
         announce_threads(s.threads)
     elif run.device.type == "cpu":  # the other ranks set theirs without a word
         use_threads(s.threads)
-    run.log(f"precision: {run.precision.name} ({run.precision.reason}); fp32 master weights"
-            f"{', loss scaling (GradScaler)' if run.scaler is not None else ''}")
-    run.log(f"data: {run.data_description}")
-    run.log(f"  train: {run.train_set.describe()}")
-    run.log(f"  val:   {run.val_set.describe()}; evaluating on {run.num_val} of them")
-    run.log(f"schedule: {run.num_steps} steps ({run.per_epoch} per epoch, {s.target_examples_per_step} conversations "
+    run.log(f"precision: {learner.precision.name} ({learner.precision.reason}); fp32 master weights"
+            f"{', loss scaling (GradScaler)' if learner.scaler is not None else ''}")
+    run.log(f"data: {data.description}")
+    run.log(f"  train: {data.train_set.describe()}")
+    run.log(f"  val:   {data.val_set.describe()}; evaluating on {data.num_val} of them")
+    run.log(f"schedule: {run.num_steps} steps ({data.per_epoch} per epoch, {s.target_examples_per_step} conversations "
             f"each), {run.runtime.world_size} process(es) on {run.device}, "
             f"{'packed rows' if s.packing else 'padded batches'}")
-    compiled = "blocks and loss compiled (dynamic shapes, packed attention eager)" if run.compiled else "off"
+    compiled = "blocks and loss compiled (dynamic shapes, packed attention eager)" if learner.compiled else "off"
     asked = s.compile if s.compile is not None else "default: on CUDA only"
     run.log(f"torch.compile: {compiled} (--compile {asked})")
-    if muon_dtype_of(run.optimizers):
-        run.log(f"Muon: Newton-Schulz in {muon_dtype_of(run.optimizers)} (--muon_dtype {s.muon_dtype})")
-    if run.attention_kernel is not None:
-        run.log(f"attention for packed rows: {run.attention_kernel} (nanochat.attention; checked against the "
-                f"reference on {run.device} in {run.precision.name})")
+    if muon_dtype_of(learner.optimizers):
+        run.log(f"Muon: Newton-Schulz in {muon_dtype_of(learner.optimizers)} (--muon_dtype {s.muon_dtype})")
+    if learner.attention_kernel is not None:
+        run.log(f"attention for packed rows: {learner.attention_kernel} (nanochat.attention; checked against the "
+                f"reference on {run.device} in {learner.precision.name})")
 
 
 def _flags_text(settings: TrainSettings) -> str:
@@ -260,14 +262,15 @@ def _flags_text(settings: TrainSettings) -> str:
 def mix_summary(run: Run, steps_done: int) -> dict | None:
     """--mix: each source's share, conversations in the training set, and how many of its
     conversations the steps done so far used (epochs repeat them)."""
-    if run.mix is None:
+    mix = run.data.mix
+    if mix is None:
         return None
-    seen = [0] * len(run.mix["sources"])
-    origins = run.mix["origins"]
+    seen = [0] * len(mix["sources"])
+    origins = mix["origins"]
     for step in range(steps_done):
         for i in step_examples(len(origins), step, run.settings.target_examples_per_step, run.settings.seed)[1]:
             seen[origins[i]] += 1
-    return [dict(source, seen=n) for source, n in zip(run.mix["sources"], seen, strict=True)]
+    return [dict(source, seen=n) for source, n in zip(mix["sources"], seen, strict=True)]
 
 
 def run_summary(run: Run, progress: Progress, status: str, error: str | None) -> dict:
@@ -276,7 +279,7 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
     train_losses = [r["train_loss"] for r in metrics if "train_loss" in r]
     val_losses = [r["val_loss"] for r in metrics if "val_loss" in r]
     elapsed_s = progress.elapsed()
-    train_set, val_set = run.train_set, run.val_set
+    train_set, val_set = run.data.train_set, run.data.val_set
     return {
         "status": status,
         "error": error,
@@ -289,10 +292,10 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
         "final_train_loss": train_losses[-1] if train_losses else None,
         "steps_done": progress.step,
         "num_steps": run.num_steps,
-        "steps_per_epoch": run.per_epoch,
+        "steps_per_epoch": run.data.per_epoch,
         "train_conversations": len(train_set),
         "val_conversations": len(val_set),
-        "val_conversations_evaluated": run.num_val,
+        "val_conversations_evaluated": run.data.num_val,
         "truncated": {"train": train_set.num_truncated, "val": val_set.num_truncated},
         "dropped_without_supervision": {"train": train_set.num_dropped, "val": val_set.num_dropped},
         "positions_processed": totals["positions"],
@@ -303,9 +306,9 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
         "minutes": round(elapsed_s / 60, 2),
         "world_size": run.runtime.world_size,
         "device": str(run.device),
-        "attention_kernel": run.attention_kernel,
-        "muon_dtype": muon_dtype_of(run.optimizers),
-        "compiled": run.compiled,
+        "attention_kernel": run.learner.attention_kernel,
+        "muon_dtype": muon_dtype_of(run.learner.optimizers),
+        "compiled": run.learner.compiled,
         "data_mix": mix_summary(run, progress.step),
         "source_model": run.source,
         "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,

@@ -1,6 +1,6 @@
 """Everything a run is made of before its first step: the processes and the device, the
-model to fine-tune, the tokenized data sets, the optimizers (the Run), and the fingerprint
-that ties a resume point to its data."""
+model to fine-tune and its optimizers (the Learner), the tokenized data sets (RunData), both
+together with the settings (the Run), and the fingerprint that ties a resume point to its data."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from nanochat.attention import AttentionKernelError, PackedLayout
 from nanochat.checkpoint import CheckpointError, default_base_dir
 from sciassist.checkpoints import choose_checkpoint, load_choice
-from sciassist.common import precision_for, resolve_device
+from sciassist.common import Precision, precision_for, resolve_device
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import TokenizedDataset, step_batches, steps_per_epoch, tokenize_conversations
 from sciassist.data.conversations import ConversationError, read_conversations, split_validation
@@ -159,37 +159,51 @@ def data_fingerprint(*datasets):
 
 
 @dataclass
-class Run:
-    """A run ready for its first step: what stays fixed while it trains."""
+class Learner:
+    """The model being fine-tuned and what updates it."""
 
-    settings: TrainSettings
-    runtime: Runtime
     model: torch.nn.Module  # the GPT itself (fp32 master weights): saved, evaluated, updated
-    train_model: torch.nn.Module  # what the forward/backward calls: the model, DDP-wrapped and/or compiled
+    train_model: torch.nn.Module  # what the forward/backward calls: the model, DDP-wrapped on several processes
     no_sync: object  # DDP's no_sync (None on one process)
     optimizers: list
-    tokenizer: object
-    source: dict  # the checkpoint started from (+ the data's answer_format)
-    data_description: str
+    precision: Precision  # what autocast is, and why
+    scaler: object = None  # torch.amp.GradScaler of an fp16 run (its state is in the resume point), else None
+    lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
+    attention_kernel: str | None = None  # the packed-row kernel that passed its check (None: padded batches)
+    compiled: bool = False  # blocks and loss compiled (GPT.compile_for_training)
+
+
+@dataclass
+class RunData:
+    """The tokenized conversations: what the steps go through and what validation measures."""
+
     train_set: TokenizedDataset
     val_set: TokenizedDataset
     val_batches: list  # the fixed validation micro-batches (empty: no validation)
     num_val: int  # validation conversations evaluated
-    per_epoch: int
-    num_steps: int
-    max_seq_len: int
+    per_epoch: int  # optimizer steps per epoch
+    max_seq_len: int  # --max_seq_len, capped at the model's sequence_len
     pad_id: int
-    autocast: object
+    description: str
+    fingerprint: str  # ties a resume point to this data (data_fingerprint)
+    mix: dict | None = None  # --mix: {"sources": [...], "origins": origin of each train example}, else None
+
+
+@dataclass
+class Run:
+    """A run ready for its first step: its settings and processes, the learner, the data, and
+    where the model came from."""
+
+    settings: TrainSettings
+    runtime: Runtime
+    learner: Learner
+    data: RunData
+    tokenizer: object
+    source: dict  # the checkpoint started from (+ the data's answer_format)
+    num_steps: int
     flops_per_token: float
     peak: float | None  # dense bf16 peak FLOP/s of the GPU (None: no MFU)
-    fingerprint: str
     tracker: Tracker = field(default_factory=Tracker)  # --report_to (set once the start step is known)
-    lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
-    precision: object = None  # sciassist.common.Precision: what autocast is, and why
-    scaler: object = None  # torch.amp.GradScaler of an fp16 run (its state is in the resume point), else None
-    attention_kernel: str | None = None  # the packed-row kernel that passed its check (None: padded batches)
-    compiled: bool = False  # blocks and loss compiled (GPT.compile_for_training)
-    mix: dict | None = None  # --mix: {"sources": [...], "origins": origin of each train example}, else None
 
     @property
     def device(self):
@@ -209,7 +223,7 @@ class Run:
 
     def is_eval_step(self, step):
         periodic = self.settings.eval_every and step % self.settings.eval_every == 0
-        return bool(self.val_batches) and (step == 0 or step == self.num_steps or bool(periodic))
+        return bool(self.data.val_batches) and (step == 0 or step == self.num_steps or bool(periodic))
 
 
 def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
@@ -230,42 +244,48 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
             tqdm.write(f"note: --max_seq_len {max_seq_len} is longer than the model's sequence_len "
                        f"{model.config.sequence_len}; using {model.config.sequence_len}")
         max_seq_len = model.config.sequence_len
-
-    train_records, val_records, data_description = load_conversation_sets(settings)
-    train_records, origins, mix_sources = mix_sources_in(settings, train_records)
-    if mix_sources:
-        data_description += "; mixed in: " + ", ".join(f"{m['name']} {m['share']:.0%} ({m['conversations']:,} "
-                                                       f"conversations from {m['available']:,})"
-                                                       for m in mix_sources[1:])
+    data, answer_format = prepare_data(settings, runtime, tokenizer, max_seq_len)
     # kept in every checkpoint's meta: how to read this model's multiple-choice answers (chat, web page)
-    source = dict(source, answer_format=detect_answer_format(train_records))
-    train_set = tokenize_conversations(tokenizer, train_records, max_seq_len)
-    val_set = tokenize_conversations(tokenizer, val_records, max_seq_len)
-    if len(train_set) == 0:
-        raise TrainError(f"{data_description}: no training conversation has an assistant token within "
-                         f"max_seq_len={max_seq_len}")
-    per_epoch = steps_per_epoch(len(train_set), settings.target_examples_per_step)
-    pad_id = tokenizer.encode_special("<|assistant_end|>")
-    # The validation set is fixed: the same conversations (file order) at every evaluation.
-    val_examples = list(range(min(len(val_set), settings.eval_steps * settings.device_batch_size)))
-    val_batches = (step_batches(val_set, arrange_for(settings, runtime, val_set, val_examples), pad_id, device)
-                   if val_examples else [])
+    source = dict(source, answer_format=answer_format)
     optimizers = adapter_optimizers(model, settings) if lora is not None else _optimizers(model, settings)
     kernel = choose_attention_kernel(model, settings, precision) if settings.packing else None
     compiled = compile_model(model, settings, device, precision)
     train_model, no_sync = _wrap_for_training(model, runtime)
-    return Run(settings=settings, runtime=runtime, model=model, train_model=train_model, no_sync=no_sync,
-               optimizers=optimizers, tokenizer=tokenizer, source=source, data_description=data_description,
-               train_set=train_set, val_set=val_set, val_batches=val_batches, num_val=len(val_examples),
-               per_epoch=per_epoch,
-               num_steps=settings.num_iterations if settings.num_iterations > 0 else per_epoch * settings.num_epochs,
-               max_seq_len=max_seq_len, pad_id=pad_id, autocast=precision.autocast(),
-               flops_per_token=model.estimate_flops(),
-               peak=peak_flops(device),  # MFU is against the dense bf16 peak, the number GPUs are sold by
-               fingerprint=data_fingerprint(train_set, val_set), lora=lora, precision=precision,
-               scaler=precision.grad_scaler(), attention_kernel=kernel, compiled=compiled,
-               mix={"sources": mix_sources, "origins": [origins[i] for i in train_set.record_indices]}
-               if mix_sources else None)
+    learner = Learner(model=model, train_model=train_model, no_sync=no_sync, optimizers=optimizers,
+                      precision=precision, scaler=precision.grad_scaler(), lora=lora, attention_kernel=kernel,
+                      compiled=compiled)
+    num_steps = settings.num_iterations if settings.num_iterations > 0 else data.per_epoch * settings.num_epochs
+    return Run(settings=settings, runtime=runtime, learner=learner, data=data, tokenizer=tokenizer, source=source,
+               num_steps=num_steps, flops_per_token=model.estimate_flops(),
+               peak=peak_flops(device))  # MFU is against the dense bf16 peak, the number GPUs are sold by
+
+
+def prepare_data(settings: TrainSettings, runtime: Runtime, tokenizer, max_seq_len: int) -> tuple[RunData, str]:
+    """(the run's data, tokenized, with the fixed validation batches; the answer format of its
+    training conversations)."""
+    train_records, val_records, description = load_conversation_sets(settings)
+    train_records, origins, mix_sources = mix_sources_in(settings, train_records)
+    if mix_sources:
+        description += "; mixed in: " + ", ".join(f"{m['name']} {m['share']:.0%} ({m['conversations']:,} "
+                                                  f"conversations from {m['available']:,})"
+                                                  for m in mix_sources[1:])
+    train_set = tokenize_conversations(tokenizer, train_records, max_seq_len)
+    val_set = tokenize_conversations(tokenizer, val_records, max_seq_len)
+    if len(train_set) == 0:
+        raise TrainError(f"{description}: no training conversation has an assistant token within "
+                         f"max_seq_len={max_seq_len}")
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    # The validation set is fixed: the same conversations (file order) at every evaluation.
+    val_examples = list(range(min(len(val_set), settings.eval_steps * settings.device_batch_size)))
+    val_batches = (step_batches(val_set, arrange_for(settings, runtime, val_set, val_examples), pad_id,
+                                runtime.device) if val_examples else [])
+    mix = ({"sources": mix_sources, "origins": [origins[i] for i in train_set.record_indices]}
+           if mix_sources else None)
+    data = RunData(train_set=train_set, val_set=val_set, val_batches=val_batches, num_val=len(val_examples),
+                   per_epoch=steps_per_epoch(len(train_set), settings.target_examples_per_step),
+                   max_seq_len=max_seq_len, pad_id=pad_id, description=description,
+                   fingerprint=data_fingerprint(train_set, val_set), mix=mix)
+    return data, detect_answer_format(train_records)
 
 
 def mix_sources_in(settings: TrainSettings, train_records):

@@ -107,12 +107,13 @@ class ResumeState:
 
     @classmethod
     def capture(cls, run, progress: Progress) -> ResumeState:
-        return cls(model=run.model.state_dict(), optimizers=[opt.state_dict() for opt in run.optimizers],
+        learner, per_epoch = run.learner, run.data.per_epoch
+        return cls(model=learner.model.state_dict(), optimizers=[opt.state_dict() for opt in learner.optimizers],
                    rng=rng_state(), step=progress.step, metrics=progress.metrics, best=progress.best,
                    elapsed_s=progress.elapsed(), totals=progress.totals, settings=dataclasses.asdict(run.settings),
-                   data_fingerprint=run.fingerprint, num_steps=run.num_steps,
-                   epoch=progress.step // run.per_epoch, step_in_epoch=progress.step % run.per_epoch,
-                   grad_scaler=run.scaler.state_dict() if run.scaler is not None else {})
+                   data_fingerprint=run.data.fingerprint, num_steps=run.num_steps,
+                   epoch=progress.step // per_epoch, step_in_epoch=progress.step % per_epoch,
+                   grad_scaler=learner.scaler.state_dict() if learner.scaler is not None else {})
 
     def save(self, path) -> None:
         """Atomically: a crash while saving leaves the previous resume point intact (and a
@@ -199,9 +200,10 @@ def start_or_resume(run) -> Progress:
     state = ResumeState.load(run.resume_path, run.device)
     # the settings first: another --lora_rank (or --lora_targets) also changes the state dict's keys, and
     # "--lora_rank 8 there, 16 now" says more than the keys that differ
-    state.check_compatible(run.settings, run.fingerprint, run.resume_path)
-    state.check_model(run.model, run.resume_path)
-    progress = state.restore(run.model, run.optimizers, run.resume_path, run.scaler)
+    state.check_compatible(run.settings, run.data.fingerprint, run.resume_path)
+    learner = run.learner
+    state.check_model(learner.model, run.resume_path)
+    progress = state.restore(learner.model, learner.optimizers, run.resume_path, learner.scaler)
     best_step = progress.best["step"]
     if best_step is not None and not (run.run_dir / f"model_{best_step:06d}.pt").is_file():
         # removed meanwhile (e.g. by a fresh run started in the same folder): the next

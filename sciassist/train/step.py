@@ -238,12 +238,12 @@ def arrange_for(settings, runtime, dataset, examples):
 def forward_backward(run, step) -> StepWork:
     """Batch step `step`'s conversations (a function of the seed and the step) and
     accumulate their gradients; the gradients are ready for apply_update."""
-    s = run.settings
-    epoch, examples = step_examples(len(run.train_set), step, s.target_examples_per_step, s.seed)
-    plan = arrange_for(s, run.runtime, run.train_set, examples)
-    batches = step_batches(run.train_set, plan, run.pad_id, run.device)
-    loss_sum = accumulate_gradients(run.train_model, batches, plan.num_supervised, run.autocast,
-                                    run.runtime.world_size, run.no_sync, run.scaler)
+    s, data, learner = run.settings, run.data, run.learner
+    epoch, examples = step_examples(len(data.train_set), step, s.target_examples_per_step, s.seed)
+    plan = arrange_for(s, run.runtime, data.train_set, examples)
+    batches = step_batches(data.train_set, plan, data.pad_id, run.device)
+    loss_sum = accumulate_gradients(learner.train_model, batches, plan.num_supervised, learner.precision.autocast(),
+                                    run.runtime.world_size, learner.no_sync, learner.scaler)
     counts = torch.tensor([sum(b["num_positions"] for b in batches), sum(b["num_tokens"] for b in batches)],
                           dtype=torch.float64, device=run.device)
     loss_and_counts = torch.cat([loss_sum.double().view(1), counts])
@@ -317,7 +317,7 @@ def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elaps
         "mfu": run.flops_per_token * work.positions / seconds / (run.peak * world) if run.peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "step_time_s": seconds, "elapsed_s": round(elapsed_s, 3),
-        "attention_kernel": run.attention_kernel,
+        "attention_kernel": run.learner.attention_kernel,
     }
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
