@@ -52,6 +52,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from baselines import padded_batches  # noqa: E402
 from random_model import random_gpt  # noqa: E402
 
 from nanochat import attention  # noqa: E402
@@ -61,7 +62,6 @@ from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.common import autocast as autocast_for  # noqa: E402
 from sciassist.data.batching import (  # noqa: E402
     arrange_step,
-    padded_batches,
     step_batches,
     step_examples,
     steps_per_epoch,

@@ -309,17 +309,3 @@ def collate(dataset, rows, pad_id, row_len=None, device=None):
 def step_batches(dataset, plan, pad_id, device=None):
     """The collated micro-batches of a plan (this rank's)."""
     return [collate(dataset, rows, pad_id, plan.row_len, device) for rows in plan.micro_batches]
-
-
-def padded_batches(dataset, example_indices, batch_size, pad_id):
-    """nanochat's SFT batching, the baseline: consecutive groups of `batch_size` conversations,
-    each group right-padded to its longest. Returns a list of collated dicts."""
-    example_indices = list(example_indices)
-    return [collate(dataset, [[i] for i in example_indices[k:k + batch_size]], pad_id)
-            for k in range(0, len(example_indices), batch_size)]
-
-
-def token_efficiency(batches):
-    """Real positions / processed positions over collated batches (1.0 = no padding)."""
-    positions = sum(b["num_positions"] for b in batches)
-    return sum(b["num_tokens"] for b in batches) / positions if positions else 0.0

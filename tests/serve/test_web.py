@@ -436,7 +436,8 @@ def test_server_cli_refuses_out_of_range_defaults(capsys):
     assert exc.value.code == 2
     assert "argument --top_k: must be between 1 and 200, got 500" in capsys.readouterr().err
     for flag, value, expected in [("--max_tokens", "5000", "between 1 and 4096"), ("--max_pending", "0", ">= 1"),
-                                  ("--temperature", "2.5", "between 0.0 and 2.0"), ("--port", "70000", "between 1 and 65535")]:
+                                  ("--temperature", "2.5", "between 0.0 and 2.0"),
+                                  ("--port", "70000", "between 1 and 65535")]:
         with pytest.raises(SystemExit):
             main([flag, value])
         assert f"argument {flag}: must be {expected}" in capsys.readouterr().err
