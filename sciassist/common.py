@@ -54,13 +54,10 @@ def use_threads(threads: int | None) -> str:
 _ANNOUNCED = set()
 
 
-def announce_threads(threads: int | None, say=None) -> None:
-    """use_threads, printed the first time a process runs at that count; say(line), when given
-    (a run's log), always gets it."""
+def announce_threads(threads: int | None) -> None:
+    """use_threads, printed the first time a process runs at that count."""
     line = use_threads(threads)
-    if say is not None:
-        say(line)
-    elif line not in _ANNOUNCED:
+    if line not in _ANNOUNCED:
         print(line, flush=True)
     _ANNOUNCED.add(line)
 

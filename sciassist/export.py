@@ -55,7 +55,7 @@ from transformers import GenerationConfig, NanoChatConfig, PreTrainedTokenizerFa
 from nanochat.checkpoint import CheckpointError
 from nanochat.gpt import SOFTCAP
 from nanochat.tokenizer import SPECIAL_TOKENS
-from sciassist.checkpoints import CheckpointSettings, choose_checkpoint, load_choice
+from sciassist.checkpoints import CheckpointSettings, resolve_from_settings
 from sciassist.common import (
     UserError,
     check_fields,
@@ -334,9 +334,7 @@ def export(settings: ExportSettings, api: HfApi | None = None) -> dict:
     out_dir = Path(settings.out_dir).expanduser()
     check_out_dir(out_dir)
     check_fields(settings, ExportError)
-    choice = choose_checkpoint(settings.checkpoint, settings.source, settings.model_tag, settings.model_step,
-                               settings.base_dir, settings.finetuned_dir)
-    loaded = load_choice(choice, device=settings.device)
+    loaded = resolve_from_settings(settings)
     staging = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}")
     try:
         shutil.rmtree(staging, ignore_errors=True)

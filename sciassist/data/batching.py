@@ -202,7 +202,7 @@ class StepRows:
     num_supervised: supervised targets of the WHOLE step over ALL ranks: the loss of every
         micro-batch is divided by it, so the step's gradient is the mean over its supervised
         tokens however the work was split. Known on every rank without communication,
-        because every rank computes the same plan.
+        because every rank computes the same arrangement.
     """
 
     micro_batches: list
@@ -256,9 +256,9 @@ def collate(dataset, rows, pad_id, row_len=None, device=None):
     """Rows of dataset indices -> dict(inputs, targets, layout, supervised_index,
     num_supervised, num_tokens, num_positions).
 
-    Width: row_len when given (a packed step's plan.row_len), else the longest row (the
+    Width: row_len when given (a packed step's StepRows.row_len), else the longest row (the
     padded baseline). layout: the rows' PackedLayout (each conversation's boundaries, from the
-    plan, on the host), None when no row holds two conversations (plain causal attention is
+    arrangement, on the host), None when no row holds two conversations (plain causal attention is
     then exact, and faster). Targets are -1 wherever nothing is to be learned: unsupervised
     tokens, padding; supervised_index holds the flat positions (into B*T) of the others.
     num_tokens counts real positions, num_positions all of them (B*T), num_supervised the
@@ -306,6 +306,6 @@ def collate(dataset, rows, pad_id, row_len=None, device=None):
     }
 
 
-def step_batches(dataset, plan, pad_id, device=None):
-    """The collated micro-batches of a plan (this rank's)."""
-    return [collate(dataset, rows, pad_id, plan.row_len, device) for rows in plan.micro_batches]
+def step_batches(dataset, step_rows, pad_id, device=None):
+    """The collated micro-batches of a step's arrangement (StepRows: this rank's)."""
+    return [collate(dataset, rows, pad_id, step_rows.row_len, device) for rows in step_rows.micro_batches]

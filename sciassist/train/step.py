@@ -240,9 +240,9 @@ def forward_backward(run, step) -> StepWork:
     accumulate their gradients; the gradients are ready for apply_update."""
     s, data, learner = run.settings, run.data, run.learner
     epoch, examples = step_examples(len(data.train_set), step, s.target_examples_per_step, s.seed)
-    plan = arrange_for(s, run.runtime, data.train_set, examples)
-    batches = step_batches(data.train_set, plan, data.pad_id, run.device)
-    loss_sum = accumulate_gradients(learner.train_model, batches, plan.num_supervised, learner.precision.autocast(),
+    arranged = arrange_for(s, run.runtime, data.train_set, examples)
+    batches = step_batches(data.train_set, arranged, data.pad_id, run.device)
+    loss_sum = accumulate_gradients(learner.train_model, batches, arranged.num_supervised, learner.precision.autocast(),
                                     run.runtime.world_size, learner.no_sync, learner.scaler)
     counts = torch.tensor([sum(b["num_positions"] for b in batches), sum(b["num_tokens"] for b in batches)],
                           dtype=torch.float64, device=run.device)
@@ -250,9 +250,9 @@ def forward_backward(run, step) -> StepWork:
     if run.runtime.distributed:
         dist.all_reduce(loss_and_counts)
     loss, positions, tokens = loss_and_counts.tolist()
-    return StepWork(epoch=epoch, train_loss=loss / max(1, plan.num_supervised), positions=int(positions),
-                    tokens=int(tokens), supervised=plan.num_supervised, micro_batches=len(batches),
-                    row_len=plan.row_len)
+    return StepWork(epoch=epoch, train_loss=loss / max(1, arranged.num_supervised), positions=int(positions),
+                    tokens=int(tokens), supervised=arranged.num_supervised, micro_batches=len(batches),
+                    row_len=arranged.row_len)
 
 
 @dataclass
