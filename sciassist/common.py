@@ -162,13 +162,6 @@ def compute_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtyp
     return precision_for(device, dtype).dtype or torch.float32
 
 
-def cuda_has_native_bf16(device: torch.device) -> bool:
-    """Ampere (compute capability 8.0) and newer compute bf16 in hardware; older GPUs (T4 7.5,
-    V100 7.0) only emulate it, many times slower (nanochat.optim.native_bf16, which Muon's
-    dtype goes by too)."""
-    return native_bf16(device)
-
-
 def precision_for(device: torch.device | str, dtype: str = "auto") -> Precision:
     """The precision policy: `--dtype auto` is bf16 autocast on CUDA GPUs with native bf16
     (compute capability >= 8.0), fp16 autocast + GradScaler on older CUDA GPUs, fp32 on CPU and
@@ -179,10 +172,10 @@ def precision_for(device: torch.device | str, dtype: str = "auto") -> Precision:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype != "auto":
         name, reason = dtype, "--dtype " + dtype
-        if dtype == "bfloat16" and device.type == "cuda" and not cuda_has_native_bf16(device):
+        if dtype == "bfloat16" and device.type == "cuda" and not native_bf16(device):
             reason += " (emulated on this GPU, compute capability < 8.0: slow; --dtype float16 is native)"
     elif device.type == "cuda":
-        if cuda_has_native_bf16(device):
+        if native_bf16(device):
             name, reason = "bfloat16", "auto: this GPU computes bf16 natively (compute capability >= 8.0)"
         else:
             name, reason = "float16", ("auto: this GPU has no native bf16 (compute capability < 8.0): "

@@ -232,7 +232,7 @@ class StepWork:
 def arrange_for(settings, runtime, dataset, examples):
     """This rank's share of the micro-batches of `examples`, as the settings batch them."""
     return arrange_step(dataset, examples, settings.device_batch_size, runtime.world_size, runtime.rank,
-                     packed=settings.packing, pack_len=settings.pack_len)
+                        packed=settings.packing, pack_len=settings.pack_len)
 
 
 def forward_backward(run, step) -> StepWork:
