@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, constants, get_session, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -41,6 +41,9 @@ from nanochat.checkpoint import default_base_dir
 from sciassist.common import print_error, setting, settings_from_namespace, settings_parser
 
 STAGING_DIR = ".hub_downloads"
+# One request to see whether the hub answers at all: its clients retry a refused or timed-out
+# connection for about 23 s (five retries, waiting 1, 2, 4, 8, 8 s) before they give up.
+PROBE_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,17 @@ def _connection_errors():
 
 CONNECTION_ERRORS = _connection_errors()
 
+
+def hub_unreachable(endpoint=None, timeout_s=PROBE_TIMEOUT_S):
+    """Why the hub at `endpoint` (default: $HF_ENDPOINT or huggingface.co) cannot be reached, or None
+    when it answers. One HEAD request through the hub client's own session (its proxies and
+    certificates), no retries; any HTTP answer, even an error status, means it can be reached."""
+    endpoint = endpoint or constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=timeout_s)
+    except CONNECTION_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def expected_layout(model, base_dir):

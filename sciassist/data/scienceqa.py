@@ -67,6 +67,7 @@ import numpy as np
 from sciassist.common import UserError, setting
 from sciassist.data.answers import ANSWER_FORMATS, LETTERS, OPTIONS_LAYOUTS, answer_line, options_block
 from sciassist.data.records import invalid_record, json_type, missing_text, record_problem
+from sciassist.hub import hub_unreachable
 
 SYSTEM_PROMPT = (
     "You are a helpful science tutor for elementary through high school students. "
@@ -80,6 +81,8 @@ DEFAULT_SIZES = {"train": 12000, "val": 4000, "test": 4000}
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"  # package data: installed with the wheel too
 SAMPLE_FILE = "questions.jsonl"
 IMAGE_MODES = ("caption", "keep", "drop")
+OFFLINE_ADVICE = ("use --scienceqa DIR (a lupantech-layout copy: problems.json + pid_splits.json) or --scienceqa "
+                  "sample, or HF_HUB_OFFLINE=1 to read a copy downloaded earlier")
 
 
 class ScienceQAError(UserError, ValueError):
@@ -122,12 +125,19 @@ def _load_hub(split):
     hub_split = HF_SPLITS.get(split)
     if hub_split is None:
         raise ScienceQAError(f"the hub has splits {', '.join(HF_SPLITS)}; got {split!r}")
+    # Offline mode (HF_HUB_OFFLINE=1) reads the copy cached earlier and never connects; otherwise
+    # one probe first, so that an unreachable hub is an error at once instead of after the
+    # hub client's retries.
+    unreachable = None if datasets.config.HF_HUB_OFFLINE else hub_unreachable(datasets.config.HF_ENDPOINT)
+    if unreachable:
+        raise ScienceQAError(f"the Hugging Face hub ({datasets.config.HF_ENDPOINT}) cannot be reached ({unreachable}); "
+                             f"{OFFLINE_ADVICE}")
     try:
         ds = datasets.load_dataset(HF_DATASET, revision=HF_REVISION, split=hub_split)
     except Exception as e:  # network, auth, cache: all end the same way for the user
         raise ScienceQAError(
             f"could not load {HF_DATASET} (revision {HF_REVISION[:10]}, split {hub_split}) from the Hugging Face "
-            f"hub: {type(e).__name__}: {e}. Offline? Use --source with a lupantech-layout directory, or 'sample'."
+            f"hub: {type(e).__name__}: {e}; {OFFLINE_ADVICE}"
         ) from e
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[hub_split]

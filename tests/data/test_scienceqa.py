@@ -1,4 +1,6 @@
 import json
+import socket
+import threading
 from pathlib import Path
 
 import datasets
@@ -323,6 +325,69 @@ def test_hub_failure_becomes_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ScienceQAError, match=r"split train\) from the Hugging Face hub: ConnectionError: no route"):
         load_scienceqa("hf", "train")
+
+
+def test_hub_failure_names_the_flags_that_work_offline(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(OSError("no cache")))
+    with pytest.raises(ScienceQAError) as error:
+        load_scienceqa("hf", "val")
+    assert str(error.value).endswith("OSError: no cache; " + sqa.OFFLINE_ADVICE)
+    assert "--scienceqa DIR" in sqa.OFFLINE_ADVICE and "--scienceqa sample" in sqa.OFFLINE_ADVICE
+    assert "--source" not in sqa.OFFLINE_ADVICE
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """The hub client out of offline mode (the tests run with HF_HUB_OFFLINE=1), and
+    load_dataset failing the test if it is reached."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was called for an unreachable hub")
+    monkeypatch.setattr(datasets, "load_dataset", never)
+
+
+def test_an_unreachable_hub_fails_after_one_connection(online, monkeypatch):
+    """A server that accepts and hangs up at once: one connection, no retries, and the error
+    says what to use instead."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed by the test
+                return
+            accepted.append(connection)
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    try:
+        with pytest.raises(ScienceQAError) as error:
+            load_scienceqa("hf", "train")
+    finally:
+        server.close()
+        thread.join(timeout=10)
+    assert len(accepted) == 1
+    message = str(error.value)
+    assert message.startswith(f"the Hugging Face hub ({endpoint}) cannot be reached (")
+    assert message.endswith("); " + sqa.OFFLINE_ADVICE)
+
+
+def test_a_closed_port_is_unreachable(online, monkeypatch):
+    with socket.create_server(("127.0.0.1", 0)) as placeholder:
+        port = placeholder.getsockname()[1]  # closed once the with block ends
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(ScienceQAError, match=rf"^the Hugging Face hub \(http://127\.0\.0\.1:{port}\) cannot be "
+                                             rf"reached \(\w+: .*\); use --scienceqa DIR"):
+        load_scienceqa("hf", "val")
 
 
 def test_resolve_source_and_caption_for(tmp_path):
