@@ -13,8 +13,13 @@ Every command names a model the same way (`--checkpoint`, and the values of eval
                       `python -m sciassist.export` writes it: converted once into nanochat's layout
                       (sciassist.hf_import; the copy in <folder>/.sciassist_nanochat/ is reused while
                       the files are unchanged), then loaded from there
-  owner/name          a Hugging Face hub repo of such a folder (not an existing path): downloaded into
-                      <base_dir>/hf_models/owner--name/, then treated as a folder
+  owner/name          a Hugging Face hub repo of such a folder: downloaded into
+                      <base_dir>/hf_models/owner--name/, then treated as a folder. Only a spec of
+                      exactly that shape that cannot be a local path goes to the hub (looks_local:
+                      not an existing path, no ./ ../ / ~ start, no file suffix such as .pt,
+                      owner not an existing local folder nor one of this project's folder
+                      names); a missing local path is "no such folder", and its name never
+                      leaves the machine
   nothing             --source / --model_tag under --base_dir when given; else the newest
                       fine-tuned run (the most recently written model_*.pt under
                       finetuned_dir/*/), else the base dir's sft model, else its base model
@@ -59,6 +64,10 @@ SPEC_HELP = ("a checkpoint folder, a model_<step>.pt file, source[:tag[:step]] s
 TRANSFORMERS = "transformers"
 HUB_MODELS_DIR = "hf_models"  # under the base dir: hub repos downloaded by their id
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The first part of a path that is this project's (or nanochat's) folder, never a hub owner.
+LOCAL_FOLDER_NAMES = (DEFAULT_FINETUNED_DIR, HUB_MODELS_DIR, *SOURCE_DIRS.values())
+# The end of a file name: a model, meta or tokenizer file, never a hub repo's name.
+FILE_SUFFIXES = (".pt", ".json", ".safetensors", ".pkl")
 
 
 @dataclass
@@ -189,8 +198,8 @@ def _in_folder(path: Path, model_step: int | None, kind: str = "checkpoint") -> 
             raise CheckpointError(f"{path}: --model_step {model_step} disagrees with the file's step {file_step}")
         path, model_step = path.parent, file_step
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory, and neither a model_<step>.pt file nor "
-                              f"source[:tag[:step]] (e.g. sft:d20, base:d4:1000)")
+        missing = "not a folder" if path.exists() else "no such file" if file_step is not None else "no such folder"
+        raise CheckpointError(f"{missing}: {path} (--checkpoint takes {SPEC_HELP})")
     steps = complete_steps(path)
     if not steps:
         orphans = model_steps(path)  # model files whose meta_<step>.json is missing
@@ -215,10 +224,20 @@ def _from_transformers(folder: Path, model_step: int | None, origin: str | None 
                             origin=origin or str(folder))
 
 
-def is_repo_id(spec: str) -> bool:
-    """owner/name that is not a local path (nor one whose first part is a local folder: a typo in a path)."""
-    return bool(REPO_ID.match(spec)) and ".." not in spec and not Path(spec).exists() \
-        and not Path(spec.split("/")[0]).is_dir()
+def looks_local(spec: str, finetuned_dir: str | Path | None = None) -> bool:
+    """Whether `spec` can only mean a local path: it exists; it starts with / . ~ or holds a
+    backslash or ".."; it ends like a file (FILE_SUFFIXES); or its first part is an existing
+    folder, this project's folder names (LOCAL_FOLDER_NAMES) or `finetuned_dir` (a typo in the
+    rest of a path, or a run not trained yet)."""
+    first = spec.split("/")[0]
+    local_names = {*LOCAL_FOLDER_NAMES, *([Path(finetuned_dir).name] if finetuned_dir else [])}
+    return (spec.startswith(("/", ".", "~")) or "\\" in spec or ".." in spec or spec.lower().endswith(FILE_SUFFIXES)
+            or first in local_names or Path(spec).exists() or Path(first).is_dir())
+
+
+def is_repo_id(spec: str, finetuned_dir: str | Path | None = None) -> bool:
+    """owner/name that cannot be a local path (looks_local): what goes to the hub."""
+    return bool(REPO_ID.match(spec)) and not looks_local(spec, finetuned_dir)
 
 
 def _from_hub(repo_id: str, base: Path, model_step: int | None) -> CheckpointChoice:
@@ -289,7 +308,7 @@ def choose_checkpoint(
             return _from_transformers(path, model_step)
         spec = None if path.exists() else parse_spec(str(checkpoint))
         if spec is None:
-            if not path.exists() and is_repo_id(str(checkpoint)):
+            if is_repo_id(str(checkpoint), finetuned_dir):
                 return _from_hub(str(checkpoint), base, model_step)
             return _in_folder(path, model_step)
         spec_source, spec_tag, spec_step = spec

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import sciassist.checkpoints
 from nanochat.checkpoint import CheckpointError
 from sciassist.checkpoints import (
     SPEC_HELP,
@@ -14,6 +15,7 @@ from sciassist.checkpoints import (
     CheckpointSettings,
     choose_checkpoint,
     default_base_dir,
+    is_repo_id,
     latest_finetuned,
     load_choice,
     model_steps,
@@ -88,7 +90,7 @@ def test_explicit_checkpoint_dir_or_file(tiny_base_dir):
 
 
 def test_checkpoint_errors_say_what_is_wrong(tmp_path, tiny_base_dir):
-    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+    with pytest.raises(CheckpointError, match=f"^no such folder: {tmp_path / 'missing'} \\(--checkpoint takes a "):
         choose_checkpoint(checkpoint=tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model_<step>.pt files"):
@@ -110,6 +112,56 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path, tiny_base_dir):
     assert "no fine-tuned run" in message and "sft in" in message and "base in" in message
     with pytest.raises(CheckpointError):
         choose_checkpoint(source="rl", base_dir=tiny_base_dir)
+
+
+@pytest.fixture
+def hub_forbidden(monkeypatch):
+    """snapshot_download fails the test: nothing named here may be sent to the hub."""
+    def forbidden(*args, **kwargs):
+        pytest.fail(f"the hub was asked for {kwargs.get('repo_id', args[:1])}")
+    monkeypatch.setattr(sciassist.checkpoints, "snapshot_download", forbidden)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("finetuned_model_checkpoint/finetunde", "no such folder: finetuned_model_checkpoint/finetunde"),  # no run yet
+    ("my_runs/finetunde", "no such folder: my_runs/finetunde"),  # --finetuned_dir my_runs
+    ("runs/finetunde", "no such folder: runs/finetunde"),  # runs/ exists
+    ("run1/model_000100.pt", "no such file: run1/model_000100.pt"),
+    ("run1/meta_000100.json", "no such folder: run1/meta_000100.json"),
+    ("./run1/x", "no such folder: run1/x"),
+    ("../run1", "no such folder: ../run1"),
+    ("~/run1", "no such folder: {tmp}/home/run1"),
+    ("chatsft_checkpoints/d20", "no such folder: chatsft_checkpoints/d20"),
+    ("notes.txt", "not a folder: notes.txt"),
+])
+def test_a_missing_local_path_never_goes_to_the_hub(tmp_path, monkeypatch, hub_forbidden, spec, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError) as error:
+        choose_checkpoint(spec, finetuned_dir="my_runs", base_dir=tmp_path)
+    assert str(error.value).startswith(message.format(tmp=tmp_path) + " (--checkpoint takes ")
+    assert "\n" not in str(error.value)
+
+
+def test_only_an_owner_name_that_cannot_be_local_is_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert is_repo_id("karpathy/nanochat-d32") and is_repo_id("you/sciassist-d20.v2")
+    assert is_repo_id("runz/finetuned")  # the shape of a repo id and nothing local says otherwise
+    for local in ("runs/x", "finetuned_model_checkpoint/x", "base_checkpoints/d20", "hf_models/x", "a/b.pt",
+                  "a/b.safetensors", "./a/b", ".a/b", "~a/b", "a\\b", "a/b/c", "a/", "sft:d20"):
+        assert not is_repo_id(local), local
+    assert not is_repo_id("out/x", finetuned_dir="some/where/out") and is_repo_id("out/x")
+
+
+def test_chat_with_a_mistyped_path_is_one_error_line(tmp_path, monkeypatch, hub_forbidden, capsys):
+    from sciassist import cli
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["chat", "--checkpoint", "finetuned_model_checkpoint/finetunde", "-p", "hi", "--device", "cpu"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: no such folder: finetuned_model_checkpoint/finetunde (")
 
 
 def test_default_base_dir_follows_the_environment(monkeypatch, tmp_path):
