@@ -9,7 +9,7 @@ a missing extra stops with one `error:` line naming it (exit code 2), not a trac
 import importlib
 import sys
 
-from sciassist.common import print_error
+from sciassist.common import invoked_as, missing_extra_message, print_error
 
 # command -> (module whose main(argv) runs it, what it does)
 COMMANDS = {
@@ -26,11 +26,6 @@ COMMANDS = {
     "tiny": ("sciassist.pipelines.tiny", "train a tiny tokenizer + base model on ScienceQA text"),
     "recipe": ("sciassist.pipelines.recipes", "a measured recipe end to end (data, base, fine-tune, evaluation)"),
 }
-# the top-level module of an optional dependency -> the extra that installs it
-EXTRAS = {
-    "transformers": "export", "peft": "lora", "nltk": "explain", "rouge": "explain", "fastapi": "web",
-    "uvicorn": "web", "starlette": "web", "tensorboard": "track", "wandb": "track",
-}
 
 
 def usage() -> str:
@@ -42,22 +37,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def missing_extra(error: ModuleNotFoundError) -> str | None:
-    """The extra that installs the module `error` could not import (None: not an optional one)."""
-    return EXTRAS.get((error.name or "").split(".")[0])
-
-
-def run(command: str, argv) -> int:
-    """Run `command` with its flags; a missing optional dependency is one error line."""
+def run(command: str, argv, prog: str | None = None) -> int:
+    """Run `command` with its flags, its parser calling itself `prog` (None: the program's own name,
+    e.g. sciassist_train.py); a missing optional dependency is one error line."""
     try:
-        module = importlib.import_module(COMMANDS[command][0])
-        code = module.main(list(argv))
+        with invoked_as(prog):
+            module = importlib.import_module(COMMANDS[command][0])
+            code = module.main(list(argv))
     except ModuleNotFoundError as e:
-        extra = missing_extra(e)
-        if extra is None:
+        message = missing_extra_message(prog or f"sciassist {command}", e)
+        if message is None:
             raise
-        return print_error(f"sciassist {command} needs {e.name}, which is not installed: "
-                           f"pip install 'sciassist[{extra}]'")
+        return print_error(message)
     return 0 if code is None else code
 
 
@@ -70,7 +61,7 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(usage(), file=sys.stderr)
         return print_error(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
-    return run(command, rest)
+    return run(command, rest, prog=f"sciassist {command}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -379,16 +380,36 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, group_title: st
             kwargs.update(type=_checked(_optional(inner), meta), metavar=inner.__name__.upper())
         else:
             kwargs.update(type=_checked(inner, meta), metavar=inner.__name__.upper())
+        if "choices" in meta:  # the values in usage and --help, as argparse shows choices ("none": None)
+            kwargs["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in meta["choices"]) + "}"
         if meta.get("required"):
             kwargs.pop("default")
             kwargs["required"] = True
         target.add_argument(*flags, **kwargs)
 
 
+# The name a program was invoked by, when that is not its own: sciassist.cli sets "sciassist train"
+# while it runs the command whose parser is otherwise called sciassist_train.py.
+_INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("invoked_as", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(prog: str | None):
+    """Every SettingsParser made inside calls itself `prog` in usage, --help and errors (None: its own name)."""
+    token = _INVOKED_AS.set(prog)
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
+
+
 class SettingsParser(argparse.ArgumentParser):
-    """An ArgumentParser that knows renamed flags: `renamed={"--old": "--new"}`."""
+    """An ArgumentParser that knows renamed flags: `renamed={"--old": "--new"}`, and the name it was
+    invoked by (invoked_as)."""
 
     def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
+        if _INVOKED_AS.get():
+            kwargs["prog"] = _INVOKED_AS.get()
         super().__init__(*args, **kwargs)
         self.renamed = dict(renamed or {})
 
@@ -422,3 +443,17 @@ def print_error(error: BaseException) -> int:
     """A command-line program's answer to a problem the user can fix: one line, exit code 2."""
     print(f"error: {error}", file=sys.stderr)
     return 2
+
+
+# the top-level module of an optional dependency -> the extra that installs it
+EXTRAS = {
+    "transformers": "export", "peft": "lora", "nltk": "explain", "rouge": "explain", "fastapi": "web",
+    "uvicorn": "web", "starlette": "web", "tensorboard": "track", "wandb": "track",
+}
+
+
+def missing_extra_message(prog: str, error: ModuleNotFoundError) -> str | None:
+    """What `prog` says when it reaches for an optional dependency that is not installed (None:
+    `error` is about a module that is not optional, a bug to show as it is)."""
+    extra = EXTRAS.get((error.name or "").split(".")[0])
+    return extra and f"{prog} needs {error.name}, which is not installed: pip install 'sciassist[{extra}]'"

@@ -50,7 +50,6 @@ from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
-from transformers import GenerationConfig, NanoChatConfig, PreTrainedTokenizerFast
 
 from nanochat.checkpoint import CheckpointError
 from nanochat.gpt import SOFTCAP
@@ -59,6 +58,7 @@ from sciassist.checkpoints import CheckpointSettings, resolve_from_settings
 from sciassist.common import (
     UserError,
     check_fields,
+    missing_extra_message,
     print_error,
     setting,
     settings_from_namespace,
@@ -68,6 +68,14 @@ from sciassist.common import (
 from sciassist.hf_import import byte_symbols
 from sciassist.hf_import import weight_names as nanochat_names
 from sciassist.model_card import model_card
+
+try:  # the export extra; without it `python -m sciassist.export` says so in one line, as `sciassist export` does
+    from transformers import GenerationConfig, NanoChatConfig, PreTrainedTokenizerFast
+except ModuleNotFoundError as missing:
+    message = missing_extra_message("python -m sciassist.export", missing)
+    if __name__ != "__main__" or message is None:
+        raise  # imported: sciassist.cli (or the importer) reports it
+    sys.exit(print_error(message))
 
 EXPORT_MARK = "sciassist_export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -36,6 +36,28 @@ def test_a_missing_extra_is_one_error_line(command, module, extra):
                              f"pip install 'sciassist[{extra}]'\n")
 
 
+def test_python_m_export_without_transformers_is_the_same_one_line():
+    """`python -m sciassist.export` (run as __main__, as -m does) without the extra: one line, exit code 2."""
+    code = ("import runpy, sys\nsys.modules['transformers'] = None\nsys.argv = ['sciassist.export', '--help']\n"
+            "runpy.run_module('sciassist.export', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("error: python -m sciassist.export needs transformers, which is not installed: "
+                             "pip install 'sciassist[export]'\n")
+
+
+def test_a_command_calls_itself_as_it_was_invoked(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: sciassist train [-h]")
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--seq", "0"])
+    assert "sciassist plan: error: argument --seq" in capsys.readouterr().err
+    result = subprocess.run([sys.executable, "sciassist_train.py", "--help"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.startswith("usage: sciassist_train.py [-h]")
+
+
 def test_usage_and_unknown_commands(capsys):
     assert cli.main([]) == 2 and cli.main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -12,6 +12,7 @@ from sciassist.common import (
     autocast,
     check_fields,
     describe_range,
+    invoked_as,
     resolve_device,
     setting,
     settings_from_namespace,
@@ -66,6 +67,39 @@ def test_bad_values_are_refused_at_parse_time_with_the_range(argv, message, caps
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_help_lists_the_values_of_a_choice_flag():
+    @dataclass
+    class Choices:
+        mode: str = setting("a", "the mode", choices=["a", "b"])
+        source: str | None = setting(None, "a source", choices=[None, "base", "sft"])
+        kinds: list[str] = setting([], "kinds", choices=["x", "y"])
+
+    help_text = " ".join(settings_parser(Choices, "choices", "").format_help().split())
+    assert "--mode {a,b} the mode (default: a)" in help_text
+    assert "--source {none,base,sft} a source (default: None)" in help_text
+    assert "--kinds {x,y} kinds (default: []); repeatable" in help_text
+    assert "[--mode {a,b}]" in help_text  # the usage line too
+
+
+def test_dtype_help_lists_its_values():
+    from sciassist.train.settings import TrainSettings
+
+    help_text = " ".join(settings_parser(TrainSettings, "train", "").format_help().split())
+    assert "--dtype {auto,bfloat16,float16,float32} " in help_text
+
+
+def test_invoked_as_names_the_parsers_made_inside(capsys):
+    with invoked_as("sciassist example"):
+        parser = settings_parser(Example, "example", "an example")
+        assert parser.format_usage().startswith("usage: sciassist example [-h]")
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--name", "x"])
+    assert "sciassist example: error: argument --name: must be one of run, other, got x" in capsys.readouterr().err
+    assert settings_parser(Example, "example", "").prog == "example"
+    with invoked_as(None):
+        assert settings_parser(Example, "example", "").prog == "example"
+
+
 def test_renamed_flags_still_work_with_a_note(capsys):
     assert parse("--bs", "3").batch_size == 3 and parse("--bs=5").batch_size == 5
     assert "note: --bs is now --batch_size" in capsys.readouterr().err
@@ -112,13 +146,24 @@ def test_a_misspelt_rule_is_refused_where_the_setting_is_declared():
         setting(1, "x", at_lest=0)
 
 
-def test_device_and_precision_on_cpu():
+@pytest.mark.parametrize("native", [False, True])
+def test_device_and_precision_on_cpu(monkeypatch, native):
+    """auto on a CPU: bf16 autocast where it computes bf16 natively (AVX512-BF16 / AMX), fp32 elsewhere."""
+    import sciassist.common
+    monkeypatch.setattr(sciassist.common, "native_bf16", lambda device: native)
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="--device must be auto, cpu, cuda, cuda:N, mps"):
         resolve_device("tpu")
     with pytest.raises(UserError, match="CUDA is not available here"):
         resolve_device("cuda")
     with autocast(torch.device("cpu")):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+    precision = precision_for("cpu")
+    assert (precision.name, precision.needs_grad_scaler) == ("bfloat16" if native else "float32", False)
+    assert precision.reason == ("auto: this CPU computes bf16 natively (AVX512-BF16 / AMX)" if native else
+                                "auto: fp32 on cpu (no native bf16 on this CPU: it would be emulated, many times "
+                                "slower)")
+    with autocast(torch.device("cpu"), "float32"):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
     with autocast(torch.device("cpu"), "bfloat16"):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
@@ -133,9 +178,13 @@ def test_write_json_is_atomic_and_keeps_unicode(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]  # no temporary file left
 
 
-def test_compute_dtype_follows_the_policy_on_cpu():
+def test_compute_dtype_follows_the_policy_on_cpu(monkeypatch):
+    import sciassist.common
     from sciassist.common import compute_dtype
+    monkeypatch.setattr(sciassist.common, "native_bf16", lambda device: False)
     assert compute_dtype("cpu") == torch.float32 and compute_dtype("cpu", "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(sciassist.common, "native_bf16", lambda device: True)
+    assert compute_dtype("cpu") == torch.bfloat16 and compute_dtype("cpu", "float32") == torch.float32
     assert compute_dtype(torch.device("cpu"), "float16") == torch.float16
 
 
