@@ -250,6 +250,9 @@ def main(argv=None):
                         help="compile the blocks and the loss as training does (GPT.compile_for_training)")
     parser.add_argument("--levers", action="store_true",
                         help="time each speed lever on and off, and the peers' stand-ins (see above)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="the precision policy's --dtype (auto: bf16 autocast on CUDA >= 8.0 and CPUs with native "
+                             "bf16, fp32 elsewhere)")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -271,7 +274,7 @@ def main(argv=None):
     if args.compile:
         model.compile_for_training()
     step_model = model
-    autocast = autocast_for(device, "auto")
+    autocast = autocast_for(device, args.dtype)
 
     def packed(device_batch_size):
         def make(examples):

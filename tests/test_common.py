@@ -158,7 +158,7 @@ def test_device_and_precision_on_cpu(monkeypatch, native):
         resolve_device("cuda")
     with autocast(torch.device("cpu")):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
-    precision = precision_for("cpu")
+    precision = sciassist.common.precision_for("cpu")
     assert (precision.name, precision.needs_grad_scaler) == ("bfloat16" if native else "float32", False)
     assert precision.reason == ("auto: this CPU computes bf16 natively (AVX512-BF16 / AMX)" if native else
                                 "auto: fp32 on cpu (no native bf16 on this CPU: it would be emulated, many times "

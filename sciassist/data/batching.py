@@ -211,14 +211,16 @@ class StepRows:
     num_examples: int
 
 
-def arrange_step(dataset, example_indices, device_batch_size, world_size=1, rank=0, packed=True, pack_len=None):
+def arrange_step(dataset, example_indices, device_batch_size, world_size=1, rank=0, packed=True, pack_len=None,
+                 micro_positions=None):
     """Split one optimizer step's conversations into this rank's micro-batches.
 
     packed=True: the step's conversations are packed (best-fit) into rows of pack_len
     positions (default max_seq_len; wider when a conversation is longer), then every row is
     narrowed to the balanced width (balanced_row_len). A micro-batch holds as many rows as
     fit in device_batch_size x max_seq_len positions, the memory budget the flag stands
-    for: 8 rows of 2048, or 16 of 1024. Shorter rows cost less attention, which is computed
+    for: 8 rows of 2048, or 16 of 1024 (micro_positions: another budget, in positions, e.g. the
+    one sciassist.train.batch chose for the device). Shorter rows cost less attention, which is computed
     densely over a row (pack_len trades that against packing slack).
     packed=False: nanochat's way, one conversation per row, device_batch_size per
     micro-batch (padded to the longest by collate).
@@ -240,7 +242,8 @@ def arrange_step(dataset, example_indices, device_batch_size, world_size=1, rank
         row_len = balanced_row_len(lengths, len(pack_rows(lengths, capacity)), capacity)
         rows = [[example_indices[j] for j in row] for row in pack_rows(lengths, row_len)]
         rows.sort(key=lambda row: -sum(dataset.lengths[i] for i in row))
-        rows_per_micro = max(1, device_batch_size * dataset.max_seq_len // row_len)
+        budget = micro_positions if micro_positions is not None else device_batch_size * dataset.max_seq_len
+        rows_per_micro = max(1, budget // row_len)
     else:
         rows = [[i] for i in example_indices]
     my_rows = rows[rank::world_size]

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from nanochat.checkpoint import CheckpointError
 from sciassist.common import (
+    AUTO,
     UserError,
+    precision_for,
     print_error,
     resolve_device,
     setting,
@@ -27,7 +29,7 @@ from sciassist.common import (
 )
 from sciassist.eval.run import evaluate_after_training
 from sciassist.train import plan
-from sciassist.train.loop import train
+from sciassist.train.loop import TrainOutOfMemory, train
 from sciassist.train.settings import RENAMED_FLAGS, TrainError, TrainSettings, check_settings
 from sciassist.train.setup import source_choice
 from sciassist.train.step import Terminated
@@ -73,13 +75,18 @@ def dry_run(settings: TrainSettings) -> dict:
     except CheckpointError as e:
         raise TrainError(f"--dry_run: no model to plan for: {e}") from e
     device = resolve_device(settings.device)
-    bf16 = device.type == "cuda" and settings.dtype != "float32"
+    bf16 = precision_for(device, settings.dtype).dtype is not None
     seq = min(settings.max_seq_len, config.sequence_len)
+    free = plan.gpu_free_bytes(device) if device.type == "cuda" else None
+    lora = plan.LoraShape.of(settings)
+    batch = settings.device_batch_size
+    if batch == AUTO:  # the planner's pick at full rows (the run sizes it at its data's widest row)
+        batch = max(1, plan.max_batch(config, seq, free, bf16=bf16, lora=lora)) if free is not None else 1
     # with --lora_rank > 0 the LoRA plan (format_plan names it, with the rank and trainable parameters)
-    result = plan.memory_plan(config, settings.device_batch_size, seq, bf16=bf16,
-                              free=plan.gpu_free_bytes(device) if device.type == "cuda" else None,
-                              lora=plan.LoraShape.of(settings))
-    print(plan.format_plan(result, title=f"memory plan for {choice.describe()} on {device} (--dry_run)\n"))
+    result = plan.memory_plan(config, batch, seq, bf16=bf16, free=free, lora=lora)
+    auto = (" (--device_batch_size auto: the largest that fits, at full rows; the run sizes it at its data's widest "
+            "row and proves it)" if settings.device_batch_size == AUTO else "")
+    print(plan.format_plan(result, title=f"memory plan for {choice.describe()} on {device} (--dry_run){auto}\n"))
     return result
 
 
@@ -115,7 +122,8 @@ def _evaluate_after(run_dir: Path, settings: TrainSettings):
 
 def main(argv=None) -> int:
     """sciassist_train.py: 0 when the run completed, 130 when interrupted (Ctrl-C), 143 when
-    terminated (SIGTERM), each with a resume point saved; 2 on a problem the user can fix (one
+    terminated (SIGTERM), each with a resume point saved; 3 when the device ran out of memory
+    (one `error:` line: what was saved, the flag to change); 2 on a problem the user can fix (one
     `error:` line)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--preset" or a.startswith("--preset=") for a in args):
@@ -127,6 +135,9 @@ def main(argv=None) -> int:
             dry_run(settings)
             return 0
         summary = finetune(settings)
+    except TrainOutOfMemory as e:
+        print_error(e)
+        return TrainOutOfMemory.EXIT_CODE
     except (UserError, CheckpointError) as e:
         return print_error(e)
     except KeyboardInterrupt as e:  # before the first step or after the last: nothing more to save

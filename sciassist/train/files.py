@@ -90,7 +90,8 @@ def checkpoint_meta(run, step, val_loss, best) -> dict:
         "source_step": run.source["step"],
         "answer_format": run.source.get("answer_format", "letter_first"),
         "max_seq_len": run.data.max_seq_len,
-        "device_batch_size": run.settings.device_batch_size,
+        "device_batch_size": run.batch.rows if run.batch is not None else run.settings.device_batch_size,
+        "device_batch": run.batch.record() if run.batch is not None else None,
         "training_settings": dataclasses.asdict(run.settings),
         **({"lora": lora_meta(run.settings)} if run.learner.lora is not None else {}),
     }

@@ -33,6 +33,7 @@ save short.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from nanochat.optim import muon_dtype_of
 from sciassist.common import announce_threads, synchronize, use_threads, write_json
 from sciassist.data.batching import step_examples
+from sciassist.memory import first_line, is_out_of_memory, release_memory
 from sciassist.train.files import (
     BestCheckpointWriter,
     append_record,
@@ -51,7 +53,7 @@ from sciassist.train.files import (
 )
 from sciassist.train.settings import TrainError, TrainSettings, check_settings
 from sciassist.train.setup import Run, distributed_runtime, prepare_run
-from sciassist.train.state import Progress, ResumeState, resume_path, start_or_resume
+from sciassist.train.state import Progress, ResumeState, resume_path, rng_state, start_or_resume
 from sciassist.train.step import (
     SAVING_NOTICE,
     Terminated,
@@ -69,6 +71,21 @@ from sciassist.train.tracking import open_tracker
 
 class _Diverged(Exception):
     pass
+
+
+class _OutOfMemory(Exception):
+    """The device ran out of memory in a step (where: "step" or "validation")."""
+
+    def __init__(self, error: BaseException, where: str):
+        super().__init__(first_line(error))
+        self.where = where
+
+
+class TrainOutOfMemory(TrainError):
+    """A run stopped by out-of-memory; the message says what was saved and which flag to change.
+    sciassist_train.py exits with EXIT_CODE."""
+
+    EXIT_CODE = 3
 
 
 def train(settings: TrainSettings, on_step=None) -> dict:
@@ -102,6 +119,8 @@ def train(settings: TrainSettings, on_step=None) -> dict:
                         f"(val loss {progress.best['val_loss']:.4f} at step {progress.best['step']})")
             elif progress.best["step"] is not None:
                 run.log(f"checkpoint (no validation set): {summary['best_checkpoint']}")
+        if status == "out_of_memory":
+            raise TrainOutOfMemory(error)
         if status == "diverged":
             kept = (f"the best checkpoint so far is kept at {summary['best_checkpoint']}"
                     if progress.best["step"] is not None else "no checkpoint was written")
@@ -113,7 +132,8 @@ def train(settings: TrainSettings, on_step=None) -> dict:
 
 def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
     """Train from progress.step to the end; returns (status, error): completed, interrupted
-    (Ctrl-C or on_step raised KeyboardInterrupt), terminated (SIGTERM) or diverged."""
+    (Ctrl-C or on_step raised KeyboardInterrupt), terminated (SIGTERM), diverged or out_of_memory
+    (the error then says what was saved and what to change)."""
     writer = BestCheckpointWriter(run.run_dir, run.learner.lora)
     bar = tqdm(total=run.num_steps, initial=progress.step, disable=not run.runtime.is_main, dynamic_ncols=True,
                mininterval=1.0, desc="fine-tuning", file=sys.stderr)
@@ -133,6 +153,12 @@ def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
             writer.wait()
     except _Diverged as e:
         status, error = "diverged", str(e)
+    except _OutOfMemory as e:
+        status = "out_of_memory"
+        with stopping():
+            release_memory(run.device)
+            error = _out_of_memory_message(run, progress, e, saved)
+            writer.wait()
     finally:
         bar.close()
         writer.wait()
@@ -161,22 +187,30 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
     while progress.step < run.num_steps:
         synchronize(device)
         t0 = time.time()  # from here: batching, forward/backward, update (what a step costs)
-        work = forward_backward(run, progress.step)
+        progress.step_rng = rng_state()
+        work = _guarded(run, lambda: forward_backward(run, progress.step), "step")
         if not math.isfinite(work.train_loss):
             raise _Diverged(f"training loss is {work.train_loss} at step {progress.step + 1}")
         multiplier = lr_multiplier(progress.step, run.num_steps, settings.warmup_steps)
         with defer_interrupt():  # the weights, the optimizers and the records change together
-            update = apply_update(learner.model, learner.optimizers, multiplier, settings.grad_clip, learner.scaler)
+            progress.updating = True
+            update = _guarded(run, functools.partial(apply_update, learner.model, learner.optimizers, multiplier,
+                                                     settings.grad_clip, learner.scaler), "update")
             synchronize(device)
             seconds = max(time.time() - t0, 1e-9)
             progress.step += 1
+            progress.step_rng, progress.updating = None, False
             progress.totals["positions"] += work.positions
             progress.totals["tokens"] += work.tokens
             progress.totals["supervised"] += work.supervised
             record = step_record(run, progress.step, work, multiplier, update.grad_norm, seconds, progress.elapsed(),
                                  update)
-            if run.is_eval_step(progress.step):
-                _validate(run, progress, writer, record)
+            try:
+                if run.is_eval_step(progress.step):
+                    _guarded(run, functools.partial(_validate, run, progress, writer, record), "validation")
+            except _OutOfMemory:
+                _keep(run, progress, record)  # the step stands, without its validation
+                raise
             _keep(run, progress, record)
         if settings.save_every and progress.step % settings.save_every == 0 and progress.step < run.num_steps:
             with defer_interrupt(SAVING_NOTICE):  # a signal now stops the run once this resume point is saved
@@ -187,6 +221,45 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
                         pos_s=f"{work.positions / seconds:,.0f}", refresh=False)
         if on_step is not None:
             on_step(record)
+
+
+def _guarded(run: Run, work, where: str):
+    """work(), with an out-of-memory error turned into _OutOfMemory (the gradients of a step cut
+    short are dropped: the resume point holds none)."""
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is turned; the rest re-raised
+        if not is_out_of_memory(e):
+            raise
+        error = _OutOfMemory(e, where)
+    run.learner.model.zero_grad(set_to_none=True)
+    raise error
+
+
+def _out_of_memory_message(run: Run, progress: Progress, error: _OutOfMemory, saved: list) -> str:
+    """Save the resume point of the last whole step (unless the update was cut short, which can
+    leave the weights half-updated: then the last saved one stands) and say what to change."""
+    batch = run.batch
+    if not progress.updating:
+        if saved[-1:] != [progress.step]:
+            _save_resume(run, progress)
+        kept = f"resume point of step {progress.step} saved in {run.resume_path}"
+    elif run.resume_path.is_file() and saved:
+        kept = f"the update was cut short; the resume point of step {saved[-1]} in {run.resume_path} stands"
+    else:
+        kept = "the update was cut short, so no resume point could be saved"
+    where = {"step": f"step {progress.step + 1}", "update": f"the update of step {progress.step + 1}",
+             "validation": f"the validation of step {progress.step}"}[error.where]
+    card = run.card.describe() if run.card is not None else str(run.device)
+    smaller = max(1, batch.positions // 2 // run.data.max_seq_len)
+    if smaller * run.data.max_seq_len < batch.positions:
+        change = f"--device_batch_size {smaller}"
+    else:
+        change = f"a shorter --max_seq_len (now {run.data.max_seq_len}) or --lora_rank 16"
+    resume = " --resume" if "resume point of step" in kept or "stands" in kept else ""
+    return (f"out of memory in {where} on {card} ({error}) with a micro-batch of {batch.rows} row(s) of "
+            f"{batch.widest} positions ({batch.positions:,}); {kept}. Run again with the same flags{resume} and "
+            f"{change}")
 
 
 def _validate(run: Run, progress: Progress, writer: BestCheckpointWriter, record: dict) -> None:
@@ -233,6 +306,8 @@ def _describe(run: Run) -> None:
         use_threads(s.threads)
     run.log(f"precision: {learner.precision.name} ({learner.precision.reason}); fp32 master weights"
             f"{', loss scaling (GradScaler)' if learner.scaler is not None else ''}")
+    if run.batch is not None:
+        run.log(run.batch.describe())
     run.log(f"data: {data.description}")
     run.log(f"  train: {data.train_set.describe()}")
     run.log(f"  val:   {data.val_set.describe()}; evaluating on {data.num_val} of them")
@@ -305,6 +380,8 @@ def run_summary(run: Run, progress: Progress, status: str, error: str | None) ->
         "elapsed_s": round(elapsed_s, 3),
         "minutes": round(elapsed_s / 60, 2),
         "world_size": run.runtime.world_size,
+        "device_batch": run.batch.record() if run.batch is not None else None,
+        "card": dataclasses.asdict(run.card) if run.card is not None else None,
         "device": str(run.device),
         "attention_kernel": run.learner.attention_kernel,
         "muon_dtype": muon_dtype_of(run.learner.optimizers),

@@ -111,9 +111,12 @@ class TrainSettings:
     num_iterations: int = setting(-1, "total optimizer steps; -1 = num_epochs x (train examples // "
                                       "target_examples_per_step)", at_least=-1, at_most=MAX_STEPS,
                                   check=_steps_problem)
-    device_batch_size: int = setting(8, "micro-batch size per GPU, in rows of max_seq_len positions (packed rows "
-                                        "are often shorter, then more of them fit); conversations when not packed",
-                                     at_least=1, at_most=MAX_BATCH)
+    device_batch_size: int | str = setting(
+        "auto", "micro-batch size per GPU, in rows of max_seq_len positions (packed rows are often shorter, then "
+                "more of them fit); conversations when not packed. auto: on a GPU the memory planner's largest for "
+                "the card's free memory at this data's widest row, proven by one forward and backward before step 0 "
+                "(halved on out-of-memory); on a CPU the fastest measured (2,048 positions); a resumed run keeps "
+                "its recorded batch", auto=True, at_least=1, at_most=MAX_BATCH)
     target_examples_per_step: int = setting(64, "conversations per optimizer step over all GPUs (effective batch)",
                                             at_least=1, at_most=MAX_BATCH)
     matrix_lr: float = setting(0.01, "Muon learning rate for the transformer matrices", above=0, at_most=MAX_LR)
@@ -149,7 +152,8 @@ class TrainSettings:
     eval_every: int = setting(25, "validation loss every N steps (and at step 0 and the end; 0 = only those)",
                               at_least=0, at_most=MAX_STEPS)
     eval_steps: int = setting(100, "validation uses the first eval_steps x device_batch_size validation "
-                                   "conversations, the same ones at every evaluation", at_least=1, at_most=MAX_STEPS)
+                                   "conversations (x 8 with device_batch_size auto), the same ones at every "
+                                   "evaluation", at_least=1, at_most=MAX_STEPS)
     eval_after: bool = setting(False, "evaluate the best checkpoint with sciassist.eval.run when training ends "
                                       "(sciassist_train.py / sciassist.pipelines.finetune)")
     # output
@@ -166,8 +170,9 @@ class TrainSettings:
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
     threads: int | None = setting(None, THREADS_HELP, at_least=1, at_most=4096)
     dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 (auto: bfloat16 autocast on CUDA GPUs with "
-                                 "native bf16, compute capability >= 8.0; float16 autocast + loss scaling on older "
-                                 "ones, e.g. T4, V100; float32 on CPU and mps)", choices=list(DTYPES))
+                                 "native bf16, compute capability >= 8.0, and on CPUs with AVX512-BF16 or AMX; "
+                                 "float16 autocast + loss scaling on older GPUs, e.g. T4, V100; float32 on other "
+                                 "CPUs and mps)", choices=list(DTYPES))
     compile: bool | None = setting(None, "torch.compile the blocks and the loss (dynamic shapes, packed attention "
                                          "left eager, so packed rows compile a few graphs, not one per step), all "
                                          "compiled by a warm-up before the run; default: on CUDA (falling back to "

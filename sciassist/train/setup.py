@@ -21,12 +21,16 @@ from tqdm import tqdm
 from nanochat.attention import AttentionKernelError, PackedLayout
 from nanochat.checkpoint import CheckpointError, default_base_dir
 from sciassist.checkpoints import choose_checkpoint, load_choice
-from sciassist.common import Precision, precision_for, resolve_device
+from sciassist.common import AUTO, Precision, precision_for, resolve_device
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import TokenizedDataset, step_batches, steps_per_epoch, tokenize_conversations
 from sciassist.data.conversations import ConversationError, read_conversations, split_validation
 from sciassist.data.mixing import mix_conversations, parse_mix
+from sciassist.memory import Card, card_of
+from sciassist.train import batch as device_batch
+from sciassist.train.batch import DeviceBatch
 from sciassist.train.lora import adapter_optimizers, add_adapters
+from sciassist.train.plan import config_from_meta
 from sciassist.train.settings import TrainError, TrainSettings
 from sciassist.train.state import resume_path
 from sciassist.train.step import arrange_for, peak_flops
@@ -203,6 +207,8 @@ class Run:
     num_steps: int
     flops_per_token: float
     peak: float | None  # dense bf16 peak FLOP/s of the GPU (None: no MFU)
+    batch: DeviceBatch | None = None  # the micro-batch (sciassist.train.batch)
+    card: Card | None = None  # the GPU the run is on, as sized before loading (None: CPU, mps)
     tracker: Tracker = field(default_factory=Tracker)  # --report_to (set once the start step is known)
 
     @property
@@ -226,14 +232,20 @@ class Run:
         return bool(self.data.val_batches) and (step == 0 or step == self.num_steps or bool(periodic))
 
 
-def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
-    """Load the model and the data, and build the optimizers, as the settings say."""
+def prepare_run(settings: TrainSettings, runtime: Runtime, say=None) -> Run:
+    """Load the model and the data, build the optimizers and choose the device batch, as the
+    settings say (a card that cannot hold the model stops the run before its weights load)."""
+    say = say or (lambda line: tqdm.write(line) if runtime.is_main else None)
     torch.manual_seed(settings.seed)
     device = runtime.device
+    precision = precision_for(device, settings.dtype)
+    card = card_of(device)
+    recorded = recorded_batch(settings)
+    if card is not None and settings.device_batch_size == AUTO and not recorded:
+        check_fixed_memory(settings, card, precision)
     model, tokenizer, source = load_source_model(settings, device)
     # fp32 master weights (the published wte is bf16); autocast does the bf16/fp16 math (precision_for)
     model = model.float()
-    precision = precision_for(device, settings.dtype)
     model.train()
     # LoRA: adapters injected into the model (the same object, so everything below is unchanged),
     # the base frozen; after the seed, so A's random init is a function of it
@@ -250,19 +262,56 @@ def prepare_run(settings: TrainSettings, runtime: Runtime) -> Run:
     optimizers = adapter_optimizers(model, settings) if lora is not None else _optimizers(model, settings)
     kernel = choose_attention_kernel(model, settings, precision) if settings.packing else None
     compiled = compile_model(model, settings, device, precision)
+    batch = device_batch.choose(settings, runtime, model, data.train_set, precision, card, recorded, say)
+    data.val_batches = validation_batches(settings, runtime, data, batch)
     train_model, no_sync = _wrap_for_training(model, runtime)
     learner = Learner(model=model, train_model=train_model, no_sync=no_sync, optimizers=optimizers,
                       precision=precision, scaler=precision.grad_scaler(), lora=lora, attention_kernel=kernel,
                       compiled=compiled)
     num_steps = settings.num_iterations if settings.num_iterations > 0 else data.per_epoch * settings.num_epochs
     return Run(settings=settings, runtime=runtime, learner=learner, data=data, tokenizer=tokenizer, source=source,
-               num_steps=num_steps, flops_per_token=model.estimate_flops(),
+               num_steps=num_steps, flops_per_token=model.estimate_flops(), batch=batch, card=card,
                peak=peak_flops(device))  # MFU is against the dense bf16 peak, the number GPUs are sold by
 
 
+def recorded_batch(settings: TrainSettings) -> dict | None:
+    """The device batch a --resume run recorded (None: not resuming, or none recorded). Read
+    lazily (mmap) so the weights in the file are not loaded twice; a damaged file is left for
+    the resume itself to report."""
+    if not settings.resume or settings.device_batch_size != AUTO or not resume_path(settings).is_file():
+        return None
+    try:
+        data = torch.load(resume_path(settings), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - start_or_resume says what is wrong with it
+        return None
+    recorded = data.get("device_batch") if isinstance(data, dict) else None
+    return dict(recorded) if isinstance(recorded, dict) and recorded.get("positions") else None
+
+
+def check_fixed_memory(settings: TrainSettings, card, precision) -> None:
+    """Stop before loading the weights when the card cannot hold the model (its meta file says
+    its shape); a checkpoint without one is loaded and sized afterwards."""
+    try:
+        choice = source_choice(settings)
+        config = config_from_meta(choice.checkpoint_dir, choice.step)
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return  # load_source_model reports a missing checkpoint with its own message
+    device_batch.fixed_memory_check(settings, config, card, precision.dtype is not None)
+
+
+def validation_batches(settings: TrainSettings, runtime: Runtime, data: RunData, batch) -> list:
+    """The fixed validation micro-batches: the first conversations (file order), the same at every
+    evaluation, arranged as the training steps are."""
+    val_examples = list(range(data.num_val))
+    if not val_examples:
+        return []
+    return step_batches(data.val_set, arrange_for(settings, runtime, data.val_set, val_examples, batch), data.pad_id,
+                        runtime.device)
+
+
 def prepare_data(settings: TrainSettings, runtime: Runtime, tokenizer, max_seq_len: int) -> tuple[RunData, str]:
-    """(the run's data, tokenized, with the fixed validation batches; the answer format of its
-    training conversations)."""
+    """(the run's data, tokenized, its validation batches still to arrange: validation_batches;
+    the answer format of its training conversations)."""
     train_records, val_records, description = load_conversation_sets(settings)
     train_records, origins, mix_sources = mix_sources_in(settings, train_records)
     if mix_sources:
@@ -275,13 +324,10 @@ def prepare_data(settings: TrainSettings, runtime: Runtime, tokenizer, max_seq_l
         raise TrainError(f"{description}: no training conversation has an assistant token within "
                          f"max_seq_len={max_seq_len}")
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    # The validation set is fixed: the same conversations (file order) at every evaluation.
-    val_examples = list(range(min(len(val_set), settings.eval_steps * settings.device_batch_size)))
-    val_batches = (step_batches(val_set, arrange_for(settings, runtime, val_set, val_examples), pad_id,
-                                runtime.device) if val_examples else [])
     mix = ({"sources": mix_sources, "origins": [origins[i] for i in train_set.record_indices]}
            if mix_sources else None)
-    data = RunData(train_set=train_set, val_set=val_set, val_batches=val_batches, num_val=len(val_examples),
+    data = RunData(train_set=train_set, val_set=val_set, val_batches=[],
+                   num_val=min(len(val_set), device_batch.val_conversations(settings)),
                    per_epoch=steps_per_epoch(len(train_set), settings.target_examples_per_step),
                    max_seq_len=max_seq_len, pad_id=pad_id, description=description,
                    fingerprint=data_fingerprint(train_set, val_set), mix=mix)

@@ -40,6 +40,10 @@ class Progress:
     best: dict = field(default_factory=lambda: {"step": None, "val_loss": None})
     totals: dict = field(default_factory=lambda: {"positions": 0, "tokens": 0, "supervised": 0})
     elapsed_before: float = 0.0  # seconds trained before this process (resumed runs)
+    # the random generators as the step in progress found them (None between steps): a run stopped
+    # inside a step resumes from them, as if that step had not begun
+    step_rng: dict | None = None
+    updating: bool = False  # inside the optimizer update: the weights may be half-updated
     started: float = field(default_factory=time.time)
 
     def elapsed(self) -> float:
@@ -63,9 +67,9 @@ def set_rng_state(state: dict) -> None:
 # what each part of a resume point must be (checked on loading: the file is untrusted input)
 FIELD_TYPES = {"model": dict, "optimizers": list, "rng": dict, "step": int, "metrics": list, "best": dict,
                "elapsed_s": float, "totals": dict, "settings": dict, "data_fingerprint": str, "num_steps": int,
-               "epoch": int, "step_in_epoch": int, "grad_scaler": dict}
+               "epoch": int, "step_in_epoch": int, "grad_scaler": dict, "device_batch": dict}
 # parts added later, with the value a resume point written before them stands for
-OPTIONAL_FIELDS = {"grad_scaler": {}}
+OPTIONAL_FIELDS = {"grad_scaler": {}, "device_batch": {}}
 
 
 def _wrong_types(data: dict) -> list[str]:
@@ -104,16 +108,21 @@ class ResumeState:
     step_in_epoch: int
     # the GradScaler's state_dict of an fp16 run (the loss scale and its growth counter); {} without one
     grad_scaler: dict = field(default_factory=dict)
+    # the micro-batch the run chose (sciassist.train.batch.DeviceBatch.record()): --device_batch_size auto
+    # resumes with it, so the steps are arranged as before; {} in resume points written before it
+    device_batch: dict = field(default_factory=dict)
 
     @classmethod
     def capture(cls, run, progress: Progress) -> ResumeState:
         learner, per_epoch = run.learner, run.data.per_epoch
         return cls(model=learner.model.state_dict(), optimizers=[opt.state_dict() for opt in learner.optimizers],
-                   rng=rng_state(), step=progress.step, metrics=progress.metrics, best=progress.best,
+                   rng=progress.step_rng or rng_state(), step=progress.step, metrics=progress.metrics,
+                   best=progress.best,
                    elapsed_s=progress.elapsed(), totals=progress.totals, settings=dataclasses.asdict(run.settings),
                    data_fingerprint=run.data.fingerprint, num_steps=run.num_steps,
                    epoch=progress.step // per_epoch, step_in_epoch=progress.step % per_epoch,
-                   grad_scaler=learner.scaler.state_dict() if learner.scaler is not None else {})
+                   grad_scaler=learner.scaler.state_dict() if learner.scaler is not None else {},
+                   device_batch=run.batch.record() if run.batch is not None else {})
 
     def save(self, path) -> None:
         """Atomically: a crash while saving leaves the previous resume point intact (and a

@@ -229,10 +229,11 @@ class StepWork:
     row_len: int
 
 
-def arrange_for(settings, runtime, dataset, examples):
-    """This rank's share of the micro-batches of `examples`, as the settings batch them."""
-    return arrange_step(dataset, examples, settings.device_batch_size, runtime.world_size, runtime.rank,
-                        packed=settings.packing, pack_len=settings.pack_len)
+def arrange_for(settings, runtime, dataset, examples, batch):
+    """This rank's share of the micro-batches of `examples`, as the settings and the run's device
+    batch (sciassist.train.batch.DeviceBatch) arrange them."""
+    return arrange_step(dataset, examples, batch.rows, runtime.world_size, runtime.rank, packed=settings.packing,
+                        pack_len=settings.pack_len, micro_positions=batch.positions)
 
 
 def forward_backward(run, step) -> StepWork:
@@ -240,7 +241,7 @@ def forward_backward(run, step) -> StepWork:
     accumulate their gradients; the gradients are ready for apply_update."""
     s, data, learner = run.settings, run.data, run.learner
     epoch, examples = step_examples(len(data.train_set), step, s.target_examples_per_step, s.seed)
-    arranged = arrange_for(s, run.runtime, data.train_set, examples)
+    arranged = arrange_for(s, run.runtime, data.train_set, examples, run.batch)
     batches = step_batches(data.train_set, arranged, data.pad_id, run.device)
     loss_sum = accumulate_gradients(learner.train_model, batches, arranged.num_supervised, learner.precision.autocast(),
                                     run.runtime.world_size, learner.no_sync, learner.scaler)
@@ -314,6 +315,7 @@ def step_record(run, step, work: StepWork, multiplier, grad_norm, seconds, elaps
         "supervised_tokens_per_s": work.supervised / seconds,
         "token_efficiency": work.tokens / work.positions if work.positions else 0.0,
         "micro_batches": work.micro_batches, "row_len": work.row_len,
+        "micro_batch_positions": run.batch.positions if run.batch is not None else None,
         "mfu": run.flops_per_token * work.positions / seconds / (run.peak * world) if run.peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "step_time_s": seconds, "elapsed_s": round(elapsed_s, 3),

@@ -137,7 +137,7 @@ def test_the_skip_bad_lines_hint_only_when_it_is_off(tmp_path):
 
 
 NUMBER_FLAGS = [f for f in dataclasses.fields(TrainSettings)
-                if f.type in ("int", "float", "int | None", "float | None")]
+                if f.type in ("int", "float", "int | None", "float | None", "int | str")]
 
 
 def test_every_number_flag_has_a_range_checked_when_parsed(capsys):

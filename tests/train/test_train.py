@@ -88,7 +88,7 @@ def read_metrics(run_dir):
 
 def test_defaults_reproduce_the_scienceqa_run_and_every_field_is_a_flag():
     s = TrainSettings()
-    assert (s.num_epochs, s.device_batch_size, s.target_examples_per_step) == (4, 8, 64)
+    assert (s.num_epochs, s.device_batch_size, s.target_examples_per_step) == (4, "auto", 64)
     assert (s.unembedding_lr, s.embedding_lr, s.matrix_lr, s.init_lr_frac) == (2e-3, 1e-1, 1e-2, 0.02)
     assert (s.eval_every, s.source, s.data_path, s.out_dir) == (25, "sft", "scienceqa", "finetuned_model_checkpoint")
     help_text = build_parser().format_help()
