@@ -8,7 +8,7 @@ the segments over the flattened batch (B*T positions), `max_seqlen` as a Python 
 flash-attention's varlen API takes), and each position's offset within its document (the
 rotary position). A segment is one document's run within a row; padding at the end of a row
 is a segment of its own, so real tokens never attend to it. Every kernel takes what it needs
-from the layout (prepare()) without reading anything back from the device.
+from the layout (kernel_inputs()) without reading anything back from the device.
 
 Kernels, in order of preference (choose_kernel):
 - "varlen": torch.nn.attention.varlen.varlen_attn (flash-attention varlen). CUDA, Ampere or
@@ -126,7 +126,7 @@ class PackedRows:
     mask: object = None  # dense: (B, 1, T, T) bool; flex: BlockMask
 
 
-def prepare(layout, kernel, device):
+def kernel_inputs(layout, kernel, device):
     """What `kernel` needs of `layout` on `device`, built from host data (no read-back)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
@@ -339,7 +339,7 @@ def check_kernel(kernel, device, dtype, n_head, n_kv_head, head_dim):
         with torch.inference_mode(False), torch.enable_grad():
             q, k, v = (x.to(device).requires_grad_() for x in tensors)
             with torch.autocast(device.type, dtype=dtype if autocast else None, enabled=autocast):
-                y = packed_attention(q, k, v, prepare(layout, kernel, device))
+                y = packed_attention(q, k, v, kernel_inputs(layout, kernel, device))
             grads = torch.autograd.grad((y.float() * weight).sum(), (q, k, v))
             with torch.autocast(device.type, enabled=False):
                 q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))

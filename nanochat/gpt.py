@@ -297,7 +297,7 @@ class GPT(nn.Module):
                 raise ValueError(f"the packed layout is for {(layout.B, layout.T)}, the batch is {(B, T)}")
             self._check_positions(layout.max_seqlen)
             positions = layout.positions.to(device, non_blocking=True)
-            return positions, attention.prepare(layout, self.attention_kernel, device)
+            return positions, attention.kernel_inputs(layout, self.attention_kernel, device)
         if doc_ids is None:
             raise ValueError("with a KV cache, packed rows are described by doc_ids")
         all_ids = kv_cache.insert_doc_ids(doc_ids)  # (B, start + T)

@@ -8,7 +8,7 @@ The folder (transformers' NanoChat architecture, `model_type: nanochat`):
 
   config.json             NanoChatConfig: the sizes, rope theta 10000, logit softcap 15, RMSNorm eps =
                           float32 machine epsilon (what F.rms_norm uses), untied embeddings
-  model.safetensors       the weights under transformers' names (weight_names)
+  model.safetensors       the weights under transformers' names (sciassist.hf_import.weight_names)
   generation_config.json  the stop tokens (<|assistant_end|>, <|bos|>) and the chat's sampling defaults
   tokenizer.json          the tiktoken BPE as a byte-level BPE of the `tokenizers` library: the same
                           split regex, vocabulary and merges, the special tokens with their ids
@@ -65,8 +65,7 @@ from sciassist.common import (
     settings_parser,
     write_json,
 )
-from sciassist.hf_import import byte_symbols
-from sciassist.hf_import import weight_names as nanochat_names
+from sciassist.hf_import import byte_symbols, weight_names
 from sciassist.model_card import model_card
 
 try:  # the export extra; without it `python -m sciassist.export` says so in one line, as `sciassist export` does
@@ -109,16 +108,10 @@ class ExportSettings(CheckpointSettings):
 
 # ----------------------------------------------------------------------------- weights and config
 
-def weight_names(n_layer: int) -> dict[str, str]:
-    """nanochat's state-dict key -> transformers' NanoChatForCausalLM key: the import's mapping
-    (sciassist.hf_import.weight_names) turned around."""
-    return {ours: theirs for theirs, ours in nanochat_names(n_layer).items()}
-
-
 def hf_state_dict(state_dict: dict, n_layer: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The weights under transformers' names, on the CPU in `dtype`. Rows are copied as they are:
     both implementations rotate q and k the same way (the module docstring)."""
-    names = weight_names(n_layer)
+    names = {ours: theirs for theirs, ours in weight_names(n_layer).items()}  # nanochat's key -> transformers'
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
     missing, unexpected = sorted(set(names) - set(state_dict)), sorted(set(state_dict) - set(names))
     if missing or unexpected:

@@ -16,8 +16,8 @@ CheckpointError): an MLP width other than 4 x hidden_size, an activation other t
 softcap other than 15, tied embeddings, biases, rope theta other than 10000, a tokenizer with a
 different split regex or other special tokens. transformers is not imported: the three files are
 read with json, safetensors and tokenizers, and only nanochat is imported from this project (the
-same layer as sciassist.common, which it may not import). The weight names are the inverse of
-sciassist.export.weight_names (which this module, a lower layer, cannot import).
+same layer as sciassist.common, which it may not import). The weight names (weight_names) are
+defined here once; sciassist.export, a higher layer, turns them around.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ CHECK_TEXTS = [
 
 
 def weight_names(n_layer: int) -> dict[str, str]:
-    """transformers' NanoChatForCausalLM key -> nanochat's state-dict key (sciassist.export.weight_names inverted)."""
+    """transformers' NanoChatForCausalLM key -> nanochat's state-dict key; the export uses it inverted."""
     names = {"model.embed_tokens.weight": "transformer.wte.weight", "lm_head.weight": "lm_head.weight"}
     per_layer = {"self_attn.q_proj": "attn.c_q", "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
                  "self_attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}

@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from nanochat.checkpoint import CheckpointError, load_model
 from sciassist import checkpoints as checkpoints_module
+from sciassist import export as export_module
 from sciassist.checkpoints import choose_checkpoint, is_repo_id, load_choice
 from sciassist.data.conversations import write_conversations
+from sciassist.export import hf_state_dict
 from sciassist.export import main as export_main
-from sciassist.export import weight_names as export_names
 from sciassist.hf_import import CACHE_NAME, HUB_FILES, MARKER, convert_folder, weight_names
 from sciassist.train.loop import train
 from tests.conftest import nontrivial_gpt, write_published_checkpoint
@@ -282,8 +283,12 @@ def test_convert_folder_names_a_missing_file(tmp_path):
         convert_folder(tmp_path)
 
 
-def test_weight_names_invert_the_exports():
-    assert {v: k for k, v in export_names(3).items()} == weight_names(3)
+def test_weight_names_are_the_exports_names_turned_around():
+    state = {ours: torch.full((1,), float(i)) for i, ours in enumerate(weight_names(3).values())}
+    exported = hf_state_dict(state, n_layer=3)
+    assert sorted(exported) == sorted(weight_names(3)) and len(exported) == 2 + 6 * 3
+    assert all(torch.equal(exported[theirs], state[ours]) for theirs, ours in weight_names(3).items())
+    assert export_module.weight_names is weight_names  # one definition, imported by the export
     names = weight_names(2)
     assert names["model.layers.1.self_attn.q_proj.weight"] == "transformer.h.1.attn.c_q.weight"
     assert names["model.layers.0.mlp.fc2.weight"] == "transformer.h.0.mlp.c_proj.weight"

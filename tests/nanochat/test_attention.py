@@ -13,8 +13,8 @@ from nanochat import attention
 from nanochat.attention import (
     AttentionKernelError,
     PackedLayout,
+    kernel_inputs,
     packed_attention,
-    prepare,
 )
 from tests.nanochat.test_gpt import tiny_model
 
@@ -54,17 +54,17 @@ def test_layout_from_doc_ids_equals_the_row_lengths():
     assert layout.cu_seqlens.tolist() == [0, 5, 10] and layout.max_seqlen == 5
 
 
-def test_prepare_per_kernel():
-    packed = prepare(LAYOUT, "loop", "cpu")
+def test_kernel_inputs_per_kernel():
+    packed = kernel_inputs(LAYOUT, "loop", "cpu")
     assert packed.lengths == [e - s for s, e in zip(CU[:-1], CU[1:], strict=True)]
-    dense = prepare(LAYOUT, "dense", "cpu").mask
+    dense = kernel_inputs(LAYOUT, "dense", "cpu").mask
     assert dense.shape == (3, 1, 12, 12) and dense.dtype == torch.bool
     assert dense[1, 0, 9].tolist() == [False] * 8 + [True, True, False, False]  # padding sees only padding
     assert dense[0, 0, 4].tolist() == [False] * 3 + [True] * 2 + [False] * 7
-    varlen = prepare(LAYOUT, "varlen", "cpu")
+    varlen = kernel_inputs(LAYOUT, "varlen", "cpu")
     assert varlen.cu_seqlens.tolist() == CU and varlen.layout.max_seqlen == 12
     with pytest.raises(ValueError, match="unknown attention kernel"):
-        prepare(LAYOUT, "fast", "cpu")
+        kernel_inputs(LAYOUT, "fast", "cpu")
 
 
 def random_qkv(H=4, Hkv=2, D=8, seed=0, requires_grad=False):
@@ -94,7 +94,7 @@ def reference(q, k, v):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_kernels_match_per_document_reference(kernel, Hkv):
     q, k, v = random_qkv(Hkv=Hkv)
-    y = packed_attention(q, k, v, prepare(LAYOUT, kernel, "cpu"))
+    y = packed_attention(q, k, v, kernel_inputs(LAYOUT, kernel, "cpu"))
     assert y.shape == q.shape
     assert torch.allclose(y, reference(q, k, v), atol=1e-5)
 
@@ -114,7 +114,7 @@ def indexed_loop(q, k, v, layout):
 @pytest.mark.parametrize("Hkv", [4, 1])
 def test_loop_split_once_equals_the_indexed_loop(Hkv):
     results = []
-    for attend in (lambda q, k, v: packed_attention(q, k, v, prepare(LAYOUT, "loop", "cpu")),
+    for attend in (lambda q, k, v: packed_attention(q, k, v, kernel_inputs(LAYOUT, "loop", "cpu")),
                    lambda q, k, v: indexed_loop(q, k, v, LAYOUT)):
         q, k, v = random_qkv(Hkv=Hkv, requires_grad=True, seed=5)
         w = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
@@ -130,7 +130,7 @@ def test_gradients_loop_equal_dense():
     for kernel in ("loop", "dense"):
         q, k, v = random_qkv(requires_grad=True, seed=3)
         w = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
-        (packed_attention(q, k, v, prepare(LAYOUT, kernel, "cpu")) * w).sum().backward()
+        (packed_attention(q, k, v, kernel_inputs(LAYOUT, kernel, "cpu")) * w).sum().backward()
         grads[kernel] = [x.grad for x in (q, k, v)]
     for a, b in zip(grads["loop"], grads["dense"], strict=True):
         assert torch.allclose(a, b, atol=1e-5)
@@ -263,7 +263,7 @@ def test_varlen_call_by_release():
 def test_varlen_arguments_bind_to_each_release(release, Hkv):
     fn = RELEASES[release]
     q, k, v = random_qkv(Hkv=Hkv, seed=1)
-    args, kwargs = attention.varlen_arguments(fn, q, k, v, prepare(LAYOUT, "varlen", "cpu"))
+    args, kwargs = attention.varlen_arguments(fn, q, k, v, kernel_inputs(LAYOUT, "varlen", "cpu"))
     inspect.signature(fn).bind(*args, **kwargs)  # raises TypeError on a keyword the release lacks
     query, key, value, cu_q, cu_k, max_q, max_k = args
     B, T = DOC_IDS.shape
@@ -281,7 +281,7 @@ def test_varlen_arguments_bind_to_the_installed_torch():
     real = pytest.importorskip("torch.nn.attention.varlen", reason="torch < 2.10 has no varlen_attn").varlen_attn
     for Hkv in (4, 2):
         q, k, v = random_qkv(Hkv=Hkv)
-        args, kwargs = attention.varlen_arguments(real, q, k, v, prepare(LAYOUT, "varlen", "cpu"))
+        args, kwargs = attention.varlen_arguments(real, q, k, v, kernel_inputs(LAYOUT, "varlen", "cpu"))
         bound = inspect.signature(real).bind(*args, **kwargs)
         causal = bound.arguments.get("window_size") == (-1, 0) or bound.arguments.get("is_causal") is True
         assert causal and len(bound.args) == 7
