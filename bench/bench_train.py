@@ -12,9 +12,10 @@ in turn, so load from other processes on a shared machine falls on both alike; t
 time is the mean step time x steps per epoch. Token efficiency (real positions / processed
 positions) is computed over the whole epoch's plan.
 
-On CPU the packed loop also runs at a device batch of 2 rows: a CPU has no memory limit to
-fill, and elementwise work on a smaller micro-batch's logits stays in cache (the loss over
-the vocabulary is memory-bound), which makes it faster per position. One CPU thread by
+On CPU the packed loop also runs at --device_batch_size auto's CPU micro-batch
+(sciassist.train.batch.CPU_POSITIONS, 2,048 positions: 1 row of the default max_seq_len): a CPU
+has no memory limit to fill, and elementwise work on a smaller micro-batch's logits stays in
+cache (the loss over the vocabulary is memory-bound), which makes it faster per position. One CPU thread by
 default: the ratio between the loops is the figure, and one thread is the least disturbed
 by other load on a shared machine; for the same reason a one-thread CPU run is timed in
 CPU seconds of the process (time.process_time), which excludes the time other processes
@@ -67,6 +68,7 @@ from sciassist.data.batching import (  # noqa: E402
     steps_per_epoch,
     tokenize_conversations,
 )
+from sciassist.train.batch import CPU_POSITIONS  # noqa: E402
 from sciassist.train.step import accumulate_gradients, peak_flops, set_learning_rates  # noqa: E402
 
 SHARED_SCIENCEQA = REPO_ROOT.parent / "shared" / "scienceqa"
@@ -202,7 +204,11 @@ def worst_case_memory(model, optimizers, autocast, device, args):
 
 
 def lever_loops(model, step_model, padded, packed, packed_sizes, autocast, device, clock, args):
-    """The peers' stand-ins, then each packed device batch with the levers added one at a time."""
+    """The peers' stand-ins, then each packed device batch with the levers added one at a time.
+    The peers compute as they do by default on this device: nanochat's chat_sft.py autocasts to
+    bf16 on CUDA only (fp32 on CPU), and so does a transformers Trainer left at its defaults on a
+    CPU (bf16=False); SciAssist follows its precision policy (--dtype)."""
+    peer_autocast = autocast_for(device, "bfloat16" if device.type == "cuda" else "float32")
     def muon_run(dtype):
         optimizers = model.setup_optimizers(muon_dtype=dtype)
         for opt in optimizers:
@@ -215,8 +221,8 @@ def lever_loops(model, step_model, padded, packed, packed_sizes, autocast, devic
         group["initial_lr"] = group["lr"]
     b = args.device_batch_size
     loops = [Loop(f"nanochat SFT stand-in: padded batch {b}, Muon bf16", padded, step_model,
-                  muon_run(torch.bfloat16), autocast, device, clock),
-             Loop(f"transformers Trainer stand-in: padded batch {b}, AdamW", padded, step_model, adamw, autocast,
+                  muon_run(torch.bfloat16), peer_autocast, device, clock),
+             Loop(f"transformers Trainer stand-in: padded batch {b}, AdamW", padded, step_model, adamw, peer_autocast,
                   device, clock)]
     for size in packed_sizes:
         loops += [Loop(f"packed {size}: Muon bf16, indexed attention loop (before)", packed(size), step_model,
@@ -258,7 +264,9 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
-    packed_sizes = [int(x) for x in (args.packed_batch_sizes or ("8" if device.type == "cuda" else "8,2")).split(",")]
+    auto_rows = max(1, CPU_POSITIONS // args.max_seq_len)  # --device_batch_size auto's micro-batch on a CPU
+    packed_sizes = [int(x) for x in (args.packed_batch_sizes or ("8" if device.type == "cuda" else f"8,{auto_rows}"))
+                    .split(",")]
     steps = args.steps or (10 if device.type == "cuda" else 6)
     started = time.time()
 

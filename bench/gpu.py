@@ -19,6 +19,12 @@ position supervised (its worst case, what --dry_run prints).
 On CUDA the first kernel's largest batch (at most 8) runs once more compiled as training
 compiles it (--compile, on by default on CUDA), beside its eager row.
 
+--device_batch_size auto, first for each model: the batch the planner gives this card's free memory
+(rows of --seq positions, bf16), the batch proven by sciassist.train.batch.prove (a forward and
+backward of that shape with the optimizer states held aside, halved on out-of-memory), and the
+peak memory of one real step (forward, backward, update) at the proven batch beside the plan's
+figure for it. (--smoke: a simulated 64 MB card on the CPU, no peak.)
+
 Kernel checks, first: every kernel's self-check (nanochat.attention.check_kernel: forward and
 backward on a small random packed batch against the written-out reference) for the compute
 dtype the precision policy gives this GPU and for fp32, with nanochat's head shape and with
@@ -57,7 +63,10 @@ from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.common import autocast, precision_for, synchronize  # noqa: E402
 from sciassist.eval.scoring import letter_scores  # noqa: E402
+from sciassist.memory import Card, OutOfMemory, card_of  # noqa: E402
+from sciassist.train import batch as device_batch  # noqa: E402
 from sciassist.train import plan  # noqa: E402
+from sciassist.train.settings import TrainSettings  # noqa: E402
 from sciassist.train.step import accumulate_gradients, apply_update, peak_flops  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16)
@@ -211,6 +220,48 @@ def is_oom(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+SMOKE_CARD = Card("simulated 64 MB card (smoke)", 64 * 2**20, 64 * 2**20)
+
+
+def auto_batch_case(config, device, seq):
+    """--device_batch_size auto on this card (module docstring): planned and proven rows of `seq`
+    positions, and the measured peak of one step at the proven batch."""
+    model = random_gpt(config, device)
+    model.train()
+    optimizers = model.setup_optimizers()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    card = card_of(device) or SMOKE_CARD
+    precision = precision_for(device)
+    bf16 = precision.dtype is not None
+    planned = device_batch.planned_positions(config, card, bf16)
+    row = {"card": card.describe(), "seq": seq, "planned_rows": planned // seq, "proven_rows": 0, "halvings": [],
+           "peak_memory_gb": None, "planned_gb": None}
+    if planned >= seq:
+        try:
+            proven = device_batch.prove(model, planned, seq, precision, True,
+                                        device_batch.optimizer_state_bytes(config, TrainSettings()), device,
+                                        say=row["halvings"].append)
+        except OutOfMemory:
+            proven = 0
+        row["proven_rows"] = proven // seq
+    if row["proven_rows"]:
+        rows = row["proven_rows"]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batch, _, supervised = packed_rows(rows, seq, config.vocab_size, device)
+        accumulate_gradients(model, [batch], supervised, precision.autocast())
+        apply_update(model, optimizers, 1.0)
+        synchronize(device)
+        if device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / plan.GB
+        row["planned_gb"] = plan.memory_plan(config, rows, seq, bf16=bf16)["total"] / plan.GB
+    del model, optimizers
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def train_bench(config, kernels, batches, seq, steps, device, deadline):
     model = random_gpt(config, device)
     model.train()
@@ -283,6 +334,15 @@ def markdown(result):
         for k, reason in c["results"].items():
             if reason is not None:
                 lines.append(f"\n{k} ({c['dtype']}, {c['heads']}): {reason}")
+    lines += ["", "| model | --device_batch_size auto on | planned rows x seq | proven rows | measured peak (one "
+              "step) | plan at the proven batch |", "|---|---|---:|---:|---:|---:|"]
+    for m in result["models"]:
+        a = m.get("auto_batch")
+        if a:
+            peak = f"{a['peak_memory_gb']:.2f} GB" if a["peak_memory_gb"] is not None else "-"
+            planned_gb = f"{a['planned_gb']:.2f} GB" if a["planned_gb"] is not None else "-"
+            lines.append(f"| {m['name']} | {a['card']} | {a['planned_rows']} x {a['seq']} | {a['proven_rows']} | "
+                         f"{peak} | {planned_gb} |")
     lines += ["", "| model | kernel | device batch x row | real tokens/s | MFU | peak memory | planned (same "
              "supervision / worst case) | step |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for m in result["models"]:
@@ -357,10 +417,13 @@ def main(argv=None):
                                      "skipped": [f"does not fit: planned {static['total'] / plan.GB:.1f} GB at "
                                                  "batch 1"]})
             continue
+        print(f"{name}: --device_batch_size auto", flush=True)
+        auto = auto_batch_case(config, device, seq)
+        print(f"  planned {auto['planned_rows']} x {seq}, proven {auto['proven_rows']}", flush=True)
         print(f"{name}: training", flush=True)
         train, skipped, syncs = train_bench(config, kernels, batches, seq, steps, device, deadline)
         entry = {"name": name, "params": static["params_count"], "train": train, "skipped": skipped,
-                 "forward_syncs": syncs}
+                 "forward_syncs": syncs, "auto_batch": auto}
         if time.monotonic() < deadline + 60:
             print(f"{name}: evaluation", flush=True)
             entry["eval"] = eval_bench(config, device, tokenizer, prompts, counts, questions, gen_tokens,

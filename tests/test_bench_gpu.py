@@ -37,13 +37,20 @@ def test_smoke_writes_finite_json_and_a_table(tmp_path):
                 "planned_worst_case_gb", "step_s"} <= set(r)
         assert r["tokens_per_s"] > 0 and 0 < r["planned_gb"] <= r["planned_worst_case_gb"]
     assert {"letter_questions_per_s", "generation_tokens_per_s", "questions"} <= set(model["eval"])
+    # --device_batch_size auto on the simulated 64 MB card: the planned rows are proven as they are
+    auto = model["auto_batch"]
+    assert auto["planned_rows"] >= 2 and auto["proven_rows"] == auto["planned_rows"] and auto["halvings"] == []
+    assert 0 < auto["planned_gb"] < 0.0671
+    assert f"| tiny | simulated 64 MB card (smoke) (0.1 GB, 0.1 GB free) | {auto['planned_rows']} x 128 |" in \
+        (out / "gpu_bench.md").read_text()
     assert all(math.isfinite(x) for x in numbers(result))
     assert "| tiny" in (out / "gpu_bench.md").read_text()
     # The kernel checks: on CPU the loop and dense kernels pass in fp32 and bf16, flex fails
     # (no backward on CPU) and varlen fails (a CUDA kernel), each with its reason.
     checks = result["kernel_checks"]
-    assert [(c["dtype"], c["heads"]) for c in checks] == [("float32", "2/2x32"), ("float32", "2/1x32"),
-                                                           ("bfloat16", "2/2x32"), ("bfloat16", "2/1x32")]
+    # (the policy's dtype first: bf16 on a CPU with native bf16, else fp32; then the other)
+    assert sorted((c["dtype"], c["heads"]) for c in checks) == [("bfloat16", "2/1x32"), ("bfloat16", "2/2x32"),
+                                                                ("float32", "2/1x32"), ("float32", "2/2x32")]
     for c in checks:
         assert c["results"]["loop"] is None and c["results"]["dense"] is None and c["auto"] == "loop"
         assert c["results"]["flex"] and c["results"]["varlen"]

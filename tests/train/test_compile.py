@@ -87,7 +87,7 @@ def test_after_the_warm_up_training_and_validation_compile_nothing_more(monkeypa
     monkeypatch.setattr(type(tiny_model()), "compile_for_training", lambda self: original(self, backend=backend))
     model = tiny_model(seed=4)
     model.attention_kernel = "loop"
-    assert setup.compile_model(model, TrainSettings(compile=True), torch.device("cpu"), precision_for("cpu"))
+    assert setup.compile_model(model, TrainSettings(compile=True), torch.device("cpu"), precision_for("cpu", "float32"))
     warmed = backend.graphs
     assert warmed > 0 and model.training and all(p.grad is None for p in model.parameters())
     steps = packed_steps(20, model.config.vocab_size, seed=2)
@@ -114,7 +114,7 @@ def test_a_failed_compile_falls_back_by_default_and_is_an_error_when_asked(monke
     original = type(tiny_model()).compile_for_training
     monkeypatch.setattr(type(tiny_model()), "compile_for_training",
                         lambda self: original(self, backend=failing_backend))
-    precision = precision_for("cpu")
+    precision = precision_for("cpu", "float32")
     model = tiny_model()
     model.attention_kernel = "loop"
     with pytest.raises(TrainError, match=r"--compile: torch.compile failed on cpu \(torch .*\): "
@@ -135,7 +135,7 @@ def test_inductor_on_cpu_trains_the_same_numbers():
     eager, compiled = tiny_model(seed=5), tiny_model(seed=5)
     for model in (eager, compiled):
         model.attention_kernel = "loop"
-    assert setup.compile_model(compiled, TrainSettings(compile=True), torch.device("cpu"), precision_for("cpu"))
+    assert setup.compile_model(compiled, TrainSettings(compile=True), torch.device("cpu"), precision_for("cpu", "float32"))
     steps = packed_steps(3, compiled.config.vocab_size, seed=1)
     losses, _ = run_steps(compiled, steps)
     assert losses == pytest.approx(run_steps(eager, steps)[0], rel=1e-4)
