@@ -199,7 +199,7 @@ def _in_folder(path: Path, model_step: int | None, kind: str = "checkpoint") -> 
         path, model_step = path.parent, file_step
     if not path.is_dir():
         missing = "not a folder" if path.exists() else "no such file" if file_step is not None else "no such folder"
-        raise CheckpointError(f"{missing}: {path} (--checkpoint takes {SPEC_HELP})")
+        raise CheckpointError(f"{missing}: {path} (expected {SPEC_HELP})")
     steps = complete_steps(path)
     if not steps:
         orphans = model_steps(path)  # model files whose meta_<step>.json is missing

@@ -90,7 +90,7 @@ def test_explicit_checkpoint_dir_or_file(tiny_base_dir):
 
 
 def test_checkpoint_errors_say_what_is_wrong(tmp_path, tiny_base_dir):
-    with pytest.raises(CheckpointError, match=f"^no such folder: {tmp_path / 'missing'} \\(--checkpoint takes a "):
+    with pytest.raises(CheckpointError, match=f"^no such folder: {tmp_path / 'missing'} \\(expected a "):
         choose_checkpoint(checkpoint=tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model_<step>.pt files"):
@@ -141,7 +141,7 @@ def test_a_missing_local_path_never_goes_to_the_hub(tmp_path, monkeypatch, hub_f
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError) as error:
         choose_checkpoint(spec, finetuned_dir="my_runs", base_dir=tmp_path)
-    assert str(error.value).startswith(message.format(tmp=tmp_path) + " (--checkpoint takes ")
+    assert str(error.value).startswith(message.format(tmp=tmp_path) + " (expected a ")
     assert "\n" not in str(error.value)
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.checkpoint import CheckpointError, meta_path, model_steps, read_meta
-from sciassist.checkpoints import NEWEST, SPEC_HELP, choose_checkpoint
+from sciassist.checkpoints import NEWEST, SPEC_HELP, choose_checkpoint, is_repo_id
 from sciassist.common import (
     THREADS_HELP,
     UserError,
@@ -83,7 +83,7 @@ from sciassist.eval.table import (
     topic_breakdown,
 )
 from sciassist.eval.transfer import benchmark_run, benchmark_summary, draw_benchmark_chart, scienceqa_summary
-from sciassist.plots import parse_training_log
+from sciassist.plots import parse_training_log, read_metrics
 
 SOURCE_MODEL = "source"
 
@@ -206,6 +206,16 @@ def _check_settings(settings, models):
             parse_training_log(settings.log_file)
         except (OSError, ValueError) as e:
             raise EvaluationError(f"--log_file: {e}") from None
+    if settings.metrics_path is not None:
+        try:
+            read_metrics(settings.metrics_path)
+        except (OSError, ValueError) as e:
+            raise EvaluationError(f"--metrics_path: {e}") from None
+    # A missing checkpoint too (choosing one reads no weights); a hub repo id is left to its
+    # download, made once, when the model is loaded.
+    for spec in specs.values():
+        if not is_repo_id(str(spec)):
+            choose_checkpoint(spec, base_dir=settings.base_dir)
     return specs
 
 
@@ -274,11 +284,10 @@ def evaluate(settings, models=None):
     started = time.perf_counter()
     models = dict(models or {})
     specs = _check_settings(settings, models)
-    out_dir = Path(settings.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(settings.out_dir)  # made once every input has been read: a bad one leaves no folder behind
     files = {}
-    loss_summary = draw_loss_curve(out_dir, files, settings.metrics_path, settings.log_file, settings.finetuned)
     if not specs and not models:
+        loss_summary = draw_loss_curve(out_dir, files, settings.metrics_path, settings.log_file, settings.finetuned)
         summary = {"settings": dataclasses.asdict(settings), "loss_curve": loss_summary, "files": files}
         write_json(out_dir / "results.json", summary)
         print(f"loss curve written to {out_dir / 'loss_curve.png'} (no models given, nothing else to evaluate)")
@@ -293,6 +302,8 @@ def evaluate(settings, models=None):
                                       settings.benchmark_revision, asked))
                   for b in parse_benchmarks(settings.benchmarks)]
     device = resolve_device(settings.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss_summary = draw_loss_curve(out_dir, files, settings.metrics_path, settings.log_file, settings.finetuned)
     if device.type == "cpu":
         announce_threads(settings.threads)
 

@@ -67,6 +67,23 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "no loss values found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--log_file", "{tmp}/missing.log"], "error: --log_file: [Errno 2] No such file or directory"),
+    (["--metrics_path", "{tmp}/missing.jsonl"], "error: --metrics_path: [Errno 2] No such file or directory"),
+    (["--finetuned", "{tmp}/missing_run", "--scienceqa", "sample"], "error: no such folder: {tmp}/missing_run"),
+    (["--base", "sft:d2", "--base_dir", "{tmp}", "--scienceqa", "sample"], "error: {tmp}/chatsft_checkpoints"),
+    (["--finetuned", "{checkpoint}", "--data_path", "{tmp}/missing.jsonl"], "error: {tmp}/missing.jsonl: no such"),
+    (["--finetuned", "{checkpoint}", "--scienceqa", "{tmp}/no_copy"], "error: ScienceQA source"),
+])
+def test_a_bad_input_leaves_no_output_folder(tiny_base_dir, tmp_path, argv, message, capsys):
+    """Every input is read before --out_dir is made, so a typo leaves no empty eval_results/ behind."""
+    names = {"tmp": tmp_path, "checkpoint": tiny_base_dir / "base_checkpoints" / "d2"}
+    out = tmp_path / "eval_results"
+    assert ev.main([a.format(**names) for a in argv] + ["--out_dir", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(message.format(**names))
+    assert not out.exists()
+
+
 def test_cli_flags_come_from_eval_settings():
     parser = ev.build_arg_parser()
     assert settings_from_namespace(ev.EvalSettings, parser.parse_args([])) == ev.EvalSettings()
