@@ -134,8 +134,8 @@ def no_fit_message(settings: TrainSettings, config, card: Card, bf16: bool, wide
     cards = [g for g in plan.CARDS_GB if plan.max_batch(config, widest, g * GB, bf16=bf16, lora=lora) >= 1]
     options.append(f"a card of {cards[0]} GB or more" if cards else "a larger card (none up to 80 GB fits it)")
     return (f"d{config.n_layer} {kind} does not fit {card.describe()}: the plan needs {fixed / GB:.1f} GB of "
-            f"weights, gradients and optimizer states plus {one['activations'] / GB:.2f} GB per row of {widest} "
-            f"positions, and {usable / GB:.1f} GB is usable; what fits: {'; or '.join(options)}")
+            f"weights, gradients and optimizer states plus {one['activations'] / GB:.2f} GB to train one row of "
+            f"{widest} positions, and {usable / GB:.1f} GB is usable; what fits: {'; or '.join(options)}")
 
 
 def prove(model, positions: int, widest: int, precision, packed: bool, optimizer_bytes: int, device,
