@@ -21,6 +21,7 @@ from sciassist.eval.questions import SCORING_MODES, EvaluationError, prompts_for
 from sciassist.eval.scoring import (
     answer_prefix_check,
     argmax,
+    batches_of,
     check_count,
     choice_token_scores,
     constrained_choice,
@@ -77,7 +78,7 @@ def run_model(model, tokenizer, records, options):
     prompts, prefix = prompts_for(records, options.prompt_style)
     if options.scoring not in SCORING_MODES:
         raise EvaluationError(f"scoring must be one of {', '.join(SCORING_MODES)}, got {options.scoring!r}")
-    check_count("batch_size", options.batch_size)  # before any work, as the CLI checks them
+    batches = batches_of(options.batch_size)  # checked before any work, as the CLI checks it; shared by every pass
     if options.generate:
         check_count("max_new_tokens", options.max_new_tokens)
     if options.sample_indices:
@@ -87,8 +88,7 @@ def run_model(model, tokenizer, records, options):
     device = model.get_device()
 
     def lines():
-        return choice_token_scores(model, tokenizer, prompts, choices, prefix, options.batch_size,
-                                   options.answer_format)
+        return choice_token_scores(model, tokenizer, prompts, choices, prefix, batches, options.answer_format)
 
     choice_pass = None  # (continuations, token scores) of every answer line, once choice scoring ran them
 
@@ -97,7 +97,7 @@ def run_model(model, tokenizer, records, options):
         if options.scoring == "choice":
             choice_pass = lines()
             return [softmax(scores) for scores in summed(choice_pass[1])]
-        return letter_probabilities(model, tokenizer, prompts, num_choices, prefix, options.batch_size)
+        return letter_probabilities(model, tokenizer, prompts, num_choices, prefix, batches)
 
     synchronize(device)
     probabilities, scoring_s = _timed(device, score)
@@ -114,7 +114,7 @@ def run_model(model, tokenizer, records, options):
     }
     if options.generate:
         texts, generate_s = _timed(device, lambda: generate_answers(model, tokenizer, prompts, options.max_new_tokens,
-                                                                    options.batch_size))
+                                                                    batches))
         run["generated"] = texts
         run["generated_prediction"] = [parse_answer(t, k, prefix, c, options.answer_format)
                                        for t, k, c in zip(texts, num_choices, choices, strict=True)]
@@ -129,14 +129,13 @@ def run_model(model, tokenizer, records, options):
         # longer replies for the few questions shown in samples.md (the explanation too)
         t0 = time.perf_counter()
         texts = generate_answers(model, tokenizer, [prompts[i] for i in options.sample_indices],
-                                 options.sample_max_tokens, options.batch_size)
+                                 options.sample_max_tokens, batches)
         run["samples"] = dict(zip(options.sample_indices, texts, strict=True))
         run["timing"]["samples_s"] = time.perf_counter() - t0
     if options.explain_indices:
         # full tutor replies for --explain (sciassist.eval.explain scores their explanations)
         run["explanation_replies"], run["timing"]["explain_s"] = _timed(device, lambda: tutor_replies(
-            model, tokenizer, [records[i] for i in options.explain_indices], options.explain_max_tokens,
-            options.batch_size))
+            model, tokenizer, [records[i] for i in options.explain_indices], options.explain_max_tokens, batches))
     return run
 
 

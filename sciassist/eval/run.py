@@ -42,6 +42,7 @@ from pathlib import Path
 from nanochat.checkpoint import CheckpointError, meta_path, model_steps, read_meta
 from sciassist.checkpoints import NEWEST, SPEC_HELP, choose_checkpoint, is_repo_id
 from sciassist.common import (
+    AUTO,
     THREADS_HELP,
     UserError,
     announce_threads,
@@ -74,6 +75,7 @@ from sciassist.eval.report import (
     samples_markdown,
     write_model_files,
 )
+from sciassist.eval.scoring import AUTO_BATCH_SIZE, BatchSize, batches_of
 from sciassist.eval.table import (
     build_table,
     format_table_markdown,
@@ -83,6 +85,7 @@ from sciassist.eval.table import (
     topic_breakdown,
 )
 from sciassist.eval.transfer import benchmark_run, benchmark_summary, draw_benchmark_chart, scienceqa_summary
+from sciassist.memory import OutOfMemory, card_of, first_line, is_out_of_memory, release_memory
 from sciassist.plots import parse_training_log, read_metrics
 
 SOURCE_MODEL = "source"
@@ -115,7 +118,12 @@ class EvalSettings:
                                          "(python -m sciassist.data.prepare --answer_format); auto reads it from "
                                          "the evaluated file's reference answers (letter_first with --scienceqa)",
                                  choices=["auto", *ANSWER_FORMATS])
-    batch_size: int = setting(32, "questions per forward pass and per generation batch", at_least=1)
+    batch_size: int | str = setting(AUTO, f"questions per forward pass and per generation batch: auto = "
+                                          f"{AUTO_BATCH_SIZE}, or a number to start from. Either is halved when a "
+                                          f"batch runs out of memory (one line each time), and the size that fitted "
+                                          f"is kept for the rest of the evaluation; results match at any size up to "
+                                          f"the rounding of the forward passes",
+                                    at_least=1, auto=True)
     generate: bool = setting(True, "generate greedy replies and parse them strictly; --no_generate skips them")
     constrain_answers: bool = setting(False, "also decode the answer line greedily with every token kept on one of "
                                              "the question's answer lines (sciassist prompt style): a stated mode, "
@@ -156,7 +164,7 @@ class RunOptions:
     prompt_style: str = EvalSettings.prompt_style
     scoring: str = "letter"  # letter | choice, never auto
     answer_format: str = "letter_first"  # letter_first | text_first, never auto
-    batch_size: int = EvalSettings.batch_size
+    batch_size: int | str | BatchSize = EvalSettings.batch_size  # run_options: one BatchSize for every model
     generate: bool = EvalSettings.generate
     max_new_tokens: int = EvalSettings.max_new_tokens
     constrain_answers: bool = EvalSettings.constrain_answers
@@ -176,7 +184,7 @@ def run_options(settings, records):
     longer = settings.sample_max_tokens > (settings.max_new_tokens if settings.generate else 0)
     sample_indices = tuple(range(min(settings.num_samples, len(records)))) if longer else ()
     return RunOptions(prompt_style=settings.prompt_style, scoring=scoring, answer_format=answer_format,
-                      batch_size=settings.batch_size, generate=settings.generate,
+                      batch_size=batches_of(settings.batch_size), generate=settings.generate,
                       max_new_tokens=settings.max_new_tokens, constrain_answers=settings.constrain_answers,
                       sample_indices=sample_indices,
                       sample_max_tokens=settings.sample_max_tokens,
@@ -276,6 +284,21 @@ def _write_summary_files(out_dir, files, summary, records, runs, settings, optio
     write_json(out_dir / "results.json", summary)
 
 
+def _fitting(device, work):
+    """work(), with running out of memory where even a batch of 1 does not fit (or a model does
+    not load) turned into an EvaluationError that names the card and what to try."""
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001 - only out-of-memory becomes advice; the rest is re-raised
+        if not (isinstance(e, OutOfMemory) or is_out_of_memory(e)):
+            raise
+        problem = first_line(e)
+    release_memory(device)  # outside the except block, whose traceback holds the failed frames
+    card = card_of(device)
+    raise EvaluationError(f"out of memory on {card.describe() if card else device}: {problem}; try a shorter "
+                          f"--max_new_tokens, another card, or --device cpu")
+
+
 def evaluate(settings, models=None):
     """Run the evaluation and write every file into settings.out_dir; returns the summary
     (also written as results.json; its "settings" show the resolved answer_format and
@@ -312,12 +335,12 @@ def evaluate(settings, models=None):
         for benchmark, bench_records, _ in benchmarks:
             print(f"[{name}] {benchmark.title}: {len(bench_records)} questions", flush=True)
             results[benchmark.name] = benchmark_run(model, tokenizer, bench_records, settings.prompt_style,
-                                                    settings.batch_size, settings.generate, settings.max_new_tokens,
+                                                    options.batch_size, settings.generate, settings.max_new_tokens,
                                                     options.answer_format)
         return results
 
-    runs, infos = run_models(models, specs, records, options, device, settings.base_dir,
-                             also=on_benchmarks if benchmarks else None)
+    runs, infos = _fitting(device, lambda: run_models(models, specs, records, options, device, settings.base_dir,
+                                                      also=on_benchmarks if benchmarks else None))
     table, topics, generation = _results(settings, options, records, runs)
     write_model_files(out_dir, files, records, runs)
     write_json(out_dir / "table.json", table)
@@ -326,7 +349,7 @@ def evaluate(settings, models=None):
                         title=f"ScienceQA {settings.split}: accuracy by category ({options.scoring} scoring)")
     summary = {
         "settings": {**dataclasses.asdict(settings), "answer_format": options.answer_format,
-                     "scoring": options.scoring},
+                     "scoring": options.scoring, "batch_size": options.batch_size.size},
         "data": data_info,
         "models": infos,
         "table": table,

@@ -19,14 +19,22 @@ option text, so letter scoring cannot apply there and choice scoring is the rule
 
 Both are deterministic and never give an unparseable answer. Generated answers are greedy
 replies from the KV-cache engine, read by the strict parser (sciassist.data.answers.parse_answer).
+
+Batches. Every function here takes batch_size as a number, "auto" or a BatchSize (the one
+object an evaluation passes everywhere): a batch that runs out of memory is halved until it
+fits, and the smaller size is kept from then on. Scores and greedy replies do not depend on
+the batch a question shares (tests/eval/test_batch_memory.py).
 """
 
+import functools
 import math
+import sys
 
 import torch
 
 from nanochat.engine import Engine
-from sciassist.common import autocast, compute_dtype
+from sciassist import memory
+from sciassist.common import AUTO, autocast, compute_dtype
 from sciassist.data.answers import ANSWER_PREFIX, LETTERS, choice_lines
 from sciassist.eval.questions import EvaluationError
 
@@ -36,11 +44,58 @@ from sciassist.eval.questions import EvaluationError
 LOGITS_PER_BATCH = 2**28
 
 
+# --batch_size auto starts here on every device. On a card the halving finds what fits; on a CPU
+# 32 is what the evaluator always used (a CPU has no card memory to run out of: the machine's
+# memory is the limit, and a larger batch gains nothing once the cores are busy).
+AUTO_BATCH_SIZE = 32
+
+
 def check_count(name, value):
     """A batch size or a token count: a whole number >= 1, else EvaluationError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise EvaluationError(f"{name} must be a whole number >= 1, got {value!r}")
     return value
+
+
+def _say(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+class BatchSize:
+    """How many rows an evaluation runs at once: `size` now. It starts at the number given, or at
+    AUTO_BATCH_SIZE for "auto"; a batch that runs out of memory is halved (one line through `say`,
+    sciassist.memory.halving) until it fits, and the size that fitted is kept for every later
+    batch, so the limit is found once per evaluation, not once per batch. memory.OutOfMemory
+    when even a batch of 1 does not fit."""
+
+    def __init__(self, size=AUTO, say=_say):
+        self.size = AUTO_BATCH_SIZE if size == AUTO else check_count("batch_size", size)
+        self.say = say
+
+    def chunks(self, items, work, device, most=None):
+        """Yield (chunk, work(chunk)) for consecutive chunks of `items`, each as long as the
+        current size allows (and at most most(chunk's first item), when given)."""
+        start = 0
+        while start < len(items):
+            tried = min(self.size, len(items) - start)
+            if most is not None:
+                tried = max(1, min(tried, most(items[start])))
+            result, fitted = memory.halving(functools.partial(_first, work, items, start), tried, device,
+                                            what="a batch of", say=self.say)
+            if fitted < tried:
+                self.size = fitted
+            yield items[start:start + fitted], result
+            start += fitted
+
+
+def _first(work, items, start, n):
+    """work on the n items from `start`."""
+    return work(items[start:start + n])
+
+
+def batches_of(batch_size) -> BatchSize:
+    """`batch_size` as a BatchSize: a number or "auto" makes a new one; a BatchSize is itself."""
+    return batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
 
 
 # ----------------------------------------------------------------------------- continuations
@@ -92,32 +147,35 @@ def _score_rows(model, rows, batch_size, pad_id=0):
     """Log-probabilities of each row's target tokens. Rows are sorted by length so a batch
     holds similar lengths; right padding cannot change earlier positions (causal attention),
     so no mask is needed. One forward pass per batch."""
-    check_count("batch_size", batch_size)
+    batches = batches_of(batch_size)
     device = model.get_device()
     vocab_size = model.config.vocab_size
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = [None] * len(rows)
-    start = 0
-    while start < len(order):
-        longest = len(rows[order[start]][0])
-        n = max(1, min(batch_size, LOGITS_PER_BATCH // (longest * vocab_size)))
-        chunk = order[start:start + n]
-        start += n
-        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-        for b, r in enumerate(chunk):
-            ids[b, :len(rows[r][0])] = torch.tensor(rows[r][0], dtype=torch.long)
-        with autocast(device):
-            logits = model(ids.to(device))
-        targets = [(b, position, token) for b, r in enumerate(chunk) for _, position, token in rows[r][1]]
-        batch_index, positions, tokens = (list(column) for column in zip(*targets, strict=True))
-        picked = logits[torch.tensor(batch_index, device=device), torch.tensor(positions, device=device)]
-        log_probs = picked.float().log_softmax(dim=-1)
-        values = log_probs[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)].tolist()
+    chunks = batches.chunks(order, functools.partial(_score_batch, model, rows, pad_id), device,
+                            most=lambda r: LOGITS_PER_BATCH // (len(rows[r][0]) * vocab_size))
+    for chunk, values in chunks:
         k = 0
         for r in chunk:
             out[r] = values[k:k + len(rows[r][1])]
             k += len(rows[r][1])
     return out
+
+
+def _score_batch(model, rows, pad_id, chunk):
+    """The target tokens' log-probabilities of the rows in `chunk`, in order, from one forward pass."""
+    device = model.get_device()
+    longest = len(rows[chunk[0]][0])
+    ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+    for b, r in enumerate(chunk):
+        ids[b, :len(rows[r][0])] = torch.tensor(rows[r][0], dtype=torch.long)
+    with autocast(device):
+        logits = model(ids.to(device))
+    targets = [(b, position, token) for b, r in enumerate(chunk) for _, position, token in rows[r][1]]
+    batch_index, positions, tokens = (list(column) for column in zip(*targets, strict=True))
+    picked = logits[torch.tensor(batch_index, device=device), torch.tensor(positions, device=device)]
+    log_probs = picked.float().log_softmax(dim=-1)
+    return log_probs[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)].tolist()
 
 
 def _token_scores(model, tokenizer, prompts, question_continuations, batch_size):
@@ -268,14 +326,16 @@ def generate_answers(model, tokenizer, prompts, max_tokens=32, batch_size=32):
     """Greedy replies (text) to each prompt, decoded in batches of similar prompt lengths
     with Engine.generate_multi (equal to decoding each prompt alone)."""
     check_count("max_tokens", max_tokens)
-    check_count("batch_size", batch_size)
+    batches = batches_of(batch_size)
     engine = Engine(model, tokenizer, compute_dtype(model.get_device()))
     prompt_ids = [tokenizer.render_for_completion(p) for p in prompts]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     texts = [None] * len(prompt_ids)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        outputs = engine.generate_multi([prompt_ids[i] for i in chunk], max_tokens=max_tokens, temperature=0.0)
+
+    def generate(chunk):
+        return engine.generate_multi([prompt_ids[i] for i in chunk], max_tokens=max_tokens, temperature=0.0)
+
+    for chunk, outputs in batches.chunks(order, generate, model.get_device()):
         for i, tokens in zip(chunk, outputs, strict=True):
             texts[i] = tokenizer.decode(tokens)
     return texts

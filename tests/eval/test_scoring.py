@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sciassist.common import autocast
 from sciassist.data.answers import ANSWER_PREFIX
 from sciassist.eval import scoring
 from sciassist.eval.questions import EvaluationError
@@ -210,7 +211,7 @@ def test_text_continuation_scores_split_as_lm_eval_and_sum_the_continuation(tiny
         for choice, value in zip(choices, got, strict=True):
             whole = tiny_tokenizer.encode(context + choice)
             tail = whole[len(context_ids):]
-            with torch.no_grad():
+            with torch.no_grad(), autocast(model.get_device()):  # the precision scoring computes in
                 log_probs = model(torch.tensor([whole[:-1]]))[0].float().log_softmax(-1)
             expected = sum(log_probs[len(context_ids) - 1 + t, token].item() for t, token in enumerate(tail))
             assert value == pytest.approx(expected, abs=1e-4)
