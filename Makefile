@@ -25,6 +25,7 @@ OUTPUT_TAG ?=
 RUN ?=
 BASE_DIR ?=
 ARGS ?=
+APPEND ?=
 BASE_DIR_FLAG = $(if $(BASE_DIR),--base_dir "$(BASE_DIR)")
 TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE)) --model_tag $(MODEL) \
 	$(BASE_DIR_FLAG) $(if $(OUTPUT_TAG),--output_tag $(OUTPUT_TAG))
@@ -32,16 +33,23 @@ TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE
 .PHONY: help install download data finetune finetune-multi evaluate chat chat-web demo notebook recipe-cpu recipe-gpu test test-envs test-colab test-newest test-wheel lint bench plan bench-gpu rehearse-d20 clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "Variables: MODEL=d20|d32 SOURCE=base|mid|sft|rl SCIENCEQA=hf|sample|DIR DATA=file.jsonl OUTPUT_TAG=NAME"
-	@echo "           RUN=DIR (the run to evaluate) BASE_DIR=DIR NGPUS=8 SPLIT=val|test ARGS='...'"
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@echo "Variables: MODEL=d20|d32 (download, finetune) SOURCE=base|mid|sft|rl SCIENCEQA=hf|sample|DIR DATA=file.jsonl"
+	@echo "           OUTPUT_TAG=NAME RUN=DIR (the run to evaluate) BASE_DIR=DIR NGPUS=8 SPLIT=val|test"
+	@echo "           APPEND=1 (rehearse-d20: also append to bench/RESULTS.md) ARGS='...'"
 
-install: $(VENV)/.installed ## create .venv and install everything (CPU torch where there is no GPU)
+install: $(VENV)/.installed $(VENV)/bin/sciassist ## create .venv and install everything, this package too (CPU torch where there is no GPU)
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# This checkout itself, editable and without its dependencies (the rule above installed them):
+# the `sciassist` command, and imports of this checkout from any folder.
+$(VENV)/bin/sciassist: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 download: install ## fetch a published checkpoint (MODEL=d20|d32) into BASE_DIR
@@ -114,8 +122,8 @@ plan: install ## the memory plan of d20/d32, full and LoRA r=16, on 16/24/40/80 
 bench-gpu: install ## the GPU benchmark on a CUDA machine, at most ~8 min (OUT=DIR)
 	$(PY) bench/gpu.py --out $(or $(OUT),bench_gpu) $(ARGS)
 
-rehearse-d20: install ## a random d20 in the published layout through train/evaluate/chat on CPU (~3 min, ~9 GiB)
-	$(PY) bench/rehearse_d20.py --append $(ARGS)
+rehearse-d20: install ## a random d20 in the published layout through train/evaluate/chat on CPU (~3 min, ~9 GiB; APPEND=1: add the table to bench/RESULTS.md)
+	$(PY) bench/rehearse_d20.py $(if $(APPEND),--append) $(ARGS)
 
 clean: ## remove the virtual environments and run outputs
-	rm -rf $(VENV) $(COLAB_VENV) $(NEWEST_VENV) .venv-wheel finetuned_model_checkpoint eval_results demo_output notebook_output.ipynb .pytest_cache
+	rm -rf $(VENV) $(COLAB_VENV) $(NEWEST_VENV) .venv-wheel sciassist.egg-info finetuned_model_checkpoint eval_results demo_output notebook_output.ipynb .pytest_cache

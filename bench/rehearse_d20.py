@@ -2,7 +2,7 @@
 A rehearsal of the real job at the real scale, on CPU: a randomly initialised d20 written in
 exactly the published layout, then the real commands on it, each a subprocess.
 
-    python bench/rehearse_d20.py [--work DIR] [--append] [--steps 2] [--stop_after STAGE]
+    python bench/rehearse_d20.py [--work DIR] [--append [FILE]] [--steps 2] [--stop_after STAGE]
 
 1. tokenizer: 65,536 tokens (tokenizer/tokenizer.pkl + token_bytes.pt) trained with
    nanochat.tokenizer.Tokenizer.train_from_iterator on the ScienceQA train text (question, choices,
@@ -19,8 +19,8 @@ exactly the published layout, then the real commands on it, each a subprocess.
    questions, one `python -m sciassist.serve.chat_cli --prompt` reply.
 Prints a table (peak RSS of each command, from os.wait4; seconds per step from metrics.jsonl;
 checkpoint bytes; load seconds; the planner's estimate beside the measured peak) and with --append
-adds it to bench/RESULTS.md. d32 (1.9B parameters: 30 GB to fine-tune in fp32) does not fit this
-24 GB machine: only its plan is printed.
+adds it to bench/RESULTS.md (tracked by git; or to FILE), saying where. d32 (1.9B parameters: 30 GB
+to fine-tune in fp32) does not fit this 24 GB machine: only its plan is printed.
 """
 
 import argparse
@@ -47,6 +47,7 @@ from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.train import plan  # noqa: E402
 
 SCIENCEQA = Path("/work/shared/scienceqa")
+RESULTS_FILE = REPO_ROOT / "bench" / "RESULTS.md"
 STEP = 650
 STAGES = ("tokenizer", "model", "data", "dry_run", "train", "load", "evaluate", "chat")
 GIB = 2**30
@@ -235,7 +236,8 @@ def main():
     parser.add_argument("--work", help="working folder (default: a temporary one, removed afterwards)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--stop_after", choices=STAGES, help="run the stages up to this one")
-    parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--append", nargs="?", const=str(RESULTS_FILE), metavar="FILE",
+                        help="also append the table to FILE (default: bench/RESULTS.md, which git tracks)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
@@ -252,8 +254,15 @@ def main():
         text += f"\n\nstage {done[-1]} failed; its output ended:\n\n```\n{figures['failed'][-1200:]}\n```"
     print(text)
     if args.append:
-        with open(REPO_ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n## The d20 rehearsal: `python bench/rehearse_d20.py` (CPU)\n\n" + text + "\n")
+        print(f"\nthe table was appended to {append_report(text, args.append)}")
+
+
+def append_report(text, path=RESULTS_FILE):
+    """Add the rehearsal's table to `path` under its own heading; returns the path, resolved."""
+    path = Path(path).resolve()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n## The d20 rehearsal: `python bench/rehearse_d20.py` (CPU)\n\n" + text + "\n")
+    return path
 
 
 if __name__ == "__main__":
