@@ -3,7 +3,8 @@
 Multi-turn, answers stream as they are sampled, the science-tutor system prompt by
 default. Commands: /clear forgets the conversation, /quit (or Ctrl-D, or Ctrl-C at the
 prompt) leaves; Ctrl-C while an answer streams stops that answer. `-p "question"` answers
-once, prints only the answer on stdout and exits (for scripts).
+once, prints only the answer on stdout and exits (for scripts). A reply that runs out of the
+card's memory is one line of advice, its turn is forgotten, and the conversation goes on.
 
 Generation itself (prompt rendering with turn dropping, incremental UTF-8 decoding, streaming
 a reply) is sciassist.serve.generation, shared with the web server.
@@ -31,6 +32,7 @@ from sciassist.serve.generation import (  # noqa: F401 (ChatSettings and the hel
     IncrementalDecoder,
     Prompt,
     PromptTooLong,
+    ReplyOutOfMemory,
     inference_context,
     render_prompt,
     reply_reserve,
@@ -82,19 +84,24 @@ class ChatSession:
     def _answer(self, prompt: Prompt, seed: int | None) -> Iterator[str]:
         s = self.settings
         answer = []
+        failed = False
         try:
             for piece in stream_reply(
                 self.engine, self.loaded.tokenizer, prompt.ids, prompt.max_new_tokens, s.temperature, s.top_k, seed
             ):
                 answer.append(piece)
                 yield piece
+        except ReplyOutOfMemory:
+            failed = True
+            raise
         finally:
             text = "".join(answer)
-            if text.strip():
+            if text.strip() and not failed:
                 self.messages.append({"role": "assistant", "content": text})
             else:
-                # Nothing was said (stopped at once, or an immediate end token): forget the
-                # question too, since nanochat's format has no empty turns.
+                # Nothing was said (stopped at once, or an immediate end token), or the reply
+                # ran out of memory (keeping it would make the next prompt longer still): forget
+                # the question too, since nanochat's format has no empty turns.
                 self.messages.pop()
 
 
@@ -110,13 +117,20 @@ def _write(text: str, stream=None) -> None:
     stream.flush()
 
 
+# What to try after a reply ran out of memory, in the terminal chat's own terms.
+OUT_OF_MEMORY_ADVICE = "/clear to start over with a shorter conversation, a smaller --max_tokens, or --device cpu"
+
+
 def run_once(session: ChatSession, question: str) -> int:
     try:
         answer = session.ask(question, on_notice=lambda n: print(n, file=sys.stderr))
+        for piece in answer:
+            _write(piece)
     except PromptTooLong as err:
         return print_error(err)  # one `error:` line, exit code 2
-    for piece in answer:
-        _write(piece)
+    except ReplyOutOfMemory as err:
+        _write("\n")
+        return print_error(f"{err}; try a smaller --max_tokens, a shorter question, or --device cpu")
     _write("\n")
     return 0
 
@@ -161,6 +175,10 @@ def run_interactive(session: ChatSession, input_fn=input) -> int:
         except KeyboardInterrupt:
             answer.close()  # keeps the partial answer in the history
             _write(" [stopped]")
+        except ReplyOutOfMemory as err:  # the turn is forgotten; the conversation goes on
+            _write("\n")
+            print(f"[error: {err}; try {OUT_OF_MEMORY_ADVICE}]", file=sys.stderr)
+            continue
         _write("\n")
 
 

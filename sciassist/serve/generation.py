@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.engine import MIN_SAMPLING_TEMPERATURE
+from sciassist import memory
 from sciassist.common import autocast, setting
 from sciassist.data.scienceqa import SYSTEM_PROMPT as TUTOR_SYSTEM_PROMPT
 
@@ -37,6 +38,16 @@ class PromptTooLong(ValueError):
             f"the message is {num_tokens} tokens with the system prompt, but the model's context leaves room "
             f"for {limit} prompt tokens; shorten it"
         )
+
+
+class ReplyOutOfMemory(RuntimeError):
+    """A reply ran out of the device's memory (stream_reply has released what it held): the
+    prompt, the reply's token budget or the two together need more than the card has free."""
+
+    def __init__(self, device, detail: str):
+        card = memory.card_of(device)
+        super().__init__(f"out of memory on {card.describe() if card else device} while generating this reply "
+                         f"({detail})")
 
 
 @dataclass
@@ -142,7 +153,8 @@ def stream_reply(
     special tokens (tool-call markers; no tools run here) are left out of the text rather
     than shown to a student as markup. outcome, when given, receives "tokens" (sampled, the
     final turn token not counted) and "finish_reason": stop (a turn token), length (max_tokens)
-    or cancelled (should_stop)."""
+    or cancelled (should_stop). Running out of the device's memory, before the first piece or
+    after some, releases what the reply held and raises ReplyOutOfMemory."""
     outcome = {} if outcome is None else outcome
     outcome.update(tokens=0, finish_reason="length")
     stop_ids = {tokenizer.encode_special(name) for name in TURN_TOKENS}
@@ -150,21 +162,31 @@ def stream_reply(
     if seed is None:
         seed = secrets.randbits(31)
     decoder = IncrementalDecoder(tokenizer)
-    for token_column, _mask in engine.generate(
-        prompt_ids, num_samples=1, max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, seed=seed
-    ):
-        token = int(token_column[0])
-        if token in stop_ids:
-            outcome["finish_reason"] = "stop"
-            break
-        outcome["tokens"] += 1
-        if token not in special_ids:
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        if should_stop is not None and should_stop():
-            outcome["finish_reason"] = "cancelled"
-            break
+    failed = None
+    try:
+        for token_column, _mask in engine.generate(
+            prompt_ids, num_samples=1, max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, seed=seed
+        ):
+            token = int(token_column[0])
+            if token in stop_ids:
+                outcome["finish_reason"] = "stop"
+                break
+            outcome["tokens"] += 1
+            if token not in special_ids:
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+            if should_stop is not None and should_stop():
+                outcome["finish_reason"] = "cancelled"
+                break
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here; the rest re-raised
+        if not memory.is_out_of_memory(err):
+            raise
+        failed = memory.first_line(err)
+    if failed is not None:
+        # outside the except block: its traceback would keep the failed step's tensors alive
+        memory.release_memory(engine.model.get_device())
+        raise ReplyOutOfMemory(engine.model.get_device(), failed)
     tail = decoder.flush()
     if tail:
         yield tail

@@ -74,7 +74,7 @@ class BrokenEngine:
 
     def generate(self, *args, **kwargs):
         yield [65], [1]
-        raise RuntimeError("CUDA out of memory (simulated)")
+        raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from sciassist.serve.web.requests import (
     ChatMessage,
     conversation_problem,
 )
-from sciassist.serve.web.state import ChatState, Sampling, generation_events
+from sciassist.serve.web.state import ChatState, Sampling, generation_events, opening
 
 MAX_STOP_SEQUENCES = 4
 # OpenAI parameters this server does not implement: refused when given a non-default value,
@@ -140,7 +140,7 @@ def _usage(prompt, outcome: dict) -> dict:
 
 
 async def _collect(events, stopper: StopText):
-    """(text, outcome, error) of a whole reply."""
+    """(text, outcome, error) of a whole reply; error: the state.Failure, or None."""
     parts, outcome, error = [], {}, None
     async for kind, value in events:
         if kind == "token" and not stopper.hit:
@@ -172,8 +172,8 @@ async def _stream(events, stopper: StopText, ident, created, model, prompt, incl
                 yield _chunk(ident, created, model, {"content": text})
             if stopper.hit:
                 break
-        elif kind == "error":
-            error = {"message": value, "type": "server_error", "param": None, "code": 500}
+        elif kind == "error":  # after the 200: the error object OpenAI's clients read from a stream
+            error = {"message": value.message, "type": "server_error", "param": None, "code": value.status}
             yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
         elif kind == "end":
             outcome = value
@@ -207,13 +207,16 @@ def add_openai_routes(app: FastAPI, state: ChatState) -> None:
         events = generation_events(state, request, prompt, sampling, ticket)
         stopper = StopText(body.stop_sequences())
         if body.stream:
+            failure, events = await opening(events)
+            if failure is not None:
+                raise HTTPException(failure.status, failure.message, headers=failure.headers)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_stream(events, stopper, ident, created, model_name, prompt, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"})
         text, outcome, error = await _collect(events, stopper)
         if error is not None:
-            raise HTTPException(500, error)
+            raise HTTPException(error.status, error.message, headers=error.headers)
         return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": _finish_reason(outcome, stopper)}],

@@ -91,6 +91,16 @@ def format_validation_error(exc: RequestValidationError) -> tuple[int, str]:
 
 OPENAI_PREFIX = "/v1/"
 
+# A request the card's memory cannot hold (its prompt and reply budget together): 507
+# Insufficient Storage, "the server is unable to store the representation needed to complete the
+# request", is that case exactly, the KV cache being what cannot be stored. A 5xx and not 413:
+# the request is valid and fits a larger card (413 is this server's answer to a body over
+# --max_body_bytes); not 503: nothing is temporarily down. The same request would fail again on
+# this card, so clients are told not to retry it (OpenAI's clients obey x-should-retry).
+OUT_OF_MEMORY_STATUS = 507
+OUT_OF_MEMORY_HEADERS = {"x-should-retry": "false"}
+OUT_OF_MEMORY_ADVICE = "retry with a smaller max_tokens or a shorter conversation"
+
 
 def error_response(status: int, message: str, headers: dict | None = None, path: str = "") -> JSONResponse:
     """{"error": "..."}; under /v1/ (the OpenAI-compatible API) OpenAI's shape,

@@ -18,6 +18,10 @@ Hardening, and why
     the client should slow down).
   * A client that goes away stops its generation (checked between tokens), so an
     abandoned tab does not keep the model busy.
+  * A reply that runs out of the card's memory releases it and is answered with 507 and the
+    JSON error (requests.OUT_OF_MEMORY_STATUS says why that status); a stream waits for its
+    first token before the 200 goes out, so that is the answer wherever the reply failed before
+    saying anything, and a stream that fails later ends with an error event. The server goes on.
   * Text leaves the server only as complete UTF-8 (see generation.IncrementalDecoder).
   * Request bodies over max_body_bytes are refused with 413 before they are parsed.
 """
@@ -55,7 +59,7 @@ from sciassist.serve.web.requests import (
     error_response,
     format_validation_error,
 )
-from sciassist.serve.web.state import ChatState, Sampling, generation_events
+from sciassist.serve.web.state import ChatState, Sampling, generation_events, opening
 
 log = logging.getLogger("sciassist.serve.web")
 
@@ -87,9 +91,12 @@ def _sse(payload: dict) -> str:
 
 
 async def _nanochat_events(events):
-    """nanochat's stream: data: {"token": ...} events, then data: {"done": true}."""
+    """nanochat's stream: data: {"token": ...} events (or {"error": ...}), then data: {"done": true}."""
     async for kind, value in events:
-        yield _sse({"done": True} if kind == "end" else {kind: value})
+        if kind == "end":
+            yield _sse({"done": True})
+        else:
+            yield _sse({kind: value.message if kind == "error" else value})
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,8 +156,11 @@ def create_app(loaded, settings: ServerSettings | None = None) -> FastAPI:
         ticket = state.gate.try_enter()
         if ticket is None:
             return state.busy()
+        failure, events = await opening(generation_events(state, request, prompt, sampling, ticket))
+        if failure is not None:
+            return error_response(failure.status, failure.message, headers=failure.headers, path=request.url.path)
         return StreamingResponse(
-            _nanochat_events(generation_events(state, request, prompt, sampling, ticket)),
+            _nanochat_events(events),
             media_type="text/event-stream",
             # no-transform / X-Accel-Buffering: proxies must not hold tokens back.
             headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
