@@ -27,7 +27,8 @@ Stopping. Ctrl-C (SIGINT) and SIGTERM (schedulers, `timeout`, `docker stop`, Col
 the same way: the resume point of the last completed step is saved, and the run ends with
 status "interrupted" (Ctrl-C) or "terminated" (SIGTERM); sciassist_train.py exits 130 or 143.
 More signals while the resume point is being saved are held, with a notice, never cutting the
-save short.
+save short. A SIGINT ignored when the run starts (`nohup ... &`) stays ignored; SIGTERM is always
+handled.
 """
 
 from __future__ import annotations

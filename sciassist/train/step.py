@@ -150,19 +150,27 @@ def _in_main_thread():
 
 
 def _active_guard():
-    handler = signal.getsignal(signal.SIGINT) if _in_main_thread() else None
+    handler = signal.getsignal(signal.SIGTERM) if _in_main_thread() else None  # SIGTERM's is always the guard
     return handler if isinstance(handler, StopSignals) else None
+
+
+def _sigint_ignored():
+    """SIGINT was ignored when this process started (`nohup cmd &`, a background job of a script):
+    whoever started it asked for Ctrl-C not to stop it, so it is left ignored."""
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 @contextlib.contextmanager
 def stop_signals():
     """Handle Ctrl-C and SIGTERM with a StopSignals for the block (in the main thread; elsewhere
-    nothing changes); the previous handlers are put back afterwards."""
+    nothing changes); the previous handlers are put back afterwards. SIGTERM always; SIGINT
+    unless it is ignored (_sigint_ignored), as shells and tools like nohup expect."""
     if not _in_main_thread():
         yield None
         return
     guard = StopSignals()
-    previous = {signum: signal.signal(signum, guard) for signum in STOP_SIGNALS}
+    handled = [signum for signum in STOP_SIGNALS if not (signum == signal.SIGINT and _sigint_ignored())]
+    previous = {signum: signal.signal(signum, guard) for signum in handled}
     try:
         yield guard
     finally:
@@ -205,6 +213,9 @@ def defer_interrupt(notice=None):
         if guard.pending is not None and not guard.deferring and not guard.stopping:
             guard.stopping = True  # after a block that completed: an error raised in it is not replaced
             raise _stop_exception(guard.pending)
+        return
+    if _sigint_ignored():  # no Ctrl-C can arrive: nothing to hold
+        yield
         return
     received = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))

@@ -17,7 +17,7 @@ import sciassist.train.state as state_module
 from sciassist.pipelines import finetune as finetune_module
 from sciassist.train.loop import train
 from sciassist.train.settings import TrainSettings
-from sciassist.train.step import Terminated
+from sciassist.train.step import Terminated, defer_interrupt
 from tests.train.test_train import (  # noqa: F401 (data_file and live_base_dir are fixtures)
     REPO_ROOT,
     data_file,
@@ -94,6 +94,7 @@ def saves_sending(monkeypatch, signals):
     return saves
 
 
+@pytest.mark.usefixtures("sigint_from_a_terminal")
 @pytest.mark.parametrize("first, second, status", [
     (signal.SIGINT, signal.SIGTERM, "interrupted"),
     (signal.SIGTERM, signal.SIGINT, "terminated"),
@@ -117,6 +118,41 @@ def test_a_second_signal_while_saving_is_held(tmp_path, live_base_dir, data_file
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.undo()
     assert train(dataclasses.replace(settings, resume=True))["steps_done"] == 6
+
+
+@pytest.mark.usefixtures("sigint_ignored")
+def test_an_ignored_sigint_stays_ignored_and_sigterm_still_stops_the_run(tmp_path, live_base_dir,  # noqa: F811
+                                                                          data_file):  # noqa: F811
+    """Started with SIGINT ignored (`nohup sciassist train ... &`): Ctrl-C is not the run's to take,
+    SIGTERM stops it as always, and the handlers found are put back."""
+    settings = tiny_settings(live_base_dir, data_file, tmp_path / "int", num_iterations=4, eval_every=0)
+    sigterm_before, seen = signal.getsignal(signal.SIGTERM), []
+
+    def send(signum, at_step):
+        def on_step(record):
+            seen.append(signal.getsignal(signal.SIGINT))
+            if record["step"] == at_step:
+                os.kill(os.getpid(), signum)
+        return on_step
+
+    summary = train(settings, on_step=send(signal.SIGINT, 2))
+    assert summary["status"] == "completed" and summary["steps_done"] == 4
+    assert seen and all(handler == signal.SIG_IGN for handler in seen)
+    settings = dataclasses.replace(settings, out_dir=str(tmp_path / "term"))
+    summary = train(settings, on_step=send(signal.SIGTERM, 2))
+    assert summary["status"] == "terminated" and summary["steps_done"] == 2
+    assert torch.load(settings.run_dir() / "resume" / "state.pt", weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == sigterm_before
+
+
+@pytest.mark.usefixtures("sigint_ignored")
+def test_holding_ctrl_c_outside_a_run_leaves_an_ignored_sigint_alone():
+    done = []
+    with defer_interrupt():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the rest of the update ran")
+    assert done == ["the rest of the update ran"] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 def test_a_signal_during_a_periodic_save_stops_the_run_once_it_is_saved(tmp_path, live_base_dir,  # noqa: F811

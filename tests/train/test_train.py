@@ -106,6 +106,7 @@ def test_lr_schedule_counts_optimizer_steps():
     assert [round(lr_multiplier(s, 10, warmup_steps=2), 6) for s in (0, 1, 2)] == [0.5, 0.9, 0.8]
 
 
+@pytest.mark.usefixtures("sigint_from_a_terminal")
 def test_ctrl_c_waits_for_the_end_of_an_optimizer_update():
     done = []
     with pytest.raises(KeyboardInterrupt):
