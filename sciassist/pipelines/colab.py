@@ -162,7 +162,7 @@ def where_to_start(settings: TrainSettings) -> RunStart:
                                          f"({'; '.join(changed)}); starting a new run there")
     step, total = saved["step"], saved["num_steps"]
     status = (summary or {}).get("status")
-    how = f"the run was {status}" if status else "the run was cut off before it finished (a disconnect)"
+    how = f"the run was {status}" if status else "the run was cut off, by a disconnect or a crash"
     return RunStart("resume", dataclasses.replace(settings, resume=True),
                     f"resuming the run in {run_dir} from step {step} of {total}, its last resume point ({how})",
                     step=step, records=[r for r in saved["metrics"] if isinstance(r, dict) and "train_loss" in r])
