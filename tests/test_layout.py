@@ -9,7 +9,7 @@ from tests.conftest import REPO_ROOT
 # A module's unit is its top-level module or sub-package under sciassist/ (or nanochat).
 LAYERS = {
     "nanochat": 0, "sciassist": 1,
-    "sciassist.common": 1, "sciassist.plots": 1, "sciassist.hf_import": 1,
+    "sciassist.common": 1, "sciassist.memory": 1, "sciassist.plots": 1, "sciassist.hf_import": 1,
     "sciassist.checkpoints": 2, "sciassist.hub": 2,
     "sciassist.data": 3,
     "sciassist.train": 4, "sciassist.eval": 4,

@@ -135,7 +135,8 @@ def test_inductor_on_cpu_trains_the_same_numbers():
     eager, compiled = tiny_model(seed=5), tiny_model(seed=5)
     for model in (eager, compiled):
         model.attention_kernel = "loop"
-    assert setup.compile_model(compiled, TrainSettings(compile=True), torch.device("cpu"), precision_for("cpu", "float32"))
+    assert setup.compile_model(compiled, TrainSettings(compile=True), torch.device("cpu"),
+                               precision_for("cpu", "float32"))
     steps = packed_steps(3, compiled.config.vocab_size, seed=1)
     losses, _ = run_steps(compiled, steps)
     assert losses == pytest.approx(run_steps(eager, steps)[0], rel=1e-4)

@@ -94,9 +94,9 @@ def test_no_fit_names_the_card_the_plan_and_what_fits():
     with pytest.raises(device_batch.NoBatchFits) as failed:
         device_batch.fixed_memory_check(settings, d32, t4, True)
     message = str(failed.value)
-    assert message.startswith("d32 full fine-tuning does not fit Tesla T4 (16.0 GB, 15.0 GB free): the plan needs 23.6 GB "
-                              "of weights, gradients and optimizer states plus 7.78 GB to train one row of 1024 "
-                              "positions")
+    assert message.startswith("d32 full fine-tuning does not fit Tesla T4 (16.0 GB, 15.0 GB free): the plan needs "
+                              "23.6 GB of weights, gradients and optimizer states plus 7.78 GB to train one row of "
+                              "1024 positions")
     assert "what fits: a card of 40 GB or more" in message
     l4 = Card("NVIDIA L4", 24 * GB, 23 * GB)
     with pytest.raises(device_batch.NoBatchFits) as failed:

@@ -43,10 +43,15 @@ def fake_cuda(monkeypatch, capability):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
 
 
-def test_cpu_is_fp32_unless_asked_and_explicit_dtypes_win():
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_auto_follows_native_bf16_and_explicit_dtypes_win(monkeypatch, native):
+    """auto on a CPU: bf16 autocast with AVX512-BF16 / AMX, fp32 without; a named dtype is used as given."""
+    import sciassist.common
+    monkeypatch.setattr(sciassist.common, "native_bf16", lambda device: native)
     cpu = torch.device("cpu")
     auto = precision_for(cpu)
-    assert (auto.name, auto.dtype, auto.needs_grad_scaler, auto.grad_scaler()) == ("float32", None, False, None)
+    expected_auto = ("bfloat16", torch.bfloat16) if native else ("float32", None)
+    assert (auto.name, auto.dtype, auto.needs_grad_scaler, auto.grad_scaler()) == (*expected_auto, False, None)
     bf16, fp16, fp32 = (precision_for(cpu, d) for d in ("bfloat16", "float16", "float32"))
     assert (bf16.name, bf16.dtype, bf16.needs_grad_scaler) == ("bfloat16", torch.bfloat16, False)
     assert (fp16.name, fp16.dtype, fp16.needs_grad_scaler) == ("float16", torch.float16, True)
@@ -54,7 +59,8 @@ def test_cpu_is_fp32_unless_asked_and_explicit_dtypes_win():
     assert (fp32.name, fp32.dtype, fp32.needs_grad_scaler) == ("float32", None, False)
     assert precision_for("mps").name == "float32"  # autocast on mps is partial (see precision_for)
     x = torch.ones(2, 2)
-    for dtype, expected in (("auto", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16),
+    for dtype, expected in (("auto", expected_auto[1] or torch.float32), ("bfloat16", torch.bfloat16),
+                            ("float16", torch.float16),
                             ("float32", torch.float32)):
         with autocast(cpu, dtype):  # the callers' context follows the same policy
             assert x.matmul(x).dtype == expected

@@ -66,11 +66,12 @@ def live_base_dir(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
 
 
 def tiny_settings(base_dir, data_file, out_dir, **overrides):
-    # lrs x init_lr_frac 0.02 are what a 64-wide random model needs to learn in a few steps
+    # lrs x init_lr_frac 0.02 are what a 64-wide random model needs to learn in a few steps; fp32, so
+    # that the figures compared do not depend on whether this CPU computes bf16 natively (auto's choice)
     values = dict(data_path=str(data_file), base_dir=str(base_dir), source="base", out_dir=str(out_dir),
                   output_tag="run", max_seq_len=64, target_examples_per_step=8, device_batch_size=2,
                   num_epochs=1, eval_every=2, eval_steps=2, save_every=0, matrix_lr=0.5, embedding_lr=5.0,
-                  unembedding_lr=0.2, device="cpu")
+                  unembedding_lr=0.2, device="cpu", dtype="float32")
     values.update(overrides)
     return TrainSettings(**values)
 
