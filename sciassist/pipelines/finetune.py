@@ -29,6 +29,7 @@ from sciassist.common import (
 )
 from sciassist.eval.run import evaluate_after_training
 from sciassist.train import plan
+from sciassist.train.batch import CPU_POSITIONS, MPS_ROWS
 from sciassist.train.loop import TrainOutOfMemory, train
 from sciassist.train.settings import RENAMED_FLAGS, TrainError, TrainSettings, check_settings
 from sciassist.train.setup import source_choice
@@ -79,13 +80,16 @@ def dry_run(settings: TrainSettings) -> dict:
     seq = min(settings.max_seq_len, config.sequence_len)
     free = plan.gpu_free_bytes(device) if device.type == "cuda" else None
     lora = plan.LoraShape.of(settings)
-    batch = settings.device_batch_size
-    if batch == AUTO:  # the planner's pick at full rows (the run sizes it at its data's widest row)
-        batch = max(1, plan.max_batch(config, seq, free, bf16=bf16, lora=lora)) if free is not None else 1
+    batch, auto = settings.device_batch_size, ""
+    if batch == AUTO and free is not None:  # the planner's pick at full rows
+        batch = max(1, plan.max_batch(config, seq, free, bf16=bf16, lora=lora))
+        auto = (" (--device_batch_size auto: the largest that fits, at full rows; the run sizes it at its data's "
+                "widest row and proves it before step 0)")
+    elif batch == AUTO:
+        batch = max(1, CPU_POSITIONS // seq) if device.type == "cpu" else MPS_ROWS
+        auto = f" (--device_batch_size auto on {device.type}: {batch} row(s) of {seq} positions)"
     # with --lora_rank > 0 the LoRA plan (format_plan names it, with the rank and trainable parameters)
     result = plan.memory_plan(config, batch, seq, bf16=bf16, free=free, lora=lora)
-    auto = (" (--device_batch_size auto: the largest that fits, at full rows; the run sizes it at its data's widest "
-            "row and proves it)" if settings.device_batch_size == AUTO else "")
     print(plan.format_plan(result, title=f"memory plan for {choice.describe()} on {device} (--dry_run){auto}\n"))
     return result
 

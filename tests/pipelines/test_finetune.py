@@ -91,6 +91,12 @@ def test_dry_run_prints_the_memory_plan_and_loads_nothing(tmp_path, tiny_base_di
     for line in ("parameters (fp32)", "gradients (fp32)", "optimizer states", "activations", "**total**"):
         assert line in out
     assert not (tmp_path / "runs").exists()
+    # auto on a CPU: the CPU's micro-batch (2,048 positions: 16 rows of 128)
+    code = main(["--dry_run", "--base_dir", str(tiny_base_dir), "--source", "base", "--device", "cpu",
+                 "--max_seq_len", "128", "--out_dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0 and "(--device_batch_size auto on cpu: 16 row(s) of 128 positions)" in out
+    assert "device batch 16 x 128 positions" in out
 
 
 def test_dry_run_is_a_flag_of_the_command_not_of_the_settings():
