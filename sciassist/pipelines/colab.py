@@ -36,9 +36,9 @@ from sciassist.train.state import resume_path
 
 DRIVE_MOUNT = "/content/drive"
 DEFAULT_DRIVE_DIR = "/content/drive/MyDrive/sciassist"
-# A resume point every 100 steps: the d20 run's 748 steps save 7 (about 5 GB each: the fp32
-# weights and the optimizers' state), and a disconnect redoes at most 100 steps (about two
-# minutes on an A100).
+# A resume point every 100 steps: the d20 run's 748 steps save 7 along the way (about 5 GB
+# each: the fp32 weights and the optimizers' state), and a disconnect redoes at most 100 steps
+# (about two minutes on an A100).
 COLAB_SAVE_EVERY = 100
 PREPARED_FILE = "prepared.json"  # what prepare_once was asked for, next to the files it wrote
 SUMMARY_FILE = "run_summary.json"
