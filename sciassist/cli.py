@@ -14,6 +14,8 @@ from sciassist.common import invoked_as, missing_extra_message, print_error
 # command -> (module whose main(argv) runs it, what it does)
 COMMANDS = {
     "train": ("sciassist.pipelines.finetune", "fine-tune a nanochat checkpoint (sciassist_train.py)"),
+    "rl": ("sciassist.train.rl", "reinforcement learning on the model's own answers, rewarded by the evaluator's "
+                                 "parser"),
     "evaluate": ("sciassist.eval.run", "base vs fine-tuned on ScienceQA and the science benchmarks "
                                        "(sciassist_evaluate.py)"),
     "chat": ("sciassist.serve.chat_cli", "talk to a model in the terminal"),

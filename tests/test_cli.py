@@ -10,7 +10,7 @@ from sciassist import cli
 from tests.conftest import REPO_ROOT
 
 OPTIONAL = ("transformers", "peft", "nltk", "rouge", "fastapi", "uvicorn", "starlette", "tensorboard", "wandb")
-CORE = ("train", "evaluate", "chat", "prepare", "download", "plan", "demo", "tiny", "recipe")
+CORE = ("train", "rl", "evaluate", "chat", "prepare", "download", "plan", "demo", "tiny", "recipe")
 
 
 def run_without_extras(args, blocked=OPTIONAL):
@@ -86,6 +86,7 @@ def test_scripts_run_through_the_command():
 
 BAD_INPUT = {
     "train": ["--checkpoint", "{missing}", "--device", "cpu"],
+    "rl": ["--data_path", "{missing}.jsonl", "--device", "cpu", "--out_dir", "{tmp}/rl"],
     "evaluate": ["--finetuned", "{missing}", "--data_path", "{missing}.jsonl", "--device", "cpu"],
     "chat": ["--checkpoint", "{missing}", "-p", "hi", "--device", "cpu"],
     "web": ["--checkpoint", "{missing}", "--device", "cpu"],

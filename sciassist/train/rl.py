@@ -1,0 +1,440 @@
+"""
+Reinforcement learning on the model's own answers (nanochat's chat_rl.py, for multiple choice).
+
+    sciassist rl --checkpoint finetuned_model_checkpoint/finetuned      # = python -m sciassist.train.rl
+    sciassist rl --checkpoint sft:d20 --data_path data/scienceqa_train.jsonl --num_steps 200
+
+Each step asks questions_per_step questions (sciassist.train.rl_questions: chosen by (seed,
+step), options shuffled), samples samples_per_question replies to each, rewards every reply with
+the evaluator's strict parser (sciassist.train.rl_reward), and updates the model with the
+group-relative, token-normalised policy gradient (sciassist.train.rl_step) under the fine-tune's
+precision policy and optimizers (Muon + AdamW, built by the same function), every learning rate
+x init_lr_frac, decayed linearly to zero over the run.
+
+The run folder, <out_dir>/<output_tag>/ (sciassist.train.files keeps it as the fine-tune does):
+
+  model_<step>.pt, meta_<step>.json  the model every --save_every steps and at the end, in
+                                     nanochat's layout (`sciassist chat/evaluate --checkpoint <folder>`)
+  tokenizer/                         a copy of the tokenizer
+  metrics.jsonl                      one line per step (step 0: the greedy validation, if any)
+  run_summary.json                   written at the end
+  resume/state.pt                    what --resume needs: weights, optimizer states, the step,
+                                     the metrics, every random generator (torch, python, the
+                                     sampling generator), the settings; continues bit for bit on CPU
+
+Stopping: Ctrl-C (SIGINT) and SIGTERM save the resume point of the last completed step; the
+command exits 130 or 143, as fine-tuning does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanochat.checkpoint import CheckpointError, model_path, save_checkpoint
+from nanochat.engine import Engine
+from nanochat.files import load_tensors_file
+from sciassist.common import (
+    Precision,
+    UserError,
+    announce_threads,
+    compute_dtype,
+    precision_for,
+    print_error,
+    settings_from_namespace,
+    settings_parser,
+    write_json,
+)
+from sciassist.data.answers import detect_answer_format
+from sciassist.data.batching import steps_per_epoch
+from sciassist.train import setup as train_setup
+from sciassist.train.files import append_record, open_run_dir, remove_leftovers
+from sciassist.train.rl_questions import load_questions, step_generator, step_questions
+from sciassist.train.rl_reward import load_reward_fn
+from sciassist.train.rl_settings import RL_TRAJECTORY_FIELDS, RLError, RLSettings, check_rl_settings
+from sciassist.train.rl_step import greedy_validation, sample_and_accumulate, step_metrics
+from sciassist.train.setup import Runtime, distributed_runtime, load_source_model
+from sciassist.train.state import RESUME_DIR, RESUME_FILE, rng_state, set_rng_state, temp_path
+from sciassist.train.step import (
+    SAVING_NOTICE,
+    Terminated,
+    apply_update,
+    defer_interrupt,
+    lr_multiplier,
+    set_learning_rates,
+    stop_signals,
+    stopping,
+)
+
+# the exit codes of a run stopped by Ctrl-C (SIGINT) or SIGTERM, as fine-tuning's
+EXIT_CODES = {"completed": 0, "interrupted": 130, "terminated": 143}
+FRESH_START = "start a new run without --resume (or another --output_tag)"
+
+
+@dataclass
+class RLRun:
+    """An RL run ready for its first step."""
+
+    settings: RLSettings
+    runtime: Runtime
+    model: torch.nn.Module  # fp32 master weights, updated in place
+    tokenizer: object
+    optimizers: list
+    precision: Precision
+    scaler: object  # fp16's GradScaler, else None
+    engine: Engine
+    questions: list
+    val_questions: list
+    answer_format: str
+    reward_fn: object  # the --reward_fn function, or None for the built-in reward
+    source: dict
+    num_steps: int
+    pad_id: int
+    fingerprint: str  # ties a resume point to its questions
+
+    @property
+    def device(self):
+        return self.runtime.device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.settings.run_dir()
+
+    @property
+    def resume_path(self) -> Path:
+        return self.run_dir / RESUME_DIR / RESUME_FILE
+
+    def log(self, message):
+        tqdm.write(message)
+
+
+@dataclass
+class RLProgress:
+    step: int = 0
+    metrics: list = field(default_factory=list)
+    elapsed_before: float = 0.0
+    step_rng: dict | None = None  # the generators as the step in progress found them
+    sampling: torch.Tensor | None = None  # a resumed run's sampling generator state for its first step
+    started: float = field(default_factory=time.time)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def step_generator(self, seed: int) -> torch.Generator:
+        generator = step_generator(seed, self.step)
+        if self.sampling is not None:
+            generator.set_state(self.sampling)
+            self.sampling = None
+        return generator
+
+
+def rl(settings: RLSettings, on_step=None) -> dict:
+    """Run RL as `settings` say; returns the run summary (also in run_summary.json). on_step(record)
+    is called after every step (a KeyboardInterrupt from it stops the run as Ctrl-C does)."""
+    check_rl_settings(settings)
+    resume_file = settings.run_dir() / RESUME_DIR / RESUME_FILE
+    if settings.resume and not resume_file.is_file():
+        raise RLError(f"--resume: no resume point at {resume_file}; run without --resume to start fresh")
+    # the hook is imported before the model is loaded, so a wrong name fails at once
+    reward_fn = load_reward_fn(settings.reward_fn) if settings.reward_fn else None
+    with stop_signals(), distributed_runtime(settings) as runtime:
+        run = prepare_rl_run(settings, runtime, reward_fn)
+        remove_leftovers(run)
+        progress = start_or_resume(run)
+        open_run_dir(run, progress.metrics)
+        _describe(run)
+        status = _loop(run, progress, on_step)
+        summary = run_summary(run, progress, status)
+        write_json(run.run_dir / "run_summary.json", summary)
+    return summary
+
+
+def prepare_rl_run(settings: RLSettings, runtime: Runtime, reward_fn) -> RLRun:
+    """Read the questions (first, so a bad file fails before the weights load), load the model,
+    and build the fine-tune's optimizers and precision."""
+    torch.manual_seed(settings.seed)
+    questions = load_questions(settings.data_path, "--data_path", settings.shuffle_options)
+    val_questions = (load_questions(settings.val_path, "--val_path", False, limit=settings.eval_questions)
+                     if settings.val_path else [])
+    answer_format = (detect_answer_format([q.record for q in questions]) if settings.answer_format == "auto"
+                     else settings.answer_format)
+    model, tokenizer, source = load_source_model(settings, runtime.device)
+    if not settings.resume and Path(source["checkpoint_dir"]).resolve() == settings.run_dir().resolve():
+        raise RLError(f"the run folder {settings.run_dir()} is the folder of the model it starts from, and a new run "
+                      f"clears its folder; choose another --output_tag (or --out_dir)")
+    model = model.float()  # fp32 master weights; autocast does the reduced-precision math
+    model.train()
+    precision = precision_for(runtime.device, settings.dtype)
+    num_steps = settings.num_steps if settings.num_steps > 0 else steps_per_epoch(len(questions),
+                                                                                 settings.questions_per_step)
+    return RLRun(settings=settings, runtime=runtime, model=model, tokenizer=tokenizer,
+                 # the fine-tune's optimizers, built by the same function (its settings' names are these)
+                 optimizers=train_setup._optimizers(model, settings), precision=precision,
+                 scaler=precision.grad_scaler(), engine=Engine(model, tokenizer, compute_dtype(runtime.device,
+                                                                                              settings.dtype)),
+                 questions=questions, val_questions=val_questions, answer_format=answer_format, reward_fn=reward_fn,
+                 source=dict(source, answer_format=answer_format), num_steps=num_steps,
+                 pad_id=tokenizer.encode_special("<|assistant_end|>"),
+                 fingerprint=questions_fingerprint(questions, val_questions))
+
+
+def questions_fingerprint(*question_sets) -> str:
+    h = hashlib.sha1()
+    for questions in question_sets:
+        for q in questions:
+            h.update(json.dumps(q.record, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the resume point
+
+# what each part of a resume point must be (checked on loading: the file is untrusted input)
+RESUME_FIELDS = {"model": dict, "optimizers": list, "grad_scaler": dict, "rng": dict, "sampling": torch.Tensor,
+                 "step": int, "metrics": list, "elapsed_s": float, "settings": dict, "num_steps": int,
+                 "fingerprint": str}
+
+
+def save_resume(run: RLRun, progress: RLProgress) -> None:
+    """The resume point after progress.step steps, written atomically (a temp file, then a rename)."""
+    state = {"model": run.model.state_dict(), "optimizers": [opt.state_dict() for opt in run.optimizers],
+             "grad_scaler": run.scaler.state_dict() if run.scaler is not None else {},
+             "rng": progress.step_rng or rng_state(),
+             "sampling": step_generator(run.settings.seed, progress.step).get_state(),
+             "step": progress.step, "metrics": progress.metrics, "elapsed_s": float(progress.elapsed()),
+             "settings": dataclasses.asdict(run.settings), "num_steps": run.num_steps,
+             "fingerprint": run.fingerprint}
+    path = run.resume_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_resume(run: RLRun) -> dict:
+    """The resume point of this run, checked: its parts, its settings, its questions."""
+    path = run.resume_path
+    try:
+        state = load_tensors_file(path, "cpu", "resume point", remedy=FRESH_START)
+    except CheckpointError as e:
+        raise RLError(str(e)) from e
+    if not isinstance(state, dict) or set(state) != set(RESUME_FIELDS):
+        raise RLError(f"{path} is not a resume point of an RL run; {FRESH_START}")
+    wrong = [name for name, kind in RESUME_FIELDS.items()
+             if not isinstance(state[name], kind) or (kind is int and isinstance(state[name], bool))]
+    if wrong:
+        raise RLError(f"{path} is a damaged resume point ({', '.join(wrong)} of the wrong kind); {FRESH_START}")
+    different = [f"--{name} {state['settings'].get(name)!r} there, {getattr(run.settings, name)!r} now"
+                 for name in RL_TRAJECTORY_FIELDS if state["settings"].get(name) != getattr(run.settings, name)]
+    if different:
+        raise RLError(f"{path} was made with other settings ({'; '.join(different)}); resume with the same flags, or "
+                      f"{FRESH_START}")
+    if state["fingerprint"] != run.fingerprint:
+        raise RLError(f"{path} was made with other questions; resume needs the same --data_path and --val_path files")
+    return state
+
+
+def start_or_resume(run: RLRun) -> RLProgress:
+    """A fresh RLProgress, or (--resume) the one the resume point holds, its weights, optimizer
+    states and random generators put back."""
+    if not run.settings.resume:
+        return RLProgress()
+    state = load_resume(run)
+    try:
+        run.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(run.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if run.scaler is not None and state["grad_scaler"]:
+            run.scaler.load_state_dict(state["grad_scaler"])
+        set_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RLError(f"{run.resume_path} does not fit this run ({reason}); {FRESH_START}") from e
+    run.log(f"resuming {run.run_dir} at step {state['step']}/{run.num_steps}")
+    return RLProgress(step=state["step"], metrics=list(state["metrics"]), elapsed_before=state["elapsed_s"],
+                      sampling=state["sampling"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def save_model(run: RLRun, progress: RLProgress) -> Path:
+    """model_<step>.pt + meta_<step>.json in nanochat's layout (atomically)."""
+    last = progress.metrics[-1] if progress.metrics else {}
+    meta = {"model_config": dataclasses.asdict(run.model.config), "step": progress.step,
+            "source_model": run.source["model_file"], "source_step": run.source["step"],
+            "answer_format": run.answer_format,
+            "rl": {key: last.get(key) for key in ("reward_mean", "accuracy", "invalid_rate", "val_accuracy")},
+            "rl_settings": dataclasses.asdict(run.settings)}
+    save_checkpoint(run.run_dir, progress.step, run.model, meta)
+    return model_path(run.run_dir, progress.step)
+
+
+def _loop(run: RLRun, progress: RLProgress, on_step) -> str:
+    """Steps from progress.step to the end; returns completed, interrupted (Ctrl-C or on_step raised
+    KeyboardInterrupt) or terminated (SIGTERM)."""
+    bar = tqdm(total=run.num_steps, initial=progress.step, dynamic_ncols=True, mininterval=1.0, desc="rl",
+               file=sys.stderr)
+    saved = []  # the steps whose resume point was saved
+    status = "completed"
+    try:
+        _steps(run, progress, bar, on_step, saved)
+    except KeyboardInterrupt as e:
+        status = "terminated" if isinstance(e, Terminated) else "interrupted"
+        with stopping():
+            run.model.zero_grad(set_to_none=True)
+            if saved[-1:] != [progress.step]:
+                save_resume(run, progress)
+            how = "terminated (SIGTERM)" if status == "terminated" else "interrupted"
+            run.log(f"\n{how} at step {progress.step}/{run.num_steps}; resume point saved in {run.resume_path}. "
+                    f"Continue with the same flags plus --resume")
+    finally:
+        bar.close()
+    if status == "completed":
+        with stopping():
+            if saved[-1:] != [progress.step]:
+                save_model(run, progress)
+                save_resume(run, progress)
+    return status
+
+
+def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
+    s = run.settings
+    if progress.step == 0 and not progress.metrics and run.val_questions:  # where a fresh run starts from
+        with defer_interrupt():
+            _keep(run, progress, {"step": 0, **greedy_validation(run), "elapsed_s": round(progress.elapsed(), 3)})
+    while progress.step < run.num_steps:
+        t0 = time.time()
+        progress.step_rng = rng_state()
+        generator = progress.step_generator(s.seed)
+        questions = step_questions(run.questions, progress.step, s.questions_per_step, s.seed,
+                                   generator if s.shuffle_options else None)
+        work = sample_and_accumulate(run, questions, generator)
+        if not math.isfinite(work.loss):
+            run.model.zero_grad(set_to_none=True)
+            raise RLError(f"the policy-gradient loss is {work.loss} at step {progress.step + 1}; nothing was applied. "
+                          f"Try lower learning rates (e.g. --init_lr_frac {s.init_lr_frac / 2:g})")
+        multiplier = lr_multiplier(progress.step, run.num_steps)
+        with defer_interrupt():  # the weights, the optimizers and the records change together
+            record = {"step": progress.step + 1, "lr_multiplier": multiplier, **step_metrics(work)}
+            if work.trained_tokens:
+                update = apply_update(run.model, run.optimizers, multiplier, 0.0, run.scaler)
+                record["updated"] = not update.skipped
+                if update.loss_scale is not None:
+                    record["loss_scale"] = update.loss_scale
+            else:  # no group had a spread: no gradient, and momentum alone must not move the weights
+                set_learning_rates(run.optimizers, multiplier)
+                record["updated"] = False
+            progress.step += 1
+            progress.step_rng = None
+            if run.val_questions and (progress.step == run.num_steps or
+                                      (s.eval_every and progress.step % s.eval_every == 0)):
+                record.update(greedy_validation(run))
+            record["step_time_s"] = time.time() - t0
+            record["elapsed_s"] = round(progress.elapsed(), 3)
+            _keep(run, progress, record)
+        if s.save_every and progress.step % s.save_every == 0:
+            with defer_interrupt(SAVING_NOTICE):  # a signal now stops the run once this is saved
+                save_model(run, progress)
+                save_resume(run, progress)
+                saved.append(progress.step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", invalid=f"{record['invalid_rate']:.2f}", refresh=False)
+        if on_step is not None:
+            on_step(record)
+
+
+def _keep(run: RLRun, progress: RLProgress, record: dict) -> None:
+    progress.metrics.append(record)
+    append_record(run, record)
+
+
+def reward_description(run: RLRun) -> str:
+    s = run.settings
+    if run.reward_fn is not None:
+        return f"custom: {s.reward_fn}(prompt, reply, record)"
+    return (f"parsed strictly ({run.answer_format}): correct 1, wrong {s.format_bonus:g}, invalid "
+            f"{s.invalid_reward:g}")
+
+
+def _describe(run: RLRun) -> None:
+    s, model = run.settings, run.model
+    run.log(f"model: {run.source['model_file']} (d{model.config.n_layer}, {model.num_params():,} params)")
+    if run.device.type == "cpu":
+        announce_threads(s.threads)
+    run.log(f"precision: {run.precision.name} ({run.precision.reason}); fp32 master weights")
+    run.log(f"questions: {len(run.questions):,} from {s.data_path}"
+            f"{', options shuffled every step' if s.shuffle_options else ''}; validation: "
+            f"{f'{len(run.val_questions)} from {s.val_path}, greedy' if run.val_questions else 'none'}")
+    run.log(f"reward: {reward_description(run)}")
+    run.log(f"schedule: {run.num_steps} steps of {s.questions_per_step} questions x {s.samples_per_question} "
+            f"replies (T={s.temperature:g}, top-k {s.top_k or 'off'}, at most {s.max_new_tokens} tokens) on "
+            f"{run.device}")
+
+
+def run_summary(run: RLRun, progress: RLProgress, status: str) -> dict:
+    steps = [r for r in progress.metrics if "reward_mean" in r]
+    val = [r for r in progress.metrics if "val_accuracy" in r]
+    final = model_path(run.run_dir, progress.step)
+    return {
+        "status": status,
+        "run_dir": str(run.run_dir),
+        "final_checkpoint": str(final) if final.is_file() else None,
+        "steps_done": progress.step,
+        "num_steps": run.num_steps,
+        "questions": len(run.questions),
+        "val_questions": len(run.val_questions),
+        "answer_format": run.answer_format,
+        "reward": reward_description(run),
+        "first_reward_mean": steps[0]["reward_mean"] if steps else None,
+        "last_reward_mean": steps[-1]["reward_mean"] if steps else None,
+        "initial_val_accuracy": val[0]["val_accuracy"] if val else None,
+        "final_val_accuracy": val[-1]["val_accuracy"] if val else None,
+        "elapsed_s": round(progress.elapsed(), 3),
+        "device": str(run.device),
+        "precision": run.precision.name,
+        "source_model": run.source,
+        "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,
+        "settings": dataclasses.asdict(run.settings),
+    }
+
+
+# ----------------------------------------------------------------------------- the command
+
+def build_parser():
+    return settings_parser(RLSettings, prog="python -m sciassist.train.rl",
+                           description="Reinforcement learning of a nanochat checkpoint on its own answers to "
+                                       "multiple-choice questions (ScienceQA by default), rewarded by the "
+                                       "evaluator's strict parser.")
+
+
+def main(argv=None) -> int:
+    """0 when the run completed; 130 / 143 when Ctrl-C / SIGTERM stopped it (a resume point saved);
+    2 with one `error:` line on a problem the user can fix."""
+    settings = settings_from_namespace(RLSettings, build_parser().parse_args(argv))
+    try:
+        summary = rl(settings)
+    except (UserError, CheckpointError) as e:
+        return print_error(e)
+    except KeyboardInterrupt as e:  # before the first step: nothing to save yet
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{how} while the run was starting; nothing was saved", file=sys.stderr)
+        return EXIT_CODES["terminated" if isinstance(e, Terminated) else "interrupted"]
+    return EXIT_CODES[summary["status"]]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

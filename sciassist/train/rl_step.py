@@ -1,0 +1,218 @@
+"""One RL step's work before the update: sample the replies, reward them, and accumulate the
+policy gradient; plus the greedy validation and the step's metrics record.
+
+Sampling. Every question's prompt (the tokenizer's chat rendering for completion, as the
+evaluator renders it) is repeated samples_per_question times and the rows are decoded together
+with the KV-cache engine (nanochat.engine.Engine.generate_multi), generation_batch_size rows per
+call, each call seeded from the step's generator. A reply ends at <|assistant_end|> (not part of
+the reply, nor trained on, as in nanochat) or is cut at max_new_tokens (truncated).
+
+Policy gradient (on-policy REINFORCE, no KL, no clipping). With A the reply's advantage and
+log p the policy's log-probability of each sampled token, computed under the run's precision:
+
+    loss = - sum over replies, over their tokens, of A x log p(token)  /  N
+
+N is the number of sampled tokens of the step (--token_normalization all_samples, nanochat's
+token-level normalisation) or of the replies in groups with a reward spread (spread_groups).
+Groups without spread have zero advantages: they are not run through the model at all.
+Micro-batches of device_batch_size replies each add their share of the same sum, so the
+gradient does not depend on how the step is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from sciassist.data.answers import LETTERS
+from sciassist.train.rl_reward import custom_reward, group_advantages, parsed_answer, verifiable_reward
+
+INVALID = "invalid"  # the letter histogram's key for replies without an accepted answer
+
+
+@dataclass
+class Sample:
+    """One sampled reply of a step."""
+
+    group: int  # the question's position in the step
+    prompt: list  # prompt token ids
+    reply: list  # reply token ids (no stop token)
+    truncated: bool  # cut at max_new_tokens
+    text: str
+    reward: float
+    predicted: int | None  # the option index the parser reads (None: invalid)
+    advantage: float = 0.0
+
+
+@dataclass
+class StepWork:
+    """What one step's sampling and forward/backward did."""
+
+    samples: list
+    questions: list
+    spread: list  # per group: whether its rewards differ
+    loss: float  # the step's loss (the normalised objective above)
+    neg_logp: float | None  # mean -log p of the tokens trained on (None: no group had a spread)
+    trained_tokens: int
+    sample_time_s: float
+
+
+def generation_seeds(generator: torch.Generator, num_rows: int, rows_per_call: int) -> list[int]:
+    """One seed per generate call of a step, drawn from the step's generator."""
+    calls = max(1, math.ceil(num_rows / rows_per_call))
+    return torch.randint(0, 2**62, (calls,), generator=generator).tolist()
+
+
+def sample_rows(engine, rows, rows_per_call, seeds, max_tokens, temperature, top_k):
+    """(reply tokens, truncated) of every prompt in `rows`, decoded rows_per_call at a time."""
+    results = []
+    for call, start in enumerate(range(0, len(rows), rows_per_call)):
+        chunk = rows[start:start + rows_per_call]
+        outputs = engine.generate_multi(chunk, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                        seed=seeds[call])
+        # generate_multi stops a row at its stop token or after this many tokens
+        limit = min(max_tokens, engine.model.rotary_seq_len - max(len(p) for p in chunk))
+        results.extend((tokens, len(tokens) >= limit) for tokens in outputs)
+    return results
+
+
+def reward_samples(run, questions, prompts, sampled, k) -> tuple[list[Sample], list[bool]]:
+    """Samples with their rewards and group-relative advantages; per group whether it has a spread."""
+    s, tokenizer = run.settings, run.tokenizer
+    samples = []
+    for row, (tokens, truncated) in enumerate(sampled):
+        group = row // k
+        question = questions[group]
+        text = tokenizer.decode(tokens)
+        if run.reward_fn is not None:
+            predicted = parsed_answer(text, question.choices, run.answer_format)
+            reward = custom_reward(run.reward_fn, s.reward_fn, question.messages, text, question.record)
+        else:
+            reward, predicted = verifiable_reward(text, question.choices, question.answer, run.answer_format,
+                                                  s.invalid_reward, s.format_bonus)
+        samples.append(Sample(group=group, prompt=prompts[group], reply=tokens, truncated=truncated, text=text,
+                              reward=reward, predicted=predicted))
+    spread = []
+    for group in range(len(questions)):
+        members = samples[group * k:(group + 1) * k]
+        advantages, has_spread = group_advantages([m.reward for m in members])
+        for member, advantage in zip(members, advantages, strict=True):
+            member.advantage = advantage
+        spread.append(has_spread)
+    return samples, spread
+
+
+def policy_batch(samples, pad_id, device) -> dict:
+    """Right-padded rows of prompt + reply: inputs, targets (-1 except at reply tokens) and each
+    row's advantage."""
+    width = max(len(x.prompt) + len(x.reply) for x in samples) - 1
+    inputs = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), width), -1, dtype=torch.long)
+    for i, x in enumerate(samples):
+        sequence = torch.tensor(x.prompt + x.reply, dtype=torch.long)
+        inputs[i, :len(sequence) - 1] = sequence[:-1]
+        targets[i, len(x.prompt) - 1:len(sequence) - 1] = sequence[len(x.prompt):]
+    advantages = torch.tensor([x.advantage for x in samples], dtype=torch.float32)
+    return {"inputs": inputs.to(device), "targets": targets.to(device), "advantages": advantages.to(device),
+            "tokens": sum(len(x.reply) for x in samples)}
+
+
+def policy_objective(model, batch, autocast=None):
+    """(sum over the batch's reply tokens of -A x log p, a tensor with gradient; the sum of -log p,
+    detached). The model's loss_reduction "none" gives -log p of each target (0 where ignored)."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        neg_logp = model(batch["inputs"], batch["targets"], loss_reduction="none")
+    neg_logp = neg_logp.float()
+    return (neg_logp * batch["advantages"].unsqueeze(1)).sum(), neg_logp.detach().sum()
+
+
+def accumulate_policy_gradient(model, trained, denominator, rows_per_pass, pad_id, autocast=None, scaler=None):
+    """Backward of the step's loss over `trained` in micro-batches; returns (loss, summed -log p)."""
+    loss_total, neg_logp_total = 0.0, 0.0
+    for start in range(0, len(trained), rows_per_pass):
+        batch = policy_batch(trained[start:start + rows_per_pass], pad_id, model.get_device())
+        objective, neg_logp = policy_objective(model, batch, autocast)
+        loss = objective / denominator
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_total += loss.item()
+        neg_logp_total += neg_logp.item()
+    return loss_total, neg_logp_total
+
+
+def sample_and_accumulate(run, questions, generator) -> StepWork:
+    """Sample the step's replies, reward them and accumulate the policy gradient (not applied)."""
+    s, k = run.settings, run.settings.samples_per_question
+    t0 = time.time()
+    prompts = [run.tokenizer.render_for_completion(q.messages) for q in questions]
+    rows = [p for p in prompts for _ in range(k)]
+    seeds = generation_seeds(generator, len(rows), s.generation_batch_size)
+    sampled = sample_rows(run.engine, rows, s.generation_batch_size, seeds, s.max_new_tokens, s.temperature,
+                          s.top_k or None)
+    samples, spread = reward_samples(run, questions, prompts, sampled, k)
+    sample_time = time.time() - t0
+    trained = [x for x in samples if spread[x.group] and x.reply]
+    counted = samples if s.token_normalization == "all_samples" else [x for x in samples if spread[x.group]]
+    denominator = max(1, sum(len(x.reply) for x in counted))
+    trained_tokens = sum(len(x.reply) for x in trained)
+    loss, neg_logp = 0.0, None
+    if trained:
+        loss, neg_logp_sum = accumulate_policy_gradient(run.model, trained, denominator, s.device_batch_size,
+                                                        run.pad_id, run.precision.autocast(), run.scaler)
+        neg_logp = neg_logp_sum / trained_tokens
+    return StepWork(samples=samples, questions=questions, spread=spread, loss=loss, neg_logp=neg_logp,
+                    trained_tokens=trained_tokens, sample_time_s=sample_time)
+
+
+def letter_histogram(letters) -> dict:
+    """Counts of letters in A, B, ... order, then "invalid"; letters absent are left out."""
+    counts = Counter(letters)
+    return {key: counts[key] for key in [*LETTERS, INVALID] if counts[key]}
+
+
+def step_metrics(work: StepWork) -> dict:
+    """The sampling figures of a step's metrics record."""
+    samples, questions = work.samples, work.questions
+    n = len(samples)
+    rewards = [x.reward for x in samples]
+    mean = sum(rewards) / n
+    without_spread = sum(not has for has in work.spread)
+    return {
+        "reward_mean": mean,
+        "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / n),
+        "accuracy": sum(x.predicted == questions[x.group].answer for x in samples) / n,
+        "invalid_rate": sum(x.predicted is None for x in samples) / n,
+        "zero_spread_groups": without_spread,
+        "zero_spread_fraction": without_spread / len(work.spread),
+        "trained_samples": sum(1 for x in samples if work.spread[x.group] and x.reply),
+        "trained_tokens": work.trained_tokens,
+        "sampled_tokens": sum(len(x.reply) for x in samples),
+        "reply_tokens_mean": sum(len(x.reply) for x in samples) / n,
+        "truncated_rate": sum(x.truncated for x in samples) / n,
+        "neg_logp_per_token": work.neg_logp,
+        "loss": work.loss,
+        "predicted_letters": letter_histogram(LETTERS[x.predicted] if x.predicted is not None else INVALID
+                                              for x in samples),
+        "gold_letters": letter_histogram(questions[x.group].gold_letter for x in samples),
+        "sample_time_s": work.sample_time_s,
+    }
+
+
+@torch.no_grad()
+def greedy_validation(run) -> dict:
+    """Greedy replies (temperature 0) to the validation questions, options as written: the mean
+    reward, the accuracy and the invalid rate the evaluator's parser gives them."""
+    s, questions = run.settings, run.val_questions
+    prompts = [run.tokenizer.render_for_completion(q.messages) for q in questions]
+    sampled = sample_rows(run.engine, prompts, s.generation_batch_size, [0] * len(prompts), s.max_new_tokens, 0.0,
+                          None)
+    samples, _ = reward_samples(run, questions, prompts, sampled, 1)
+    n = len(samples)
+    return {"val_reward_mean": sum(x.reward for x in samples) / n,
+            "val_accuracy": sum(x.predicted == questions[x.group].answer for x in samples) / n,
+            "val_invalid_rate": sum(x.predicted is None for x in samples) / n,
+            "val_truncated_rate": sum(x.truncated for x in samples) / n}

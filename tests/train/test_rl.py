@@ -1,0 +1,339 @@
+"""Reinforcement learning on the model's own answers: the reward is the evaluator's parser, the
+options are shuffled with the gold moved along, advantages are group-relative, the loss is
+token-normalised, and a run writes its metrics, a loadable model and a resume point that
+continues bit for bit."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from nanochat.checkpoint import save_checkpoint
+from sciassist import cli
+from sciassist.checkpoints import choose_checkpoint, load_choice
+from sciassist.data.answers import answer_line, options_block, parse_answer
+from sciassist.data.conversations import write_conversations
+from sciassist.train import rl as rl_module
+from sciassist.train.rl import EXIT_CODES, main, rl
+from sciassist.train.rl_questions import as_question, load_questions, shuffled, step_generator
+from sciassist.train.rl_reward import custom_reward, group_advantages, load_reward_fn, verifiable_reward
+from sciassist.train.rl_settings import RLError, RLSettings, check_rl_settings
+from sciassist.train.rl_step import Sample, StepWork, accumulate_policy_gradient, step_metrics
+from tests.conftest import nontrivial_gpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUESTIONS = [("Which is hot?", ["ice", "steam", "snow"], 1),
+             ("Which one is a planet?", ["Mars", "the Moon"], 0),
+             ("Which one is a mammal?", ["trout", "robin", "whale", "frog"], 2),
+             ("Which is a liquid?", ["rock", "water", "air"], 1)]
+
+
+def record(question, choices, answer, answer_format="letter_first", layout="letter_first"):
+    return {"messages": [{"role": "system", "content": "You are a helpful science tutor."},
+                         {"role": "user", "content": f"{question}\n\n{options_block(choices, layout)}"},
+                         {"role": "assistant", "content": answer_line(choices, answer, answer_format)}],
+            "meta": {"pid": question, "choices": choices, "answer": answer, "answer_letter": "ABCD"[answer]}}
+
+
+@pytest.fixture(scope="module")
+def question_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rl_data") / "questions.jsonl"
+    write_conversations(path, [record(*q) for q in QUESTIONS])
+    return path
+
+
+@pytest.fixture(scope="module")
+def rl_base_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny model whose blocks do something (nanochat's init zeroes the output projections)."""
+    base_dir = tmp_path_factory.mktemp("rl_base")
+    model = nontrivial_gpt(tiny_tokenizer.get_vocab_size(), seed=0, projection_std=0.2)
+    save_checkpoint(base_dir / "base_checkpoints" / "d2", 0, model, {})
+    tiny_tokenizer.save(base_dir / "tokenizer")
+    return base_dir
+
+
+def tiny_rl(base_dir, data, out_dir, **overrides):
+    # lrs far above nanochat's so that 3 steps of a 64-wide model move its weights visibly; fp32 so the
+    # figures do not depend on whether this CPU computes bf16 natively
+    values = dict(data_path=str(data), base_dir=str(base_dir), source="base", out_dir=str(out_dir), output_tag="run",
+                  num_steps=3, questions_per_step=2, samples_per_question=3, max_new_tokens=6, generation_batch_size=4,
+                  device_batch_size=2, init_lr_frac=1.0, matrix_lr=0.05, embedding_lr=0.5, unembedding_lr=0.05,
+                  device="cpu", dtype="float32")
+    values.update(overrides)
+    return RLSettings(**values)
+
+
+HOOK_CALLS = []
+
+
+def reply_length_reward(prompt, reply, record):
+    """A reward with a spread on a random model: the reply's length in characters, mod 5."""
+    HOOK_CALLS.append((prompt, reply, record))
+    return float(len(reply) % 5)
+
+
+# --- the reward
+
+@pytest.mark.parametrize("reply, answer_format, expected", [
+    ("The correct answer is B. steam", "letter_first", (1.0, 1)),
+    ("The correct answer is A. ice", "letter_first", (0.25, 0)),  # wrong, stated as accepted
+    ("", "letter_first", (-0.5, None)),
+    ("The correct answer is A. The correct answer is B.", "letter_first", (0.25, 0)),  # only the first counts
+    ("The correct answer is b. steam", "letter_first", (-0.5, None)),  # a lower-case letter is not an answer
+    ("The correct answer is D.", "letter_first", (-0.5, None)),  # beyond the question's three options
+    ("The correct answer is steam (A).", "text_first", (-0.5, None)),  # steam's text with ice's letter
+    ("The correct answer is steam (B).", "text_first", (1.0, 1)),
+    ("blah " * 20_000 + "The correct answer is B.", "letter_first", (1.0, 1)),  # huge, answer at the end
+    ("steam " * 20_000, "letter_first", (-0.5, None)),
+])
+def test_the_reward_is_the_parsers_verdict(reply, answer_format, expected):
+    choices = ["ice", "steam", "snow"]
+    got = verifiable_reward(reply, choices, 1, answer_format, invalid_reward=-0.5, format_bonus=0.25)
+    assert got == expected
+    assert got[1] == parse_answer(reply, 3, choices=choices, answer_format=answer_format)
+
+
+def test_a_format_bonus_never_outweighs_correctness():
+    check_rl_settings(RLSettings(format_bonus=0.25, invalid_reward=-0.5, device="cpu"))  # 0.75 vs 0.75: allowed
+    with pytest.raises(RLError, match=r"--format_bonus 0.3 with --invalid_reward -0.5 would let the form"):
+        check_rl_settings(RLSettings(format_bonus=0.3, invalid_reward=-0.5, device="cpu"))
+    with pytest.raises(RLError, match=r"--invalid_reward must be between -1.0 and 0.0, got 0.5"):
+        check_rl_settings(RLSettings(invalid_reward=0.5, device="cpu"))
+
+
+def test_the_custom_reward_hook_is_loaded_by_name_or_file(tmp_path):
+    assert load_reward_fn("tests.train.test_rl:reply_length_reward") is reply_length_reward
+    hook = tmp_path / "my_reward.py"
+    hook.write_text("def score(prompt, reply, record):\n    return 2.5 if 'steam' in reply else float('nan')\n")
+    function = load_reward_fn(f"{hook}:score")
+    assert custom_reward(function, "x", [], "steam", {}) == 2.5
+    with pytest.raises(RLError, match=r"returned nan for a reply; it must return a finite number"):
+        custom_reward(function, "x", [], "ice", {})
+    with pytest.raises(RLError, match=r"has no function 'nope'"):
+        load_reward_fn(f"{hook}:nope")
+    with pytest.raises(RLError, match=r"cannot import no_such_module_here"):
+        load_reward_fn("no_such_module_here:score")
+
+
+# --- the questions
+
+def test_shuffling_moves_the_gold_with_its_option():
+    question = as_question(record("Which is hot?", ["ice", "steam", "snow"], 1))
+    generator = torch.Generator().manual_seed(0)
+    orders, gold_positions = set(), set()
+    for _ in range(60):
+        shown = shuffled(question, generator)
+        assert shown.choices[shown.answer] == "steam"
+        assert shown.record["meta"]["answer"] == shown.answer and shown.record["meta"]["choices"] == shown.choices
+        assert shown.record["meta"]["answer_letter"] == "ABC"[shown.answer]
+        assert shown.messages[1]["content"] == f"Which is hot?\n\n{options_block(shown.choices)}"
+        assert shown.messages[0] == question.messages[0] and len(shown.messages) == 2  # the answer is dropped
+        line = answer_line(shown.choices, shown.answer, "text_first")
+        assert verifiable_reward(line, shown.choices, shown.answer, "text_first") == (1.0, shown.answer)
+        orders.add(tuple(shown.choices))
+        gold_positions.add(shown.answer)
+    assert len(orders) == 6 and gold_positions == {0, 1, 2}
+    assert question.choices == ["ice", "steam", "snow"]  # the question itself is unchanged
+    after = shuffled(as_question(record("Which is hot?", ["ice", "steam"], 0, layout="letter_after")),
+                     torch.Generator().manual_seed(3))
+    assert after.messages[1]["content"].endswith(options_block(after.choices, "letter_after"))
+    assert torch.equal(step_generator(42, 7).get_state(), step_generator(42, 7).get_state())
+    assert not torch.equal(step_generator(42, 7).get_state(), step_generator(42, 8).get_state())
+
+
+def write_jsonl(path, records):  # prompts without an answer, which write_conversations refuses
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_questions_that_cannot_be_asked_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    no_meta = {"messages": [{"role": "user", "content": "Which is hot?\n\nA. ice\nB. steam"}]}
+    write_jsonl(bad, [record(*QUESTIONS[0]), no_meta])
+    with pytest.raises(RLError, match=r"bad.jsonl: record 2: no \"meta\" object"):
+        load_questions(bad)
+    out_of_range = dict(record(*QUESTIONS[0]), meta={"choices": ["ice", "steam"], "answer": 2})
+    write_jsonl(bad, [out_of_range])
+    with pytest.raises(RLError, match=r"record 1: meta: answer index out of range"):
+        load_questions(bad)
+    free_form = dict(record(*QUESTIONS[0]), messages=[{"role": "user", "content": "Hot: ice, steam or snow?"}])
+    write_jsonl(bad, [free_form])
+    with pytest.raises(RLError, match=r"cannot be shuffled; --shuffle_options false"):
+        load_questions(bad)
+    assert load_questions(bad, shuffle_options=False)[0].answer == 1
+
+
+# --- advantages and the loss
+
+def test_advantages_are_relative_to_the_group_and_groups_without_spread_are_counted():
+    assert group_advantages([1.0, 0.0, 0.0, 1.0]) == ([0.5, -0.5, -0.5, 0.5], True)
+    assert group_advantages([0.1, 0.1, 0.1]) == ([0.0, 0.0, 0.0], False)  # exactly zero, not 0.1 - 0.1000...02
+    questions = [as_question(record(*QUESTIONS[0])), as_question(record(*QUESTIONS[1]))]
+
+    def sample(group, reply, reward, predicted, advantage):
+        return Sample(group=group, prompt=[1, 2], reply=reply, truncated=len(reply) == 3, text="", reward=reward,
+                      predicted=predicted, advantage=advantage)
+    samples = [sample(0, [5, 6, 7], 1.0, 1, 0.5), sample(0, [5], 0.0, None, -0.5),
+               sample(1, [8, 9], 0.0, 1, 0.0), sample(1, [], 0.0, None, 0.0)]
+    metrics = step_metrics(StepWork(samples=samples, questions=questions, spread=[True, False], loss=0.1,
+                                    neg_logp=2.0, trained_tokens=4, sample_time_s=0.5))
+    assert (metrics["zero_spread_groups"], metrics["zero_spread_fraction"], metrics["trained_samples"]) == (1, 0.5, 2)
+    assert (metrics["reward_mean"], metrics["reward_std"]) == (0.25, pytest.approx(math.sqrt(0.1875)))
+    assert (metrics["accuracy"], metrics["invalid_rate"], metrics["truncated_rate"]) == (0.25, 0.5, 0.25)
+    assert (metrics["reply_tokens_mean"], metrics["sampled_tokens"]) == (1.5, 6)
+    assert metrics["predicted_letters"] == {"B": 2, "invalid": 2}
+    assert metrics["gold_letters"] == {"A": 2, "B": 2}
+
+
+def test_the_loss_is_token_normalised_and_does_not_depend_on_the_micro_batches(tiny_tokenizer):
+    model = nontrivial_gpt(tiny_tokenizer.get_vocab_size(), seed=1, projection_std=0.2)
+    samples = [Sample(group=0, prompt=[3, 9, 4], reply=[7, 8], truncated=False, text="", reward=1.0, predicted=0,
+                      advantage=0.75),
+               Sample(group=0, prompt=[3, 5], reply=[10, 11, 12, 13], truncated=False, text="", reward=0.0,
+                      predicted=None, advantage=-0.25)]
+    tokens = 6
+    expected = 0.0
+    for x in samples:  # by hand: -sum of A x log p over the reply tokens, over the step's tokens
+        sequence = torch.tensor(x.prompt + x.reply)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(sequence[None, :-1])[0].double(), dim=-1)
+        positions = range(len(x.prompt) - 1, len(sequence) - 1)
+        expected -= x.advantage * sum(logp[t, sequence[t + 1]].item() for t in positions)
+    expected /= tokens
+    gradients = []
+    for rows in (1, 2):
+        model.zero_grad(set_to_none=True)
+        loss, neg_logp = accumulate_policy_gradient(model, samples, tokens, rows, pad_id=0)
+        assert loss == pytest.approx(expected, rel=1e-5)
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    assert neg_logp > 0
+    for one_by_one, together in zip(*gradients, strict=True):
+        torch.testing.assert_close(one_by_one, together, atol=1e-6, rtol=1e-5)
+
+
+# --- runs
+
+STEP_KEYS = {"step", "lr_multiplier", "reward_mean", "reward_std", "accuracy", "invalid_rate", "zero_spread_groups",
+             "zero_spread_fraction", "trained_samples", "trained_tokens", "sampled_tokens", "reply_tokens_mean",
+             "truncated_rate", "neg_logp_per_token", "loss", "predicted_letters", "gold_letters", "sample_time_s",
+             "updated", "step_time_s", "elapsed_s"}
+VAL_KEYS = {"val_reward_mean", "val_accuracy", "val_invalid_rate", "val_truncated_rate"}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_writes_its_metrics_and_a_model_the_resolver_loads(tmp_path, rl_base_dir, question_file):
+    settings = tiny_rl(rl_base_dir, question_file, tmp_path, val_path=str(question_file), eval_every=2,
+                       eval_questions=2)
+    summary = rl(settings)
+    run_dir = settings.run_dir()
+    assert (summary["status"], summary["steps_done"], summary["answer_format"]) == ("completed", 3, "letter_first")
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert set(records[0]) == VAL_KEYS | {"step", "elapsed_s"}
+    assert [set(r) - STEP_KEYS for r in records[1:]] == [set(), VAL_KEYS, VAL_KEYS]
+    for r in records[1:]:
+        numbers = [v for k, v in r.items() if k not in ("predicted_letters", "gold_letters", "updated")
+                   and v is not None]
+        assert all(math.isfinite(v) for v in numbers)
+        assert r["neg_logp_per_token"] is not None or r["trained_tokens"] == 0
+        assert sum(r["predicted_letters"].values()) == sum(r["gold_letters"].values()) == 6
+        assert 0 <= r["invalid_rate"] <= 1 and r["reply_tokens_mean"] <= 6
+    assert [r["lr_multiplier"] for r in records[1:]] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    loaded = load_choice(choose_checkpoint(str(run_dir)), device="cpu")
+    assert loaded.choice.step == 3 and loaded.meta["answer_format"] == "letter_first"
+    assert loaded.meta["rl_settings"]["samples_per_question"] == 3
+    final = torch.load(run_dir / "resume" / "state.pt", weights_only=True)["model"]
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, final[name].to(tensor.dtype)), name
+
+
+def comparable(records):
+    timing = ("sample_time_s", "step_time_s", "elapsed_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+def assert_same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            assert_same_state(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.usefixtures("sigint_from_a_terminal")
+def test_sigterm_then_resume_is_bit_identical_and_the_hook_sees_each_reply(tmp_path, rl_base_dir, question_file):
+    hook = "tests.train.test_rl:reply_length_reward"
+    HOOK_CALLS.clear()
+    whole = tiny_rl(rl_base_dir, question_file, tmp_path / "whole", reward_fn=hook)
+    assert rl(whole)["status"] == "completed"
+    assert len(HOOK_CALLS) == 3 * 2 * 3
+    for prompt, reply, shown in HOOK_CALLS:
+        assert isinstance(reply, str) and prompt == shown["messages"] and prompt[-1]["role"] == "user"
+        assert prompt[-1]["content"].endswith(options_block(shown["meta"]["choices"]))
+        assert shown["meta"]["answer_letter"] == "ABCD"[shown["meta"]["answer"]]
+
+    def terminate_after_step_1(record):
+        if record["step"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cut = tiny_rl(rl_base_dir, question_file, tmp_path / "cut", reward_fn=hook)
+    stopped = rl(cut, on_step=terminate_after_step_1)
+    assert (stopped["status"], stopped["steps_done"], stopped["final_checkpoint"]) == ("terminated", 1, None)
+    resumed = rl(tiny_rl(rl_base_dir, question_file, tmp_path / "cut", reward_fn=hook, resume=True))
+    assert (resumed["status"], resumed["steps_done"]) == ("completed", 3)
+
+    a = torch.load(whole.run_dir() / "resume" / "state.pt", weights_only=True)
+    b = torch.load(cut.run_dir() / "resume" / "state.pt", weights_only=True)
+    assert any(r["updated"] for r in a["metrics"])  # the hook's spread made the steps learn
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizers"], b["optimizers"])
+    assert_same_state(a["sampling"], b["sampling"])
+    assert comparable(a["metrics"]) == comparable(b["metrics"]) == comparable(read_metrics(cut.run_dir()))
+    assert_same_state(torch.load(whole.run_dir() / "model_000003.pt", weights_only=True),
+                      torch.load(cut.run_dir() / "model_000003.pt", weights_only=True))
+    other = tiny_rl(rl_base_dir, question_file, tmp_path / "cut", reward_fn=hook, resume=True, top_k=5)
+    with pytest.raises(RLError, match=r"made with other settings \(--top_k 50 there, 5 now\)"):
+        rl(other)
+
+
+# --- the command
+
+def test_bad_input_is_exit_2_and_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--samples_per_question", "1"])
+    assert exit_info.value.code == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if "error:" in line] == [
+        "python -m sciassist.train.rl: error: argument --samples_per_question: must be between 2 and 1000000, got 1"]
+    assert main(["--format_bonus", "0.6", "--invalid_reward", "-0.5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: invalid settings: --format_bonus 0.6 with")
+    assert main(["--data_path", str(tmp_path / "none.jsonl"), "--device", "cpu", "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --data_path: ") and "none.jsonl not found" in err
+    assert main(["--reward_fn", "no_such_module_here:score", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --reward_fn no_such_module_here:score: cannot import")
+
+
+def test_the_command_is_registered_and_maps_stops_to_exit_codes(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["rl", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: sciassist rl [-h]")
+    assert all(f"--{name}" in out for name in ("samples_per_question", "shuffle_options", "invalid_reward",
+                                               "reward_fn", "token_normalization", "resume"))
+    for status, code in (("terminated", 143), ("interrupted", 130), ("completed", 0)):
+        monkeypatch.setattr(rl_module, "rl", lambda settings, on_step=None, status=status: {"status": status})
+        assert main(["--device", "cpu"]) == code == EXIT_CODES[status]
