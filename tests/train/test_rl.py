@@ -273,7 +273,6 @@ def assert_same_state(a, b):
         assert a == b
 
 
-@pytest.mark.usefixtures("sigint_from_a_terminal")
 def test_sigterm_then_resume_is_bit_identical_and_the_hook_sees_each_reply(tmp_path, rl_base_dir, question_file):
     hook = "tests.train.test_rl:reply_length_reward"
     HOOK_CALLS.clear()
