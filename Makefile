@@ -97,6 +97,7 @@ $(COLAB_VENV)/.installed: ci/requirements-colab.txt requirements.txt requirement
 	@test -n "$(PYTHON313)" || { echo "make test-colab needs Python 3.13 (python3.13 on PATH, or PYTHON313=/path/to/python3.13)"; exit 2; }
 	test -x $(COLAB_VENV)/bin/python || $(PYTHON313) -m venv $(COLAB_VENV)
 	bash ci/pip-install $(COLAB_VENV)/bin/python -q -r ci/requirements-colab.txt
+	$(COLAB_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 test-newest: $(NEWEST_VENV)/.installed ## the suite with the newest torch these machines have (2.14.1) and the newest libraries
@@ -105,6 +106,7 @@ test-newest: $(NEWEST_VENV)/.installed ## the suite with the newest torch these 
 $(NEWEST_VENV)/.installed: ci/requirements-newest.txt requirements.txt requirements-dev.txt
 	test -x $(NEWEST_VENV)/bin/python || python3 -m venv $(NEWEST_VENV)
 	bash ci/pip-install $(NEWEST_VENV)/bin/python -q -r ci/requirements-newest.txt
+	$(NEWEST_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 lint: install
