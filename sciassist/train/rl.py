@@ -179,7 +179,7 @@ def prepare_rl_run(settings: RLSettings, runtime: Runtime, reward_fn) -> RLRun:
                                                                                  settings.questions_per_step)
     return RLRun(settings=settings, runtime=runtime, model=model, tokenizer=tokenizer,
                  # the fine-tune's optimizers, built by the same function (its settings' names are these)
-                 optimizers=train_setup._optimizers(model, settings), precision=precision,
+                 optimizers=train_setup.build_optimizers(model, settings), precision=precision,
                  scaler=precision.grad_scaler(), engine=Engine(model, tokenizer, compute_dtype(runtime.device,
                                                                                               settings.dtype)),
                  questions=questions, val_questions=val_questions, answer_format=answer_format, reward_fn=reward_fn,

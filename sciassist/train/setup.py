@@ -259,7 +259,7 @@ def prepare_run(settings: TrainSettings, runtime: Runtime, say=None) -> Run:
     data, answer_format = prepare_data(settings, runtime, tokenizer, max_seq_len)
     # kept in every checkpoint's meta: how to read this model's multiple-choice answers (chat, web page)
     source = dict(source, answer_format=answer_format)
-    optimizers = adapter_optimizers(model, settings) if lora is not None else _optimizers(model, settings)
+    optimizers = adapter_optimizers(model, settings) if lora is not None else build_optimizers(model, settings)
     kernel = choose_attention_kernel(model, settings, precision) if settings.packing else None
     compiled = compile_model(model, settings, device, precision)
     batch = device_batch.choose(settings, runtime, model, data.train_set, precision, card, recorded, say)
@@ -374,7 +374,9 @@ def choose_attention_kernel(model, settings: TrainSettings, precision) -> str:
         raise TrainError(f"--attention_kernel {settings.attention_kernel}: {e}") from None
 
 
-def _optimizers(model, settings: TrainSettings):
+def build_optimizers(model, settings):
+    """Muon for the transformer matrices, AdamW for wte and lm_head, at the settings' learning rates
+    x init_lr_frac (fine-tuning and the RL stage: any settings with those fields and muon_torch_dtype)."""
     optimizers = model.setup_optimizers(unembedding_lr=settings.unembedding_lr, embedding_lr=settings.embedding_lr,
                                         matrix_lr=settings.matrix_lr, weight_decay=settings.weight_decay,
                                         muon_dtype=settings.muon_torch_dtype())
