@@ -255,8 +255,11 @@ def test_training_run_outputs(tmp_path, tiny_base_dir, data_file, tiny_tokenizer
     assert 0 < on_disk["token_efficiency"] <= 1
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_base_dir, data_file, capsys):
-    full = tiny_settings(tiny_base_dir, data_file, tmp_path / "full", num_epochs=2, save_every=3)
+@pytest.mark.parametrize("defaults", [{}, {"dtype": "bfloat16", "device_batch_size": "auto"}],
+                         ids=["fp32", "bf16-autocast-auto-batch"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_base_dir, data_file, capsys, defaults):
+    """fp32, and what auto gives a CPU with native bf16 (bf16 autocast, the CPU's micro-batch)."""
+    full = tiny_settings(tiny_base_dir, data_file, tmp_path / "full", num_epochs=2, save_every=3, **defaults)
     train(full)
 
     def stop_at_5(record):
@@ -380,18 +383,22 @@ def test_training_starts_from_a_named_checkpoint(tmp_path, tiny_base_dir, data_f
         assert summary["status"] == "completed" and summary["source_model"]["model_file"] == str(model_file)
 
 
+@pytest.mark.parametrize("extra", [{}, {"lora_rank": 4, "lora_dropout": 0.2}], ids=["full", "lora-dropout"])
 def test_ctrl_c_during_forward_backward_resumes_from_the_last_completed_step(tmp_path, tiny_base_dir, data_file,
-                                                                              monkeypatch):
-    full = tiny_settings(tiny_base_dir, data_file, tmp_path / "full")
+                                                                              monkeypatch, extra):
+    """With LoRA dropout the forward draws random numbers: the resume point keeps the generators as the
+    interrupted step found them, so the resumed step draws what the uninterrupted one drew."""
+    full = tiny_settings(tiny_base_dir, data_file, tmp_path / "full", **extra)
     train(full)
     real = step_module.accumulate_gradients
     calls, seen = [], []
 
     def interrupted_in_step_3(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        loss = real(*args, **kwargs)
+        if len(calls) == 3:  # after step 3's forward and backward (and its dropout draws), before its update
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return loss
 
     monkeypatch.setattr(step_module, "accumulate_gradients", interrupted_in_step_3)
     cut = dataclasses.replace(full, out_dir=str(tmp_path / "cut"))
