@@ -46,6 +46,17 @@ def test_python_m_export_without_transformers_is_the_same_one_line():
                              "pip install 'sciassist[export]'\n")
 
 
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
+def test_python_m_serve_web_without_the_web_extra_is_one_line(module):
+    """`python -m sciassist.serve.web` without fastapi or uvicorn: one line naming the extra, exit code 2."""
+    code = (f"import runpy, sys\nsys.modules[{module!r}] = None\nsys.argv = ['sciassist.serve.web', '--help']\n"
+            "runpy.run_module('sciassist.serve.web', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"error: python -m sciassist.serve.web needs {module}, which is not installed: "
+                             "pip install 'sciassist[web]'\n")
+
+
 def test_a_command_calls_itself_as_it_was_invoked(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--help"])

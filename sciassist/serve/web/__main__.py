@@ -10,12 +10,26 @@ import ipaddress
 import sys
 from dataclasses import dataclass
 
-import uvicorn
-
 from nanochat.checkpoint import CheckpointError
 from sciassist.checkpoints import CheckpointSettings, resolve_from_settings
-from sciassist.common import UserError, print_error, setting, settings_from_namespace, settings_parser
-from sciassist.serve.web.server import ServerSettings, create_app
+from sciassist.common import (
+    UserError,
+    missing_extra_message,
+    print_error,
+    setting,
+    settings_from_namespace,
+    settings_parser,
+)
+
+try:  # the web extra; without it `python -m sciassist.serve.web` says so in one line, as `sciassist web` does
+    import uvicorn
+
+    from sciassist.serve.web.server import ServerSettings, create_app
+except ModuleNotFoundError as missing:
+    message = missing_extra_message("python -m sciassist.serve.web", missing)
+    if __name__ != "__main__" or message is None:
+        raise  # imported: sciassist.cli (or the importer) reports it
+    sys.exit(print_error(message))
 
 
 @dataclass
