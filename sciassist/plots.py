@@ -5,6 +5,8 @@ Plots of a fine-tuning run and of its evaluation.
   from the run's metrics.jsonl and/or a text log of an older run (the original project's).
 - plot_accuracy_by_category: ScienceQA accuracy per column (NAT, SOC, ..., Avg), one bar
   per model, the chance level of each column as a short line.
+- plot_rl_curves: an RL run's reward per step (raw and smoothed) and its validations (greedy
+  accuracy, pass@k, maj@k), read from its metrics.jsonl.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot): training calls
 plot_loss_curve at every evaluation, possibly in a notebook whose interactive backend must
@@ -13,6 +15,7 @@ not be switched, and pyplot's global state is neither needed nor thread-safe.
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -254,3 +257,87 @@ def plot_accuracy_by_category(columns, accuracies, out_path, chance=None, counts
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return _save(fig, out_path)
+
+
+# -----------------------------------------------------------------------------
+# reinforcement learning
+
+
+def read_json_lines(path):
+    """The JSON objects of a JSONL file; other lines (a half-written last one) are skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _save_atomically(fig, out_path):
+    """Save to a temporary file beside out_path, then rename: a reader never sees half a PNG."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def plot_rl_curves(metrics_path, out_path, title="Reinforcement learning"):
+    """Two panels from an RL run's metrics.jsonl: the sampled replies' mean reward per step (raw
+    and smoothed), and at each validation the greedy accuracy, pass@k (one line per k) and maj@k
+    of the largest k. Writes a PNG atomically to out_path and returns {"steps", "validations"}."""
+    records = read_json_lines(metrics_path)
+    rewards = sorted((r["step"], r["reward_mean"]) for r in records if _number(r.get("step"))
+                     and _number(r.get("reward_mean")))
+    validations = sorted((r for r in records if _number(r.get("step")) and _number(r.get("val_accuracy"))),
+                         key=lambda r: r["step"])
+    if not rewards and not validations:
+        raise ValueError(f"{metrics_path}: no reward or validation values to plot")
+    fig = _new_figure(12, 4.5)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    if rewards:
+        steps, values = [p[0] for p in rewards], [p[1] for p in rewards]
+        left.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=1, label="reward mean (raw)")
+        left.plot(steps, smooth(values, 0.9 if len(values) >= 20 else 0.5), color="tab:blue", linewidth=2,
+                  label="reward mean (smoothed)")
+        left.legend(loc="lower right", fontsize=8)
+    left.set_xlabel("step")
+    left.set_ylabel("reward")
+    left.set_title("sampled replies")
+    left.grid(True, alpha=0.3)
+    if validations:
+        steps = [r["step"] for r in validations]
+        right.plot(steps, [r["val_accuracy"] for r in validations], color="black", marker="o", markersize=3,
+                   linewidth=2, label="greedy accuracy")
+        ks = sorted({int(key.split("@")[1]) for r in validations for key in r if key.startswith("val_pass@")})
+        colors = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+        for i, k in enumerate(ks):
+            points = [(r["step"], r[f"val_pass@{k}"]) for r in validations if _number(r.get(f"val_pass@{k}"))]
+            right.plot([p[0] for p in points], [p[1] for p in points], color=colors[i % len(colors)], marker="o",
+                       markersize=3, linewidth=1.5, label=f"pass@{k}")
+        if ks:
+            points = [(r["step"], r[f"val_maj@{ks[-1]}"]) for r in validations if _number(r.get(f"val_maj@{ks[-1]}"))]
+            right.plot([p[0] for p in points], [p[1] for p in points], "--", color="gray", marker="s", markersize=3,
+                       linewidth=1.5, label=f"maj@{ks[-1]}")
+        right.legend(loc="lower right", fontsize=8)
+    right.set_ylim(0, 1.02)
+    right.set_xlabel("step")
+    right.set_ylabel("fraction of validation questions")
+    right.set_title("validation")
+    right.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_atomically(fig, out_path)
+    return {"steps": len(rewards), "validations": len(validations)}

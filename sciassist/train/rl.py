@@ -16,7 +16,12 @@ The run folder, <out_dir>/<output_tag>/ (sciassist.train.files keeps it as the f
   model_<step>.pt, meta_<step>.json  the model every --save_every steps and at the end, in
                                      nanochat's layout (`sciassist chat/evaluate --checkpoint <folder>`)
   tokenizer/                         a copy of the tokenizer
-  metrics.jsonl                      one line per step (step 0: the greedy validation, if any)
+  metrics.jsonl                      one line per step (step 0: the validation, if any); the
+                                     validations' figures (sciassist.train.rl_validation) in the
+                                     records of the steps they follow
+  samples.jsonl                      at every validation, the replies to the first 8 val
+                                     questions: greedy, then the sampled ones
+  rl_curves.png                      reward per step and the validations, redrawn at each one
   run_summary.json                   written at the end
   resume/state.pt                    what --resume needs: weights, optimizer states, the step,
                                      the metrics, every random generator (torch, python, the
@@ -57,12 +62,21 @@ from sciassist.common import (
 )
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import steps_per_epoch
+from sciassist.plots import plot_rl_curves
 from sciassist.train import setup as train_setup
-from sciassist.train.files import append_record, open_run_dir, remove_leftovers
+from sciassist.train.files import METRICS_FILE, append_record, open_run_dir, remove_leftovers
 from sciassist.train.rl_questions import load_questions, step_generator, step_questions
 from sciassist.train.rl_reward import load_reward_fn
 from sciassist.train.rl_settings import RL_TRAJECTORY_FIELDS, RLError, RLSettings, check_rl_settings
-from sciassist.train.rl_step import greedy_validation, sample_and_accumulate, step_metrics
+from sciassist.train.rl_step import sample_and_accumulate, step_metrics
+from sciassist.train.rl_validation import (
+    CURVES_FILE,
+    SAMPLES_FILE,
+    append_samples,
+    keep_samples_until,
+    validate,
+    validation_line,
+)
 from sciassist.train.setup import Runtime, distributed_runtime, load_source_model
 from sciassist.train.state import RESUME_DIR, RESUME_FILE, rng_state, set_rng_state, temp_path
 from sciassist.train.step import (
@@ -152,6 +166,7 @@ def rl(settings: RLSettings, on_step=None) -> dict:
         remove_leftovers(run)
         progress = start_or_resume(run)
         open_run_dir(run, progress.metrics)
+        open_validation_files(run, progress)
         _describe(run)
         status = _loop(run, progress, on_step)
         summary = run_summary(run, progress, status)
@@ -315,7 +330,8 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
     s = run.settings
     if progress.step == 0 and not progress.metrics and run.val_questions:  # where a fresh run starts from
         with defer_interrupt():
-            _keep(run, progress, {"step": 0, **greedy_validation(run), "elapsed_s": round(progress.elapsed(), 3)})
+            record = {"step": 0, **_validate(run, 0), "elapsed_s": round(progress.elapsed(), 3)}
+            _keep(run, progress, record)
     while progress.step < run.num_steps:
         t0 = time.time()
         progress.step_rng = rng_state()
@@ -342,7 +358,7 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
             progress.step_rng = None
             if run.val_questions and (progress.step == run.num_steps or
                                       (s.eval_every and progress.step % s.eval_every == 0)):
-                record.update(greedy_validation(run))
+                record.update(_validate(run, progress.step))
             record["step_time_s"] = time.time() - t0
             record["elapsed_s"] = round(progress.elapsed(), 3)
             _keep(run, progress, record)
@@ -360,6 +376,31 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
 def _keep(run: RLRun, progress: RLProgress, record: dict) -> None:
     progress.metrics.append(record)
     append_record(run, record)
+    if "val_accuracy" in record:
+        try:
+            plot_rl_curves(run.run_dir / METRICS_FILE, run.run_dir / CURVES_FILE)
+        except Exception as e:  # a plot must never stop training
+            run.log(f"note: {CURVES_FILE} not updated ({type(e).__name__}: {e})")
+
+
+def _validate(run: RLRun, step: int) -> dict:
+    """The validation after `step` steps: its figures (returned), its replies to the first
+    questions (appended to samples.jsonl) and one printed line."""
+    metrics, lines = validate(run, step)
+    append_samples(run.run_dir / SAMPLES_FILE, lines)
+    run.log(validation_line(step, run.num_steps, metrics))
+    return metrics
+
+
+def open_validation_files(run: RLRun, progress: RLProgress) -> None:
+    """A fresh run removes an earlier run's samples file and curves; a resumed run keeps the
+    samples of the steps it resumes after."""
+    samples = run.run_dir / SAMPLES_FILE
+    if run.settings.resume:
+        keep_samples_until(samples, progress.step)
+    else:
+        samples.unlink(missing_ok=True)
+        (run.run_dir / CURVES_FILE).unlink(missing_ok=True)
 
 
 def reward_description(run: RLRun) -> str:
@@ -378,11 +419,21 @@ def _describe(run: RLRun) -> None:
     run.log(f"precision: {run.precision.name} ({run.precision.reason}); fp32 master weights")
     run.log(f"questions: {len(run.questions):,} from {s.data_path}"
             f"{', options shuffled every step' if s.shuffle_options else ''}; validation: "
-            f"{f'{len(run.val_questions)} from {s.val_path}, greedy' if run.val_questions else 'none'}")
+            f"{validation_description(run) if run.val_questions else 'none'}")
     run.log(f"reward: {reward_description(run)}")
     run.log(f"schedule: {run.num_steps} steps of {s.questions_per_step} questions x {s.samples_per_question} "
             f"replies (T={s.temperature:g}, top-k {s.top_k or 'off'}, at most {s.max_new_tokens} tokens) on "
             f"{run.device}")
+
+
+def validation_description(run: RLRun) -> str:
+    s = run.settings
+    sampled = min(s.val_questions, len(run.val_questions))
+    text = f"{len(run.val_questions)} from {s.val_path}, greedy"
+    if sampled:
+        text += (f"; the first {sampled} also x {s.val_samples or s.samples_per_question} sampled replies "
+                 f"(pass@k, maj@k)")
+    return text
 
 
 def run_summary(run: RLRun, progress: RLProgress, status: str) -> dict:
@@ -403,6 +454,8 @@ def run_summary(run: RLRun, progress: RLProgress, status: str) -> dict:
         "last_reward_mean": steps[-1]["reward_mean"] if steps else None,
         "initial_val_accuracy": val[0]["val_accuracy"] if val else None,
         "final_val_accuracy": val[-1]["val_accuracy"] if val else None,
+        "initial_validation": {k: v for k, v in val[0].items() if k.startswith("val_")} if val else None,
+        "final_validation": {k: v for k, v in val[-1].items() if k.startswith("val_")} if val else None,
         "elapsed_s": round(progress.elapsed(), 3),
         "device": str(run.device),
         "precision": run.precision.name,

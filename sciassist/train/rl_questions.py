@@ -123,6 +123,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def val_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the sampled validation after step `step`: seeded from (seed, "val", step)
+    alone, apart from the steps' generators, so validating draws nothing a step would draw."""
+    digest = hashlib.blake2b(f"sciassist-rl:{seed}:val:{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
 def step_questions(questions: list[Question], step: int, per_step: int, seed: int, generator=None) -> list[Question]:
     """The questions of step `step` as shown: chosen by (seed, step), their options shuffled with
     `generator` when one is given."""

@@ -26,7 +26,7 @@ RL_TRAJECTORY_FIELDS = (
     "samples_per_question", "max_new_tokens", "temperature", "top_k", "matrix_lr", "embedding_lr", "unembedding_lr",
     "weight_decay", "init_lr_frac", "shuffle_options", "answer_format", "invalid_reward", "format_bonus",
     "reward_fn", "token_normalization", "generation_batch_size", "device_batch_size", "eval_every", "eval_questions",
-    "seed",
+    "val_questions", "val_samples", "seed",
 )
 # How the policy-gradient sum is normalised: by every sampled token of the step (nanochat: a step
 # in which few groups have a reward spread moves the weights less), or only by the tokens of the
@@ -63,12 +63,18 @@ class RLSettings:
                                                            "dropped) and \"meta\" with \"choices\" and \"answer\" (the "
                                                            "gold option index), as `sciassist prepare` writes them")
     val_path: str | None = setting(None, "held-out questions of the same shape: greedy replies to the first "
-                                         "--eval_questions are scored at step 0, every --eval_every steps and at the "
-                                         "end (none: no validation)")
-    eval_every: int = setting(50, "greedy validation every N steps (0: only at step 0 and the end)", at_least=0,
+                                         "--eval_questions, and sampled ones to the first --val_questions, are scored "
+                                         "at step 0, every --eval_every steps and at the end (none: no validation)")
+    eval_every: int = setting(50, "validation every N steps (0: only at step 0 and the end)", at_least=0,
                               at_most=MAX_STEPS)
     eval_questions: int = setting(200, "validation questions (the first of --val_path)", at_least=1,
                                   at_most=MAX_BATCH)
+    val_questions: int = setting(100, "of those, the first N also get --val_samples sampled replies each at every "
+                                      "validation, for pass@k and maj@k (0: greedy validation only)", at_least=0,
+                                 at_most=MAX_BATCH)
+    val_samples: int | None = setting(None, "replies sampled per validation question, at the training --temperature "
+                                            "and --top_k (default: --samples_per_question)", at_least=1,
+                                      at_most=MAX_BATCH)
     # model
     checkpoint: str | None = setting(None, f"the model to start from instead of --source/--model_tag: {SPEC_HELP} "
                                            f"(the tokenizer is looked for beside it)")

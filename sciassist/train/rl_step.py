@@ -1,5 +1,5 @@
 """One RL step's work before the update: sample the replies, reward them, and accumulate the
-policy gradient; plus the greedy validation and the step's metrics record.
+policy gradient; plus the step's metrics record.
 
 Sampling. Every question's prompt (the tokenizer's chat rendering for completion, as the
 evaluator renders it) is repeated samples_per_question times and the rows are decoded together
@@ -200,19 +200,3 @@ def step_metrics(work: StepWork) -> dict:
         "gold_letters": letter_histogram(questions[x.group].gold_letter for x in samples),
         "sample_time_s": work.sample_time_s,
     }
-
-
-@torch.no_grad()
-def greedy_validation(run) -> dict:
-    """Greedy replies (temperature 0) to the validation questions, options as written: the mean
-    reward, the accuracy and the invalid rate the evaluator's parser gives them."""
-    s, questions = run.settings, run.val_questions
-    prompts = [run.tokenizer.render_for_completion(q.messages) for q in questions]
-    sampled = sample_rows(run.engine, prompts, s.generation_batch_size, [0] * len(prompts), s.max_new_tokens, 0.0,
-                          None)
-    samples, _ = reward_samples(run, questions, prompts, sampled, 1)
-    n = len(samples)
-    return {"val_reward_mean": sum(x.reward for x in samples) / n,
-            "val_accuracy": sum(x.predicted == questions[x.group].answer for x in samples) / n,
-            "val_invalid_rate": sum(x.predicted is None for x in samples) / n,
-            "val_truncated_rate": sum(x.truncated for x in samples) / n}

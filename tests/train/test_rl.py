@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +19,18 @@ from sciassist.data.answers import answer_line, options_block, parse_answer
 from sciassist.data.conversations import write_conversations
 from sciassist.train import rl as rl_module
 from sciassist.train.rl import EXIT_CODES, main, rl
-from sciassist.train.rl_questions import as_question, load_questions, shuffled, step_generator
+from sciassist.train.rl_questions import as_question, load_questions, shuffled, step_generator, val_generator
 from sciassist.train.rl_reward import custom_reward, group_advantages, load_reward_fn, verifiable_reward
 from sciassist.train.rl_settings import RLError, RLSettings, check_rl_settings
-from sciassist.train.rl_step import Sample, StepWork, accumulate_policy_gradient, step_metrics
+from sciassist.train.rl_step import Sample, StepWork, accumulate_policy_gradient, generation_seeds, step_metrics
+from sciassist.train.rl_validation import (
+    maj_at_k,
+    majority_answer,
+    pass_at_k,
+    sample_counts,
+    sampled_validation,
+    validation_line,
+)
 from tests.conftest import nontrivial_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,13 +223,84 @@ def test_the_loss_is_token_normalised_and_does_not_depend_on_the_micro_batches(t
         torch.testing.assert_close(one_by_one, together, atol=1e-6, rtol=1e-5)
 
 
+# --- validation
+
+def test_pass_at_k_is_the_unbiased_estimate():
+    assert pass_at_k(4, 1, 1) == 0.25
+    assert pass_at_k(4, 1, 2) == 0.5  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6)  # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(8, 3, 4) == pytest.approx(13 / 14)  # 1 - C(5,4)/C(8,4) = 1 - 5/70
+    assert pass_at_k(5, 2, 4) == 1.0  # 3 wrong replies cannot fill 4 draws
+    assert (pass_at_k(4, 0, 4), pass_at_k(4, 4, 1)) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+    assert (sample_counts(1), sample_counts(2), sample_counts(6), sample_counts(8)) == (
+        [1], [1, 2], [1, 2, 4, 6], [1, 2, 4, 8])
+
+
+def test_the_majority_vote_ignores_invalid_replies_and_breaks_ties_by_first_answer():
+    answers = [None, 2, 1, 1, 2]
+    assert majority_answer(answers) == 2  # 2 and 1 twice each: 2 was given first
+    assert majority_answer([0, None, None, 1, 1]) == 1  # two invalid replies do not outvote
+    assert majority_answer([None, None]) is None
+    assert [maj_at_k(answers, 1, k) for k in (1, 2, 3, 4, 5)] == [False, False, False, True, False]
+    assert [maj_at_k(answers, 2, k) for k in (1, 2, 3, 4, 5)] == [False, True, True, False, True]
+    assert not maj_at_k([None, None], None, 2)  # no valid reply is never right
+
+
+class ScriptedEngine:
+    """generate_multi's stand-in: the next replies of a script, encoded; records each call's seed."""
+
+    def __init__(self, tokenizer, replies):
+        self.tokenizer, self.replies, self.seeds = tokenizer, list(replies), []
+        self.model = SimpleNamespace(rotary_seq_len=10_000)
+
+    def generate_multi(self, prompts, max_tokens, temperature, top_k, seed):
+        self.seeds.append(seed)
+        return [self.tokenizer.encode(self.replies.pop(0)) for _ in prompts]
+
+
+def test_sampled_validation_scores_pass_and_majority_by_hand(tiny_tokenizer):
+    hot, planet = QUESTIONS[0], QUESTIONS[1]  # gold B (steam), gold A (Mars)
+    questions = [as_question(record(*hot)), as_question(record(*planet)), as_question(record(*QUESTIONS[2]))]
+    replies = ["The correct answer is A. ice", "The correct answer is B. steam", "steam!",  # answers A, B, -, B
+               "The correct answer is B. steam",
+               "no idea", "The correct answer is b", "The correct answer is B. the Moon",  # -, -, B, A
+               "The correct answer is A. Mars"]
+    engine = ScriptedEngine(tiny_tokenizer, replies)
+    settings = RLSettings(val_questions=2, val_samples=4, generation_batch_size=3, max_new_tokens=100, seed=42,
+                          device="cpu")
+    run = SimpleNamespace(settings=settings, val_questions=questions, tokenizer=tiny_tokenizer, engine=engine,
+                          reward_fn=None, answer_format="letter_first")
+    metrics, samples = sampled_validation(run, 7)
+    assert not engine.replies and len(samples) == 8  # the third question is past --val_questions
+    assert [x.predicted for x in samples] == [0, 1, None, 1, None, None, 1, 0]
+    assert metrics["val_pass@1"] == (2 / 4 + 1 / 4) / 2
+    assert metrics["val_pass@2"] == pytest.approx((5 / 6 + 1 / 2) / 2)  # 1 - C(2,2)/C(4,2); 1 - C(3,2)/C(4,2)
+    assert metrics["val_pass@4"] == 1.0
+    # maj@1: A (wrong), nothing valid; maj@2: A-B tie goes to A; maj@4: B 2-1 (right), B-A tie goes to B (wrong)
+    assert (metrics["val_maj@1"], metrics["val_maj@2"], metrics["val_maj@4"]) == (0.0, 0.0, 0.5)
+    assert (metrics["val_sample_invalid_rate"], metrics["val_sample_reward_mean"]) == (3 / 8, 3 / 8)
+    assert (metrics["val_sampled_questions"], metrics["val_samples_per_question"]) == (2, 4)
+    # the seeds come from (seed, "val", step) alone, apart from the training steps' generators
+    assert engine.seeds == generation_seeds(val_generator(42, 7), 8, 3)
+    assert engine.seeds != generation_seeds(step_generator(42, 7), 8, 3)
+    line = validation_line(7, 10, dict(metrics, val_accuracy=0.5, val_invalid_rate=0.25))
+    assert line == ("validation at step 7/10: greedy accuracy 0.500, invalid 0.250 | 2 questions x 4 samples: "
+                    "pass@1 0.375 pass@2 0.667 pass@4 1.000, maj@4 0.500, invalid 0.375")
+    run.settings = RLSettings(val_questions=0, device="cpu")
+    assert sampled_validation(run, 7) == ({}, [])
+
+
 # --- runs
 
 STEP_KEYS = {"step", "lr_multiplier", "reward_mean", "reward_std", "accuracy", "invalid_rate", "zero_spread_groups",
              "zero_spread_fraction", "trained_samples", "trained_tokens", "sampled_tokens", "reply_tokens_mean",
              "truncated_rate", "neg_logp_per_token", "loss", "predicted_letters", "gold_letters", "sample_time_s",
              "updated", "step_time_s", "elapsed_s"}
-VAL_KEYS = {"val_reward_mean", "val_accuracy", "val_invalid_rate", "val_truncated_rate"}
+VAL_KEYS = {"val_reward_mean", "val_accuracy", "val_invalid_rate", "val_truncated_rate", "val_sampled_questions",
+            "val_samples_per_question", "val_sample_reward_mean", "val_sample_invalid_rate", "val_pass@1",
+            "val_pass@2", "val_pass@3", "val_maj@1", "val_maj@2", "val_maj@3"}
 
 
 def read_metrics(run_dir):
