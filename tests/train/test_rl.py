@@ -388,6 +388,68 @@ def test_sigterm_then_resume_is_bit_identical_and_the_hook_sees_each_reply(tmp_p
         rl(other)
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_validation_writes_samples_and_curves_and_leaves_the_trajectory_alone(tmp_path, rl_base_dir, question_file):
+    hook = "tests.train.test_rl:reply_length_reward"  # a reward with a spread, so that the steps learn
+    val = dict(reward_fn=hook, val_path=str(question_file), eval_questions=3, val_questions=2, val_samples=3)
+    every_step = tiny_rl(rl_base_dir, question_file, tmp_path / "every", eval_every=1, **val)
+    assert rl(every_step)["status"] == "completed"
+    unvalidated = tiny_rl(rl_base_dir, question_file, tmp_path / "none", reward_fn=hook)
+    assert rl(unvalidated)["status"] == "completed"
+    validated, plain = read_metrics(every_step.run_dir()), read_metrics(unvalidated.run_dir())
+    assert [r["step"] for r in validated] == [0, 1, 2, 3] and [r["step"] for r in plain] == [1, 2, 3]
+    assert all(set(r) >= VAL_KEYS for r in validated)
+    # validating at every step changes neither the weights nor a single training figure
+    a = torch.load(every_step.run_dir() / "resume" / "state.pt", weights_only=True)
+    b = torch.load(unvalidated.run_dir() / "resume" / "state.pt", weights_only=True)
+    assert any(r["updated"] for r in b["metrics"])
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    without_val = [{k: v for k, v in r.items() if k not in VAL_KEYS} for r in validated[1:]]
+    assert comparable(without_val) == comparable(plain)
+
+    samples = read_jsonl(every_step.run_dir() / "samples.jsonl")
+    # per validation: 3 greedy replies, and 2 questions x 3 sampled ones
+    assert [(x["step"], x["question_index"], x["kind"], x["sample"]) for x in samples] == [
+        (step, q, kind, i) for step in range(4) for q in range(3)
+        for kind, i in [("greedy", 0)] + ([("sampled", i) for i in range(3)] if q < 2 else [])]
+    for x in samples:
+        q = QUESTIONS[x["question_index"]]
+        assert x["question"] == f"{q[0]}\n\n{options_block(q[1])}" and x["gold"] == "ABCD"[q[2]]
+        assert x["reward"] == len(x["reply"]) % 5 and isinstance(x["reply"], str)
+        index = parse_answer(x["reply"], len(q[1]), choices=q[1])
+        assert x["answer"] == (None if index is None else "ABCD"[index])
+    for record in validated:  # pass@k and maj@k are those of the replies written out
+        answers = [[x["answer"] for x in samples if x["step"] == record["step"] and x["kind"] == "sampled"
+                    and x["question_index"] == q] for q in range(2)]
+        for k in (1, 2, 3):
+            gold = ["ABCD"[QUESTIONS[q][2]] for q in range(2)]
+            assert record[f"val_pass@{k}"] == pytest.approx(
+                sum(pass_at_k(3, group.count(g), k) for group, g in zip(answers, gold, strict=True)) / 2)
+            assert record[f"val_maj@{k}"] == sum(maj_at_k(group, g, k) for group, g in zip(answers, gold,
+                                                                                           strict=True)) / 2
+    assert (every_step.run_dir() / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(every_step.run_dir().glob(".*.tmp"))
+    assert not (unvalidated.run_dir() / "samples.jsonl").exists()
+
+    def terminate_after_step_2(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cut = tiny_rl(rl_base_dir, question_file, tmp_path / "cut", eval_every=1, **val)
+    assert rl(cut, on_step=terminate_after_step_2)["status"] == "terminated"
+    assert rl(tiny_rl(rl_base_dir, question_file, tmp_path / "cut", eval_every=1, resume=True, **val))["status"] \
+        == "completed"
+    c = torch.load(cut.run_dir() / "resume" / "state.pt", weights_only=True)
+    assert_same_state(a["model"], c["model"])
+    assert_same_state(a["optimizers"], c["optimizers"])
+    assert comparable(read_metrics(cut.run_dir())) == comparable(validated)
+    assert read_jsonl(cut.run_dir() / "samples.jsonl") == samples
+
+
 # --- the command
 
 def test_bad_input_is_exit_2_and_one_error_line(tmp_path, capsys):
