@@ -17,6 +17,7 @@ from sciassist import cli
 from sciassist.checkpoints import choose_checkpoint, load_choice
 from sciassist.data.answers import answer_line, options_block, parse_answer
 from sciassist.data.conversations import write_conversations
+from sciassist.plots import plot_rl_curves
 from sciassist.train import rl as rl_module
 from sciassist.train.rl import EXIT_CODES, main, rl
 from sciassist.train.rl_questions import as_question, load_questions, shuffled, step_generator, val_generator
@@ -433,6 +434,11 @@ def test_validation_writes_samples_and_curves_and_leaves_the_trajectory_alone(tm
                                                                                            strict=True)) / 2
     assert (every_step.run_dir() / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(every_step.run_dir().glob(".*.tmp"))
+    assert plot_rl_curves(every_step.run_dir() / "metrics.jsonl", tmp_path / "again.png") == {"steps": 3,
+                                                                                             "validations": 4}
+    (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="empty.jsonl: no reward or validation values to plot"):
+        plot_rl_curves(tmp_path / "empty.jsonl", tmp_path / "empty.png")
     assert not (unvalidated.run_dir() / "samples.jsonl").exists()
 
     def terminate_after_step_2(record):
