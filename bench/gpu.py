@@ -63,7 +63,7 @@ from nanochat.gpt import GPTConfig, config_for_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.common import autocast, precision_for, synchronize  # noqa: E402
 from sciassist.eval.scoring import letter_scores  # noqa: E402
-from sciassist.memory import Card, OutOfMemory, card_of  # noqa: E402
+from sciassist.memory import Card, OutOfMemory, card_of, is_out_of_memory  # noqa: E402
 from sciassist.train import batch as device_batch  # noqa: E402
 from sciassist.train import plan  # noqa: E402
 from sciassist.train.settings import TrainSettings  # noqa: E402
@@ -216,10 +216,6 @@ def compiled_case(model, optimizers, rows, seq, steps, device, peak, skipped):
         model.uncompile()
 
 
-def is_oom(e):
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 SMOKE_CARD = Card("simulated 64 MB card (smoke)", 64 * 2**20, 64 * 2**20)
 
 
@@ -281,7 +277,7 @@ def train_bench(config, kernels, batches, seq, steps, device, deadline):
                 model.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                if is_oom(e):
+                if is_out_of_memory(e):
                     rows.append({"kernel": kernel, "batch": batch, "seq": seq, "oom": True,
                                  "planned_worst_case_gb": plan.memory_plan(config, batch, seq)["total"] / plan.GB})
                 else:

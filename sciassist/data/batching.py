@@ -211,6 +211,14 @@ class StepRows:
     num_examples: int
 
 
+def row_capacity(longest, max_seq_len, pack_len=None):
+    """The widest a packed row may be for conversations of at most `longest` positions: pack_len
+    (default max_seq_len) or the longest, whichever is wider, rounded up to ROW_MULTIPLE and at
+    most max_seq_len."""
+    wanted = max(pack_len or max_seq_len, longest)
+    return min(max_seq_len, -(-wanted // ROW_MULTIPLE) * ROW_MULTIPLE)
+
+
 def arrange_step(dataset, example_indices, device_batch_size, world_size=1, rank=0, packed=True, pack_len=None,
                  micro_positions=None):
     """Split one optimizer step's conversations into this rank's micro-batches.
@@ -237,8 +245,7 @@ def arrange_step(dataset, example_indices, device_batch_size, world_size=1, rank
     rows_per_micro = device_batch_size
     if packed and example_indices:
         lengths = [dataset.lengths[i] for i in example_indices]
-        wanted = max(pack_len or dataset.max_seq_len, max(lengths))
-        capacity = min(dataset.max_seq_len, -(-wanted // ROW_MULTIPLE) * ROW_MULTIPLE)
+        capacity = row_capacity(max(lengths), dataset.max_seq_len, pack_len)
         row_len = balanced_row_len(lengths, len(pack_rows(lengths, capacity)), capacity)
         rows = [[example_indices[j] for j in row] for row in pack_rows(lengths, row_len)]
         rows.sort(key=lambda row: -sum(dataset.lengths[i] for i in row))

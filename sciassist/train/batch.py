@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from nanochat.attention import PackedLayout
 from sciassist.common import AUTO
-from sciassist.data.batching import ROW_MULTIPLE
+from sciassist.data.batching import ROW_MULTIPLE, row_capacity
 from sciassist.memory import GB, Card, OutOfMemory, halving
 from sciassist.train import plan
 from sciassist.train.settings import TrainError, TrainSettings
@@ -82,8 +82,7 @@ def widest_row(dataset, settings: TrainSettings) -> int:
     longest = max(dataset.lengths, default=1)
     if not settings.packing:
         return max(1, longest)
-    wanted = max(settings.pack_len or dataset.max_seq_len, longest)
-    return min(dataset.max_seq_len, -(-wanted // ROW_MULTIPLE) * ROW_MULTIPLE)
+    return row_capacity(longest, dataset.max_seq_len, settings.pack_len)
 
 
 def val_conversations(settings: TrainSettings) -> int:
@@ -109,7 +108,9 @@ def fixed_memory_check(settings: TrainSettings, config, card: Card, bf16: bool) 
     """Before the weights are loaded: NoBatchFits when the card cannot hold the model's fixed
     memory plus one row of the narrowest width the run can have (--pack_len, or --max_seq_len)."""
     seq = min(settings.max_seq_len, config.sequence_len)
-    narrowest = min(settings.pack_len, seq) if settings.packing else min(seq, 256)
+    # not packed, the widest row is the longest conversation, unknown before the data: one ROW_MULTIPLE
+    # stands for it here (the fixed memory decides this check), the data's own width after loading
+    narrowest = min(settings.pack_len, seq) if settings.packing else min(ROW_MULTIPLE, seq)
     if planned_positions(config, card, bf16, plan.LoraShape.of(settings)) < narrowest:
         raise NoBatchFits(no_fit_message(settings, config, card, bf16, narrowest))
 

@@ -75,7 +75,7 @@ class _Diverged(Exception):
 
 
 class _OutOfMemory(Exception):
-    """The device ran out of memory in a step (where: "step" or "validation")."""
+    """The device ran out of memory in a step (where: "step", "update" or "validation")."""
 
     def __init__(self, error: BaseException, where: str):
         super().__init__(first_line(error))
@@ -158,7 +158,7 @@ def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
         status = "out_of_memory"
         with stopping():
             release_memory(run.device)
-            error = _out_of_memory_message(run, progress, e, saved)
+            error = _stop_out_of_memory(run, progress, e, saved)
             writer.wait()
     finally:
         bar.close()
@@ -189,7 +189,7 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
         synchronize(device)
         t0 = time.time()  # from here: batching, forward/backward, update (what a step costs)
         progress.step_rng = rng_state()
-        work = _guarded(run, lambda: forward_backward(run, progress.step), "step")
+        work = _guarded(run, functools.partial(forward_backward, run, progress.step), "step")
         if not math.isfinite(work.train_loss):
             raise _Diverged(f"training loss is {work.train_loss} at step {progress.step + 1}")
         multiplier = lr_multiplier(progress.step, run.num_steps, settings.warmup_steps)
@@ -237,10 +237,11 @@ def _guarded(run: Run, work, where: str):
     raise error
 
 
-def _out_of_memory_message(run: Run, progress: Progress, error: _OutOfMemory, saved: list) -> str:
+def _stop_out_of_memory(run: Run, progress: Progress, error: _OutOfMemory, saved: list) -> str:
     """Save the resume point of the last whole step (unless the update was cut short, which can
-    leave the weights half-updated: then the last saved one stands) and say what to change."""
+    leave the weights half-updated: then the last saved one stands); returns what to say."""
     batch = run.batch
+    resumable = True
     if not progress.updating:
         if saved[-1:] != [progress.step]:
             _save_resume(run, progress)
@@ -248,7 +249,7 @@ def _out_of_memory_message(run: Run, progress: Progress, error: _OutOfMemory, sa
     elif run.resume_path.is_file() and saved:
         kept = f"the update was cut short; the resume point of step {saved[-1]} in {run.resume_path} stands"
     else:
-        kept = "the update was cut short, so no resume point could be saved"
+        kept, resumable = "the update was cut short, so no resume point could be saved", False
     where = {"step": f"step {progress.step + 1}", "update": f"the update of step {progress.step + 1}",
              "validation": f"the validation of step {progress.step}"}[error.where]
     card = run.card.describe() if run.card is not None else str(run.device)
@@ -257,7 +258,7 @@ def _out_of_memory_message(run: Run, progress: Progress, error: _OutOfMemory, sa
         change = f"--device_batch_size {smaller}"
     else:
         change = f"a shorter --max_seq_len (now {run.data.max_seq_len}) or --lora_rank 16"
-    resume = " --resume" if "resume point of step" in kept or "stands" in kept else ""
+    resume = " --resume" if resumable else ""
     return (f"out of memory in {where} on {card} ({error}) with a micro-batch of {batch.rows} row(s) of "
             f"{batch.widest} positions ({batch.positions:,}); {kept}. Run again with the same flags{resume} and "
             f"{change}")

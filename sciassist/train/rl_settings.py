@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
 from sciassist.common import DTYPES, THREADS_HELP, UserError, field_problems, resolve_device, setting
 from sciassist.data.answers import ANSWER_FORMATS
-from sciassist.train.settings import MAX_BATCH, MAX_LR, MAX_POSITIONS, MAX_STEPS
+from sciassist.train.settings import MAX_BATCH, MAX_LR, MAX_POSITIONS, MAX_STEPS, RunFields
 
 # Settings that shape the run's trajectory: resuming with other values would silently make a
 # different run, so --resume refuses them.
@@ -54,7 +51,7 @@ def _reward_fn_problem(text) -> str | None:
 
 
 @dataclass
-class RLSettings:
+class RLSettings(RunFields):
     """Every knob of an RL run; the one source of its defaults (each field is a --flag)."""
 
     # data
@@ -143,13 +140,6 @@ class RLSettings:
                          choices=list(DTYPES))
     seed: int = setting(42, "seed of the question order, the option shuffles and the sampling", at_least=0,
                         at_most=2**63 - 1)
-
-    def muon_torch_dtype(self):
-        """--muon_dtype as a torch dtype (None: auto, the device decides)."""
-        return None if self.muon_dtype == "auto" else getattr(torch, self.muon_dtype)
-
-    def run_dir(self) -> Path:
-        return Path(self.out_dir).expanduser() / self.output_tag
 
 
 def check_rl_settings(s: RLSettings) -> None:

@@ -74,8 +74,20 @@ class TrainError(UserError):
     """A problem the user can fix (bad flag, missing file, diverged run); the message says how."""
 
 
+class RunFields:
+    """What fine-tuning and the RL stage derive alike from their muon_dtype, out_dir and output_tag
+    fields (a mixin of their settings dataclasses)."""
+
+    def muon_torch_dtype(self):
+        """--muon_dtype as a torch dtype (None: auto, the device decides)."""
+        return None if self.muon_dtype == "auto" else getattr(torch, self.muon_dtype)
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir).expanduser() / self.output_tag
+
+
 @dataclass
-class TrainSettings:
+class TrainSettings(RunFields):
     """Every knob of a fine-tuning run; the one source of defaults for the CLI (each field
     is a --flag of the same name), the notebook and the tests. The defaults reproduce the
     ScienceQA fine-tune: 4 epochs, 64 examples per step, lrs 2e-3 / 1e-1 / 1e-2 scaled by
@@ -189,13 +201,6 @@ class TrainSettings:
                                     choices=["auto", *ATTENTION_KERNELS])
     seed: int = setting(42, "seed of the data order (reshuffled every epoch) and torch", at_least=0,
                         at_most=2**63 - 1)
-
-    def muon_torch_dtype(self):
-        """--muon_dtype as a torch dtype (None: auto, the device decides)."""
-        return None if self.muon_dtype == "auto" else getattr(torch, self.muon_dtype)
-
-    def run_dir(self) -> Path:
-        return Path(self.out_dir).expanduser() / self.output_tag
 
 
 def check_settings(s: TrainSettings) -> None:
