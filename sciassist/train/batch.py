@@ -10,9 +10,9 @@ many packed rows as fit in N x max_seq_len positions (N conversations when not p
   conversation), then proven before step 0 by one forward and backward of that shape, every
   position supervised, with the optimizer states' memory held aside; out of memory halves it
   (one line) until it fits. Under torchrun every rank takes the smallest any rank proved.
-- a CPU: CPU_POSITIONS positions (at least one widest row), the fastest measured on both CPU
-  kinds seen (bench/RESULTS.md): a CPU has no card to fill, and smaller micro-batches keep
-  the loss's elementwise work over the vocabulary in cache.
+- a CPU: CPU_POSITIONS positions (at least one widest row), the fastest measured (bench/RESULTS.md):
+  a CPU has no card to fill, and smaller micro-batches keep the loss's elementwise work over the
+  vocabulary in cache.
 - mps: MPS_ROWS rows of max_seq_len (torch reports no free memory there).
 A resumed run takes the batch its resume point recorded, so it continues bit for bit.
 Validation keeps eval_steps x VAL_ROWS conversations under auto, the same on every device.
@@ -35,8 +35,9 @@ from sciassist.memory import GB, Card, OutOfMemory, halving
 from sciassist.train import plan
 from sciassist.train.settings import TrainError, TrainSettings
 
-# The CPU's micro-batch, in positions: the fastest of 512-16,384 measured at 1 thread on both CPU
-# kinds seen, fp32 and bf16 (bench/RESULTS.md, "the CPU's device batch").
+# The CPU's micro-batch, in positions: the fastest or tied of 512-16,384 at 1 thread, fp32 and bf16, on
+# an AMD EPYC Zen 4 (AVX512-BF16); on the AVX2-only EPYC 4,096 beat 16,384 and 2,048 is not yet measured
+# (bench/RESULTS.md, "The CPU's device batch and precision").
 CPU_POSITIONS = 2048
 MPS_ROWS = 8  # the former default, kept where no memory can be asked
 VAL_ROWS = 8  # auto: validation conversations = eval_steps x VAL_ROWS (the former default batch)
