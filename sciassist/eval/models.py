@@ -30,6 +30,7 @@ from sciassist.eval.scoring import (
     softmax,
     summed,
 )
+from sciassist.eval.table import MODEL_NAMES
 
 # ----------------------------------------------------------------------------- where a model comes from
 
@@ -49,7 +50,7 @@ def model_info(model, meta=None, spec=None, checkpoint_dir=None, step=None):
 
 
 def load_for_evaluation(spec, base_dir=None, device="auto"):
-    """(model, tokenizer, model_info) for a --base / --finetuned value (see sciassist.checkpoints)."""
+    """(model, tokenizer, model_info) for a --base / --finetuned / --rl value (see sciassist.checkpoints)."""
     choice = choose_checkpoint(spec, base_dir=base_dir)
     loaded = load_choice(choice, device)
     info = model_info(loaded.model, loaded.meta, spec=spec, checkpoint_dir=choice.checkpoint_dir, step=choice.step)
@@ -140,13 +141,14 @@ def run_model(model, tokenizer, records, options):
 
 
 def run_models(in_memory, specs, records, options, device, base_dir=None, also=None):
-    """Run base, then fine-tuned: each taken (popped) from `in_memory` {name: (model, tokenizer,
-    info)} or loaded from its spec in `specs` {name: spec} (onto `device`, under base_dir),
-    and freed after its run. also(name, model, tokenizer): more work for each model while it is
+    """Run base, then fine-tuned, then RL (sciassist.eval.table.MODEL_NAMES, those given): each
+    taken (popped) from `in_memory` {name: (model, tokenizer, info)} or loaded from its spec in
+    `specs` {name: spec} (onto `device`, under base_dir), and freed after its run, so that one
+    model at a time is held. also(name, model, tokenizer): more work for each model while it is
     loaded (the benchmarks), its result kept as run["also"]. Returns ({name: run},
     {name: model_info + answer_prefix_*})."""
     runs, infos = {}, {}
-    for name in ("base", "finetuned"):
+    for name in MODEL_NAMES:
         if name not in in_memory and name not in specs:
             continue
         t0 = time.perf_counter()

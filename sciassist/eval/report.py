@@ -11,8 +11,14 @@ from sciassist.common import write_json
 from sciassist.data.answers import ANSWER_PREFIX, LETTERS, parse_answer
 from sciassist.eval.explain import METRICS, PAPER_ROWS
 from sciassist.eval.questions import EvaluationError, prompts_for, question_pid
-from sciassist.eval.table import format_table_markdown, format_topics_markdown
-from sciassist.eval.transfer import benchmarks_markdown
+from sciassist.eval.table import (
+    COMPARISONS,
+    MODEL_TITLES,
+    comparison_key,
+    format_table_markdown,
+    format_topics_markdown,
+)
+from sciassist.eval.transfer import benchmarks_markdown, change_cell
 from sciassist.plots import plot_accuracy_by_category, plot_loss_curve
 
 # ----------------------------------------------------------------------------- the benchmark's results format
@@ -133,7 +139,9 @@ def draw_loss_curve(out_dir, files, metrics_path=None, log_file=None, finetuned=
     A failure is an EvaluationError when the user named the files, else a warning."""
     explicit = metrics_path is not None or log_file is not None
     if metrics_path is None and finetuned is not None:
-        candidate = Path(finetuned) / "metrics.jsonl"
+        run_dir = Path(finetuned)
+        # a model_<step>.pt (what --finetuned source names): its run's folder
+        candidate = (run_dir.parent if run_dir.suffix == ".pt" else run_dir) / "metrics.jsonl"
         metrics_path = candidate if candidate.is_file() else None
     if metrics_path is None and log_file is None:
         return None
@@ -302,6 +310,35 @@ def _accuracy_section(summary):
             f"same questions."]
 
 
+PAIRED_METRICS = {"scored": "{scoring} scoring accuracy", "generated": "greedy reply accuracy",
+                  "invalid": "invalid replies", "constrained": "constrained answer line accuracy"}
+
+
+def _paired_section(summary):
+    """With an RL model: each metric per model and each comparison's paired change."""
+    paired = summary.get("paired")
+    if not paired:
+        return []
+    names = list(next(iter(paired.values()))["values"])
+    pairs = [(later, earlier) for later, earlier in COMPARISONS if later in names and earlier in names]
+    titles = [MODEL_TITLES.get(n, n) for n in names]
+    pair_titles = [f"{MODEL_TITLES[later]} - {MODEL_TITLES[earlier]}" for later, earlier in pairs]
+    lines = ["## Paired differences (%, the same questions)", "",
+             "| metric | " + " | ".join(titles + pair_titles) + " |",
+             "|---|" + "---:|" * (len(names) + len(pairs))]
+    scoring = summary["settings"].get("scoring", "letter")
+    for metric, m in paired.items():
+        up, down = ("more", "fewer") if metric == "invalid" else ("better", "worse")
+        cells = [f"{m['values'][n]:.2f}" for n in names]
+        cells += [change_cell(m["changes"].get(comparison_key(*pair)), up, down) for pair in pairs]
+        lines.append(f"| {PAIRED_METRICS[metric].format(scoring=scoring)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Each change is the later model minus the earlier on the same {summary['data']['count']} "
+                  "questions, in points, with a 95% interval from the per-question differences (normal "
+                  "approximation); \"within noise\" when the interval includes 0. Invalid replies count as wrong "
+                  "in the greedy reply's accuracy."]
+    return lines
+
+
 def _generation_section(summary):
     generation = {k: v for k, v in summary["generation"].items() if v is not None}
     if not generation and not summary.get("constrained"):
@@ -405,13 +442,15 @@ def _benchmarks_section(summary):
     return lines
 
 
-REPORT_SECTIONS = (_models_section, _data_section, _settings_section, _accuracy_section, _benchmarks_section,
+REPORT_SECTIONS = (_models_section, _data_section, _settings_section, _accuracy_section, _paired_section,
+                   _benchmarks_section,
                    _generation_section,
                    _explanations_section, _topics_section, _timing_section, _training_section, _files_section)
 
 
 def report_markdown(summary):
-    """report.md: the models, data, settings, the table, generated answers, explanations
+    """report.md: the models, data, settings, the table, the paired differences (with an RL
+    model), the benchmarks, generated answers, explanations
     (--explain), topics, timing, the loss curve and the files, from evaluate()'s summary."""
     lines = ["# ScienceQA evaluation"]
     for section in REPORT_SECTIONS:

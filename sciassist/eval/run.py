@@ -1,8 +1,17 @@
 """
-ScienceQA evaluation of nanochat checkpoints: a base model and a fine-tuned one, on exactly
-the same questions.
+ScienceQA evaluation of nanochat checkpoints: a base model, a fine-tuned one and, optionally,
+an RL one (the fine-tune after python -m sciassist.train.rl), on exactly the same questions.
 
     python sciassist_evaluate.py --base sft:d20 --finetuned finetuned_model_checkpoint/sciassist --split val
+    python sciassist_evaluate.py --rl finetuned_model_checkpoint/rl --finetuned source --base source
+
+The models are the pipeline's stages, named by flag (--base, --finetuned, --rl; any one or
+more) rather than by a free list: each stage has a fixed name in every file (predictions_rl.json,
+the table's "rl" rows), the comparisons are fixed (fine-tuned - base, RL - fine-tuned, RL - base,
+sciassist.eval.table.COMPARISONS), and "source" can follow the chain back: --finetuned source
+is the model the --rl run started from (its meta's source_model), --base source the model the
+--finetuned run started from, or, without --finetuned, the one the --rl run started from. The
+models are loaded, run and freed one at a time, base first.
 
 Each model's answer is read two ways (sciassist.eval.scoring):
 
@@ -27,11 +36,12 @@ unmodified nanochat chat model, which never saw the SciAssist answer format.
 
 --explain N gives the first N questions with a gold solution a full tutor reply and judges
 its explanation by the ScienceQA paper's BLEU-1, BLEU-4, ROUGE-L and sentence similarity
-(sciassist.eval.explain), base and fine-tuned side by side.
+(sciassist.eval.explain), the models side by side.
 
 The results (sciassist.eval.table: the ScienceQA table with chance and majority rows, 95%
-Wilson intervals, topics) go into --out_dir (sciassist.eval.report: results.json, the
-benchmark's predictions_*.json, per_question_*.jsonl, samples.md, report.md, plots).
+Wilson intervals, topics; with --rl, the paired differences of every comparison) go into
+--out_dir (sciassist.eval.report: results.json, the benchmark's predictions_*.json,
+per_question_*.jsonl, samples.md, report.md, plots).
 """
 
 import dataclasses
@@ -77,11 +87,13 @@ from sciassist.eval.report import (
 )
 from sciassist.eval.scoring import AUTO_BATCH_SIZE, BatchSize, batches_of
 from sciassist.eval.table import (
+    MODEL_NAMES,
     build_table,
     format_table_markdown,
     format_table_text,
     generation_summary,
     majority_predictions,
+    paired_summary,
     topic_breakdown,
 )
 from sciassist.eval.transfer import benchmark_run, benchmark_summary, draw_benchmark_chart, scienceqa_summary
@@ -97,8 +109,12 @@ class EvalSettings:
     run's --eval_after and the tests all start from this)."""
 
     base: str | None = setting(None, f"base model: {SPEC_HELP}, or {SOURCE_MODEL} (the model the fine-tuned run "
-                                     f"started from, read from its meta)")
-    finetuned: str | None = setting(None, f"fine-tuned model, e.g. a fine-tune output dir: {SPEC_HELP}")
+                                     f"started from, read from its meta; without --finetuned, the one the --rl run "
+                                     f"started from)")
+    finetuned: str | None = setting(None, f"fine-tuned model, e.g. a fine-tune output dir: {SPEC_HELP}, or "
+                                          f"{SOURCE_MODEL} (the model the --rl run started from, read from its meta)")
+    rl: str | None = setting(None, f"RL model, e.g. the output dir of python -m sciassist.train.rl: {SPEC_HELP}; "
+                                   f"compared with base and fine-tuned on the same questions")
     base_dir: str | None = setting(None, "nanochat base dir for source[:tag[:step]] models "
                                          "(default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
     data_path: str | None = setting(None, "prepared JSONL (default: data/scienceqa_<split>.jsonl)")
@@ -203,11 +219,11 @@ def _check_settings(settings, models):
         raise EvaluationError("--constrain_answers keeps the reply on the SciAssist answer lines; use it with "
                               "--prompt_style sciassist")
     parse_benchmarks(settings.benchmarks)
-    specs = {name: getattr(settings, name) for name in ("base", "finetuned")
+    specs = {name: getattr(settings, name) for name in MODEL_NAMES
              if getattr(settings, name) is not None and name not in models}
     if not specs and not models and settings.metrics_path is None and settings.log_file is None:
-        raise EvaluationError("nothing to do: give --base and/or --finetuned (or --log_file / --metrics_path to "
-                              "only draw a loss curve)")
+        raise EvaluationError("nothing to do: give --base, --finetuned and/or --rl (or --log_file / --metrics_path "
+                              "to only draw a loss curve)")
     # Fail on a bad log before spending minutes on models.
     if settings.log_file is not None:
         try:
@@ -302,8 +318,9 @@ def _fitting(device, work):
 def evaluate(settings, models=None):
     """Run the evaluation and write every file into settings.out_dir; returns the summary
     (also written as results.json; its "settings" show the resolved answer_format and
-    scoring). models: optional {"base"|"finetuned": (model, tokenizer, info)} already in
-    memory (the end of a training run), used instead of loading."""
+    scoring). models: optional {"base"|"finetuned"|"rl": (model, tokenizer, info)} already in
+    memory (the end of a training run), used instead of loading. With an RL model, the summary
+    also holds "paired" (sciassist.eval.table.paired_summary) and each benchmark "changes"."""
     started = time.perf_counter()
     models = dict(models or {})
     specs = _check_settings(settings, models)
@@ -363,6 +380,8 @@ def evaluate(settings, models=None):
     }
     if options.constrain_answers:
         summary["constrained"] = constrained_summaries(records, runs)
+    if "rl" in runs:
+        summary["paired"] = paired_summary(records, runs)
     if benchmarks:
         summary["benchmarks"] = [scienceqa_summary(records, runs, settings.split, options.scoring)]
         summary["benchmarks"] += [
@@ -424,27 +443,53 @@ def evaluate_after_training(output_dir, base=None, data_path=None, scienceqa=Non
     return evaluate(settings, models)
 
 
+def _is_source(spec):
+    return spec == SOURCE_MODEL and not Path(spec).exists()  # a folder named "source" is that folder
+
+
+def _source_of(spec, settings, flag):
+    """The model file the run `spec` started from (its meta's source_model), for `flag` source."""
+    choice = choose_checkpoint(spec, base_dir=settings.base_dir)
+    source = _run_meta(choice.checkpoint_dir, choice.step).get("source_model")
+    if not source or not Path(source).exists():
+        raise EvaluationError(f"{flag} {SOURCE_MODEL}: {choice.model_file}'s meta names no source model that "
+                              f"exists here ({source!r}); give {flag} explicitly (e.g. sft:d20)")
+    return str(source)
+
+
 def named_models(settings):
-    """The settings with --finetuned newest and --base source replaced by the folders they name."""
-    finetuned, base = settings.finetuned, settings.base
-    if finetuned == NEWEST and not Path(finetuned).exists():
-        finetuned = str(choose_checkpoint(NEWEST).checkpoint_dir)
-    if base == SOURCE_MODEL and not Path(base).exists():
-        if finetuned is None:
+    """The settings with newest and source replaced by what they name. newest: the newest run
+    under finetuned_model_checkpoint/. source: the model the next stage's run started from
+    (its meta's source_model): --finetuned source is where the --rl run started; --base source
+    where the --finetuned run started (after its own source is resolved), or without
+    --finetuned where the --rl run started."""
+    def newest(spec):
+        if spec == NEWEST and not Path(spec).exists():
+            return str(choose_checkpoint(NEWEST).checkpoint_dir)
+        return spec
+
+    rl, finetuned, base = newest(settings.rl), newest(settings.finetuned), settings.base
+    if _is_source(rl):
+        raise EvaluationError(f"--rl {SOURCE_MODEL}: {SOURCE_MODEL} names the model a run started from; give --rl "
+                              f"the RL run (its folder, a model_<step>.pt, or newest)")
+    if _is_source(finetuned):
+        if rl is None:
+            raise EvaluationError(f"--finetuned {SOURCE_MODEL} is the model the RL run started from: give --rl RUN_DIR")
+        finetuned = _source_of(rl, settings, "--finetuned")
+    if _is_source(base):
+        later = finetuned if finetuned is not None else rl
+        if later is None:
             raise EvaluationError(f"--base {SOURCE_MODEL} is the model the fine-tuned run started from: give "
-                                  f"--finetuned RUN_DIR (or newest)")
-        choice = choose_checkpoint(finetuned, base_dir=settings.base_dir)
-        base = _run_meta(choice.checkpoint_dir, choice.step).get("source_model")
-        if not base or not Path(base).exists():
-            raise EvaluationError(f"--base {SOURCE_MODEL}: {choice.model_file}'s meta names no source model that "
-                                  f"exists here ({base!r}); give --base explicitly (e.g. sft:d20)")
-    return dataclasses.replace(settings, finetuned=finetuned, base=base)
+                                  f"--finetuned RUN_DIR (or newest), or --rl RUN_DIR for the RL run's")
+        base = _source_of(later, settings, "--base")
+    return dataclasses.replace(settings, rl=rl, finetuned=finetuned, base=base)
 
 
 def build_arg_parser():
     return settings_parser(EvalSettings, prog="sciassist_evaluate.py",
-                           description="Evaluate nanochat checkpoints on ScienceQA: letter or choice scoring, "
-                                       "generated answers, the ScienceQA table, plots and a report.")
+                           description="Evaluate nanochat checkpoints on ScienceQA (base, fine-tuned and RL on "
+                                       "the same questions): letter or choice scoring, generated answers, the "
+                                       "ScienceQA table, paired differences, plots and a report.")
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """What the answers add up to: the ScienceQA table with 95% Wilson intervals, the chance and
-majority baselines, accuracy by topic, and the generated answers' validity and agreement.
+majority baselines, accuracy by topic, the generated answers' validity and agreement, and the
+paired differences between the models (base -> fine-tuned -> RL) on the same questions.
 
 The table follows the benchmark's definitions: NAT/SOC/LAN by subject, TXT = has a non-empty
 hint, IMG = has an image, NO = neither, G1-6/G7-12 by grade, Avg = all. A column is computed
@@ -16,6 +17,12 @@ COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 SUBJECT_COLUMNS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 WILSON_Z = 1.959963984540054  # two-sided 95%
 
+# The models an evaluation can compare, in the pipeline's order, and the comparisons made
+# between them: a later stage minus an earlier one, on the same questions.
+MODEL_NAMES = ("base", "finetuned", "rl")
+MODEL_TITLES = {"base": "base", "finetuned": "fine-tuned", "rl": "RL"}
+COMPARISONS = (("finetuned", "base"), ("rl", "finetuned"), ("rl", "base"))
+
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -29,6 +36,34 @@ def wilson_interval(correct, count, z=WILSON_Z):
     center = (p + z * z / (2 * count)) / denominator
     half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / denominator
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def paired_change(base_correct, finetuned_correct, z=WILSON_Z):
+    """Fine-tuned minus base accuracy (any later model minus an earlier one) on the same
+    questions, in percentage points, with a 95% interval from the per-question differences
+    (each -1, 0 or +1; normal approximation); beyond_noise when the interval excludes 0."""
+    n = len(base_correct)
+    if n == 0 or n != len(finetuned_correct):
+        return None
+    diffs = [int(f) - int(b) for b, f in zip(base_correct, finetuned_correct, strict=True)]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(variance / n)
+    low, high = 100 * (mean - half), 100 * (mean + half)
+    return {"difference": 100 * mean, "ci95": [low, high], "beyond_noise": low > 0 or high < 0,
+            "improved": sum(d > 0 for d in diffs), "worsened": sum(d < 0 for d in diffs)}
+
+
+def comparison_key(later, earlier):
+    """The name of a comparison in the results: "rl_vs_finetuned"."""
+    return f"{later}_vs_{earlier}"
+
+
+def paired_changes(flags):
+    """{comparison_key: paired_change} for each of COMPARISONS whose two models are both in
+    `flags` ({model name: per-question 0/1 (or True/False) on the same questions})."""
+    return {comparison_key(later, earlier): paired_change(flags[earlier], flags[later])
+            for later, earlier in COMPARISONS if later in flags and earlier in flags}
 
 
 def chance_accuracy(num_choices):
@@ -175,6 +210,28 @@ def generation_summary(records, run):
         "agreement": sum(agree) / n,
         "agreement_among_valid": sum(agree) / n_valid if n_valid else None,
     }
+
+
+def paired_summary(records, runs):
+    """The models' paired differences on these questions (COMPARISONS), per metric: "scored"
+    (the scored answer is right), "generated" (the strictly parsed reply is right; invalid
+    counts wrong), "invalid" (the reply does not parse: lower is better) and "constrained"
+    (--constrain_answers), each {"values": {model: percent}, "changes": {comparison key:
+    paired_change}}; a metric only where every model has it."""
+    golds = [r["meta"]["answer"] for r in records]
+
+    def flags_of(key, test):
+        if any(run.get(key) is None for run in runs.values()):
+            return None
+        return {name: [test(p, g) for p, g in zip(run[key], golds, strict=True)] for name, run in runs.items()}
+
+    metrics = {"scored": flags_of("prediction", lambda p, g: p == g),
+               "generated": flags_of("generated_prediction", lambda p, g: p is not None and p == g),
+               "invalid": flags_of("generated_prediction", lambda p, g: p is None),
+               "constrained": flags_of("constrained_prediction", lambda p, g: p is not None and p == g)}
+    return {metric: {"values": {name: 100 * sum(f) / len(f) if f else None for name, f in flags.items()},
+                     "changes": paired_changes(flags)}
+            for metric, flags in metrics.items() if flags is not None}
 
 
 # ----------------------------------------------------------------------------- formatting

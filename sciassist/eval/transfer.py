@@ -18,17 +18,26 @@ Choice rules need the SciAssist answer prefix (prompt style sciassist).
 Per benchmark (benchmark_summary): accuracy with 95% Wilson intervals per rule and model,
 chance, the invalid-reply rate, how often each rule picks the shortest option, and the
 fine-tuned minus base difference on the same questions with a 95% paired interval
-(normal approximation on the per-question differences); MMLU also by subject group.
+(normal approximation on the per-question differences; sciassist.eval.table.paired_change);
+with an RL model too, RL minus fine-tuned and RL minus base as well; MMLU also by subject group.
 """
 
-import math
 import time
 
 from sciassist.common import synchronize
 from sciassist.data.answers import ANSWER_PREFIX, parse_answer
 from sciassist.eval.questions import prompts_for
 from sciassist.eval.scoring import argmax, choice_token_scores, generate_answers, letter_probabilities
-from sciassist.eval.table import WILSON_Z, accuracy_cell, chance_accuracy
+from sciassist.eval.table import (
+    COMPARISONS,
+    MODEL_NAMES,
+    MODEL_TITLES,
+    accuracy_cell,
+    chance_accuracy,
+    comparison_key,
+    paired_change,
+    paired_changes,
+)
 
 RULES = ("letter", "choice", "choice_per_token", "choice_per_char", "generated")
 RULE_TITLES = {"letter": "letter", "choice": "choice (summed)", "choice_per_token": "choice per token",
@@ -70,22 +79,6 @@ def benchmark_run(model, tokenizer, records, prompt_style="sciassist", batch_siz
     return out
 
 
-def paired_change(base_correct, finetuned_correct, z=WILSON_Z):
-    """Fine-tuned minus base accuracy on the same questions, in percentage points, with a 95%
-    interval from the per-question differences (each -1, 0 or +1); beyond_noise when the
-    interval excludes 0."""
-    n = len(base_correct)
-    if n == 0 or n != len(finetuned_correct):
-        return None
-    diffs = [int(f) - int(b) for b, f in zip(base_correct, finetuned_correct, strict=True)]
-    mean = sum(diffs) / n
-    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    half = z * math.sqrt(variance / n)
-    low, high = 100 * (mean - half), 100 * (mean + half)
-    return {"difference": 100 * mean, "ci95": [low, high], "beyond_noise": low > 0 or high < 0,
-            "improved": sum(d > 0 for d in diffs), "worsened": sum(d < 0 for d in diffs)}
-
-
 def _shortest(choices):
     lengths = [len(c) for c in choices]
     return lengths.index(min(lengths))
@@ -93,7 +86,9 @@ def _shortest(choices):
 
 def benchmark_summary(info, records, runs):
     """The benchmark's row data: info (load_benchmark's) + per rule and model the accuracy
-    cell, invalid replies, shortest-option picks, and the paired change (base -> finetuned)."""
+    cell, invalid replies, shortest-option picks, and the paired change (base -> finetuned):
+    "change" {rule: paired_change}. With an "rl" run, also "changes" {comparison key
+    (rl_vs_finetuned, ...): {rule: paired_change}} for each comparison of the models given."""
     gold = [r["meta"]["answer"] for r in records]
     shortest = [_shortest(r["meta"]["choices"]) for r in records]
     summary = {**info, "count": len(records), "chance": 100 * chance_accuracy([len(r["meta"]["choices"])
@@ -120,6 +115,12 @@ def benchmark_summary(info, records, runs):
         for rule in RULES:
             if ("base", rule) in correct and ("finetuned", rule) in correct:
                 summary["change"][rule] = paired_change(correct[("base", rule)], correct[("finetuned", rule)])
+    if "rl" in runs:
+        summary["changes"] = {}
+        for rule in RULES:
+            flags = {name: correct[(name, rule)] for name in runs if (name, rule) in correct}
+            for key, change in paired_changes(flags).items():
+                summary["changes"].setdefault(key, {})[rule] = change
     groups = sorted({r["meta"].get("topic") for r in records if r["meta"].get("topic")})
     if groups and info.get("benchmark", "").startswith("mmlu"):
         for group in groups:
@@ -168,10 +169,72 @@ def _change(change):
     return text, verdict
 
 
+def change_cell(change, up="better", down="worse"):
+    """A paired change as one cell: "+5.0 [+1.0, +9.0] better", or "... within noise"."""
+    text, verdict = _change(change)
+    if text == "-":
+        return "-"
+    if change["beyond_noise"]:
+        verdict = up if change["difference"] > 0 else down
+    return f"{text} {verdict}"
+
+
+def _compared(rows):
+    """(models in the pipeline's order, comparisons (later, earlier) of them) in these rows."""
+    names = [n for n in MODEL_NAMES if any(n in s["models"] for s in rows)]
+    return names, [(later, earlier) for later, earlier in COMPARISONS if later in names and earlier in names]
+
+
+def _with_rl_markdown(rows):
+    """The first two tables with an RL model: a column per model and one per comparison
+    (sciassist.eval.table.COMPARISONS), each change with its 95% paired interval and verdict."""
+    names, pairs = _compared(rows)
+    titles = [MODEL_TITLES[n] for n in names]
+    pair_titles = [f"{MODEL_TITLES[later]} - {MODEL_TITLES[earlier]}" for later, earlier in pairs]
+    slash = " / ".join(titles)
+    lines = ["## Beyond ScienceQA: transfer and forgetting", "",
+             "Headline rule: **letter** scoring where the answer format has the letter first (the fine-tune's own "
+             "answer and nanochat's published rule; no length bias), **choice per character** for a text_first "
+             "fine-tune (summed choice scores favour short options; per character, as lm-eval's acc_norm, undoes "
+             f"that); ScienceQA keeps its own scoring. Accuracy (%) with 95% Wilson intervals; {', '.join(pair_titles)}"
+             ": the later model minus the earlier on the same questions, in points, with a 95% paired interval; "
+             "\"within noise\" when it includes 0.", "",
+             "| | benchmark | split | questions | rule | chance | " + " | ".join(titles + pair_titles)
+             + f" | invalid replies ({slash}) |",
+             "|---|---|---|---:|---|---:|" + "---:|" * (len(names) + len(pairs)) + "---:|"]
+
+    def changes(s, rule):
+        return [change_cell(s.get("changes", {}).get(comparison_key(*pair), {}).get(rule)) for pair in pairs]
+
+    for s in rows:
+        models, headline = [s["models"].get(n, {}) for n in names], s["headline"]
+        invalid = " / ".join(f"{m['generated']['invalid']:.1f}" if "generated" in m else "-" for m in models)
+        cells = [_cell(m.get(headline)) for m in models] + changes(s, headline)
+        lines.append(f"| {KIND_TITLES.get(s['kind'], s['kind'])} | {s['title']} | {s['split']} | {s['count']} | "
+                     f"{RULE_TITLES[headline]} | {s['chance']:.1f} | " + " | ".join(cells) + f" | {invalid} |")
+    lines += ["", f"Every rule ({' -> '.join(titles)} accuracy, the changes, and how often the rule picks the "
+              "shortest option; summed choice scores favour short options):", "",
+              "| benchmark | rule | " + " | ".join(titles + pair_titles) + f" | picks shortest ({slash}) | "
+              "gold is shortest |", "|---|---|" + "---:|" * (len(names) + len(pairs)) + "---:|---:|"]
+    for s in rows:
+        for rule in RULES:
+            cells = [s["models"].get(n, {}).get(rule) for n in names]
+            if all(c is None for c in cells):
+                continue
+            shortest = " / ".join(f"{c['picks_shortest']:.1f}" if c else "-" for c in cells)
+            lines.append(f"| {s['title']} | {RULE_TITLES[rule]} | " + " | ".join([_cell(c) for c in cells]
+                                                                                + changes(s, rule))
+                         + f" | {shortest} | {s['gold_is_shortest']:.1f} |")
+    return lines
+
+
 def benchmarks_markdown(summaries):
     """The report's section: one table, ScienceQA first, then transfer, then forgetting; then
-    the other scoring rules and MMLU's groups."""
+    the other scoring rules and MMLU's groups. With an RL model, every model and comparison
+    gets its column (_with_rl_markdown); base and fine-tuned alone keep the two-model layout."""
     rows = sorted(summaries, key=lambda s: KIND_ORDER.get(s["kind"], 3))
+    if "rl" in _compared(rows)[0]:
+        return _with_rl_markdown(rows) + _groups_and_skipped(rows)
     lines = ["## Beyond ScienceQA: transfer and forgetting", "",
              "Headline rule: **letter** scoring where the answer format has the letter first (the fine-tune's own "
              "answer and nanochat's published rule; no length bias), **choice per character** for a text_first "
@@ -200,6 +263,12 @@ def benchmarks_markdown(summaries):
             shortest = " / ".join(f"{c['picks_shortest']:.1f}" if c else "-" for c in (base, ft))
             lines.append(f"| {s['title']} | {RULE_TITLES[rule]} | {_cell(base)} | {_cell(ft)} | {change} | {verdict} | "
                          f"{shortest} | {s['gold_is_shortest']:.1f} |")
+    return lines + _groups_and_skipped(rows)
+
+
+def _groups_and_skipped(rows):
+    """MMLU's subject groups (a column per model) and the questions left out, per benchmark."""
+    lines = []
     for s in rows:
         if s["groups"]:
             lines += ["", f"{s['title']} by subject group ({RULE_TITLES[s['headline']]} scoring):", "",
@@ -218,13 +287,13 @@ def benchmarks_markdown(summaries):
 
 
 def draw_benchmark_chart(path, summaries):
-    """benchmarks.png: base and fine-tuned headline accuracy per benchmark with 95% intervals
-    and each benchmark's chance level."""
+    """benchmarks.png: base, fine-tuned and RL headline accuracy (those evaluated) per benchmark
+    with 95% intervals and each benchmark's chance level."""
     import matplotlib  # deferred: only drawing needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = sorted(summaries, key=lambda s: KIND_ORDER.get(s["kind"], 3))
-    names = [n for n in ("base", "finetuned") if any(n in s["models"] for s in rows)]
+    names = _compared(rows)[0]
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.2))
     for k, name in enumerate(names):

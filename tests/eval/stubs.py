@@ -116,3 +116,16 @@ def finetuned_dir_from(base_dir, tmp_path):
             f.write(json.dumps({"step": step, "train_loss": 4.0 - 0.1 * step}) + "\n")
         f.write(json.dumps({"step": 10, "val_loss": 2.5}) + "\n")
     return run
+
+
+def rl_dir_from(finetuned_run, tmp_path, model, step=5):
+    """An RL run's output dir (python -m sciassist.train.rl): `model`'s weights + a meta naming
+    the fine-tune's checkpoint it started from, as the RL stage writes it, + tokenizer/."""
+    from tests.conftest import write_published_checkpoint
+    run = tmp_path / "rl"
+    source = finetuned_run / "model_000010.pt"
+    write_published_checkpoint(run, model, step, extra_meta={
+        "source_model": str(source), "source_step": 10, "answer_format": "letter_first",
+        "rl": {"reward_mean": 0.5, "accuracy": 0.5, "invalid_rate": 0.25, "val_accuracy": None}})
+    shutil.copytree(finetuned_run / "tokenizer", run / "tokenizer")
+    return run
