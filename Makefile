@@ -23,6 +23,7 @@ SOURCE ?=
 DATA ?=
 OUTPUT_TAG ?=
 RUN ?=
+RL ?=
 BASE_DIR ?=
 ARGS ?=
 APPEND ?=
@@ -35,7 +36,8 @@ TRAIN_FLAGS = $(if $(DATA),--data_path $(DATA)) $(if $(SOURCE),--source $(SOURCE
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "Variables: MODEL=d20|d32 (download, finetune) SOURCE=base|mid|sft|rl SCIENCEQA=hf|sample|DIR DATA=file.jsonl"
-	@echo "           OUTPUT_TAG=NAME RUN=DIR (the run to evaluate) BASE_DIR=DIR NGPUS=8 SPLIT=val|test"
+	@echo "           OUTPUT_TAG=NAME RUN=DIR (the run to evaluate) RL=DIR (an RL run to evaluate too) BASE_DIR=DIR"
+	@echo "           NGPUS=8 SPLIT=val|test"
 	@echo "           APPEND=1 (rehearse-d20: also append to bench/RESULTS.md) ARGS='...'"
 
 install: $(VENV)/.installed $(VENV)/bin/sciassist ## create .venv and install everything, this package too (CPU torch where there is no GPU)
@@ -64,8 +66,8 @@ finetune: install ## fine-tune on one GPU (DATA=file.jsonl; default: the prepare
 finetune-multi: install ## fine-tune on NGPUS GPUs with torchrun
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) sciassist_train.py $(TRAIN_FLAGS) $(ARGS)
 
-evaluate: install ## the newest fine-tuned run (or RUN=DIR) vs the model it started from (SPLIT=val|test)
-	$(PY) sciassist_evaluate.py --finetuned $(or $(RUN),newest) --base source $(BASE_DIR_FLAG) --split $(SPLIT) $(ARGS)
+evaluate: install ## the newest fine-tuned run (or RUN=DIR) vs the model it started from; RL=DIR: base -> fine-tuned -> RL
+	$(PY) sciassist_evaluate.py --finetuned $(or $(RUN),$(if $(RL),source,newest)) --base source $(if $(RL),--rl "$(RL)") $(BASE_DIR_FLAG) --split $(SPLIT) $(ARGS)
 
 chat: install ## talk to the latest fine-tuned model in the terminal
 	$(PY) -m sciassist.serve.chat_cli $(BASE_DIR_FLAG) $(ARGS)

@@ -81,6 +81,15 @@ def test_evaluate_is_not_given_a_model_it_would_ignore():
 
 
 @needs_make
+def test_evaluate_with_rl_compares_base_finetuned_and_rl_along_the_rl_runs_sources():
+    def command(*args):
+        return next(line for line in make("-n", "evaluate", *args).splitlines() if "sciassist_evaluate.py" in line)
+    assert "--rl" not in command() and "--finetuned newest --base source" in command()
+    assert '--finetuned source --base source --rl "runs/rl"' in command("RL=runs/rl")
+    assert '--finetuned runs/ft --base source --rl "runs/rl"' in command("RL=runs/rl", "RUN=runs/ft")
+
+
+@needs_make
 def test_rehearse_d20_appends_to_the_tracked_results_only_when_asked():
     def command(*args):
         return next(line for line in make("-n", "rehearse-d20", *args).splitlines() if "rehearse_d20.py" in line)
