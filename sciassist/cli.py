@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("sciassist.pipelines.finetune", "fine-tune a nanochat checkpoint (sciassist_train.py)"),
     "rl": ("sciassist.train.rl", "reinforcement learning on the model's own answers, rewarded by the evaluator's "
                                  "parser"),
-    "evaluate": ("sciassist.eval.run", "base vs fine-tuned on ScienceQA and the science benchmarks "
+    "evaluate": ("sciassist.eval.run", "base vs fine-tuned (vs RL) on ScienceQA and the science benchmarks "
                                        "(sciassist_evaluate.py)"),
     "chat": ("sciassist.serve.chat_cli", "talk to a model in the terminal"),
     "web": ("sciassist.serve.web.__main__", "the chat page and an OpenAI-compatible API on 127.0.0.1"),
