@@ -6,6 +6,9 @@ largest --device_batch_size that fits a card; for full fine-tuning, or for LoRA 
     python -m sciassist.train.plan --table           d20 / d32 on 16, 24, 40 and 80 GB cards (markdown),
                                                      full fine-tuning and LoRA rows (--lora_rank, default
                                                      16 on every block projection; 0: no LoRA rows)
+    python -m sciassist.train.plan --rl --table      the RL stage's plan: the same models and cards, the
+                                                     largest --generation_batch_size and --device_batch_size
+                                                     (--prompt_len, --max_new_tokens, --samples_per_question)
 
 The model (bytes; P parameters, N = device_batch_size x max_seq_len positions, C = n_embd, V = vocab):
 - parameters: fp32 master weights, 4 P (the published wte is stored bf16, loaded as fp32);
@@ -37,6 +40,18 @@ peft creates them):
   (with a frozen embedding its input needs no gradient) are not counted: a slight over-estimate.
 The coefficients are fitted to measured CPU peaks (bench/plan_check.py, bench/RESULTS.md): within
 20% on depth 4-8, vocab 4,096-65,536, rows of 256-1024 positions, full fine-tuning and LoRA.
+
+The RL stage (rl_plan; sciassist.train.rl) holds the weights and optimizer states of fine-tuning (full
+or LoRA) throughout, and has two peaks that never overlap:
+- the rollout: nanochat.engine's KV cache of generation_batch_size rows x (prompt + max_new_tokens)
+  positions x n_layer x 2 (keys, values) x n_kv_head x head_dim, in the compute dtype (2 bytes under
+  bf16 autocast, 4 in fp32), plus the transient of the forward that produced the newest logits: the
+  prefill runs every prompt position of every row through lm_head (PREFILL_LOGIT_BYTES per logit, the
+  softcapped fp32 logits and their intermediates; a decode step's B x V logits are the small case);
+  the gradients were freed by the previous step (zero_grad(set_to_none=True)), so they do not count;
+- the update: the fine-tuning plan of one micro-batch of device_batch_size rows x (prompt +
+  max_new_tokens) positions, every position given logits (loss_reduction="none" computes them all),
+  with the gradients.
 """
 
 from __future__ import annotations
@@ -66,6 +81,9 @@ ACT_OUTSIDE = 6.0  # embedding output, its norm, the final norm's input/output, 
 BACKWARD_TRANSIENT = 8.0
 # Per logit: the fp32 logits, their tanh and log-softmax (kept), and two gradients in the backward.
 LOGIT_BYTES = 17.0
+# Per logit of the generation engine's forward (no autograd): lm_head's output, /SOFTCAP, tanh and
+# x SOFTCAP in fp32 (nanochat.gpt.GPT.forward without targets), at most three live at once.
+PREFILL_LOGIT_BYTES = 12.0
 USABLE_FRACTION = 0.92  # of a card's free memory: the allocator's fragmentation, cuBLAS/NCCL workspaces
 # The tensor each block Linear reads (q, k and v read the same one): a frozen Linear's input is kept
 # only when an adapter reads it, so its width comes off the full fine-tune's ACT_PER_LAYER otherwise.
@@ -239,6 +257,67 @@ def max_batch(config: GPTConfig, seq: int, free: int, bf16: bool = True, chunked
     return lo
 
 
+# ----------------------------------------------------------------------------- the RL stage
+
+def kv_cache_bytes(config: GPTConfig, rows: int, positions: int, bf16: bool = True) -> int:
+    """nanochat.engine.KVCache's tensor: (n_layer, 2, rows, n_kv_head, positions, head_dim) in the
+    compute dtype (bf16 autocast: 2 bytes, fp32: 4)."""
+    head_dim = config.n_embd // config.n_head
+    return config.n_layer * 2 * rows * config.n_kv_head * positions * head_dim * (2 if bf16 else 4)
+
+
+def rollout_bytes(config: GPTConfig, rows: int, prompt_len: int, max_new_tokens: int, bf16: bool = True) -> dict:
+    """Bytes of generating rows replies at once (Engine.generate_multi, no autograd): {"kv_cache",
+    "prefill" (the prefill's transient: every prompt position's logits, the widest block tensors and the
+    (rows, T, T) boolean attention mask of left-padded rows), "decode_logits" (one decode step's), "total"}."""
+    a = 2 if bf16 else 4
+    kv = kv_cache_bytes(config, rows, prompt_len + max_new_tokens, bf16)
+    positions = rows * prompt_len
+    prefill = positions * (config.vocab_size * PREFILL_LOGIT_BYTES + BACKWARD_TRANSIENT * config.n_embd * a) \
+        + rows * prompt_len * prompt_len
+    decode_logits = rows * config.vocab_size * PREFILL_LOGIT_BYTES
+    return {"kv_cache": int(kv), "prefill": int(prefill), "decode_logits": int(decode_logits),
+            "total": int(kv + max(prefill, decode_logits))}
+
+
+def rl_plan(config: GPTConfig, generation_batch_size: int, device_batch_size: int, prompt_len: int,
+            max_new_tokens: int, bf16: bool = True, free: int | None = None, lora: LoraShape | None = None) -> dict:
+    """The RL stage's memory (bytes): the fixed weights and optimizer states, the rollout's and the
+    update's peaks (see the module docstring), the total (the larger peak), and with `free` whether
+    it fits and the largest generation and device batches that do."""
+    fixed = fixed_bytes(config, lora)
+    resident = fixed["params"] + fixed["optimizer"]
+    rollout = rollout_bytes(config, generation_batch_size, prompt_len, max_new_tokens, bf16)
+    seq = prompt_len + max_new_tokens
+    update = activation_bytes(config, device_batch_size, seq, bf16, lora=lora)
+    plan = {
+        "n_layer": config.n_layer, "n_embd": config.n_embd, "vocab_size": config.vocab_size, "bf16": bf16,
+        "params_count": count_params(config).total, "lora": lora, "trainable": fixed["trainable"],
+        "generation_batch_size": generation_batch_size, "device_batch_size": device_batch_size,
+        "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+        "params": fixed["params"], "grads": fixed["grads"], "optimizer": fixed["optimizer"],
+        "kv_cache": rollout["kv_cache"], "prefill": rollout["prefill"], "decode_logits": rollout["decode_logits"],
+        "rollout_total": resident + rollout["total"], "activations": update["total"],
+        "update_total": resident + fixed["grads"] + update["total"],
+        "free": free, "fits": None, "max_generation_batch": None, "max_device_batch": None,
+    }
+    plan["total"] = max(plan["rollout_total"], plan["update_total"])
+    if free is not None:
+        plan["fits"] = plan["total"] <= USABLE_FRACTION * free
+        plan["max_generation_batch"] = max_generation_batch(config, prompt_len, max_new_tokens, free, bf16, lora=lora)
+        plan["max_device_batch"] = max_batch(config, seq, free, bf16, lora=lora)
+    return plan
+
+
+def max_generation_batch(config: GPTConfig, prompt_len: int, max_new_tokens: int, free: int, bf16: bool = True,
+                         limit: int = 4096, lora: LoraShape | None = None) -> int:
+    """The most rows decoded together whose rollout fits USABLE_FRACTION x free bytes (0: not one)."""
+    fixed = fixed_bytes(config, lora)
+    budget = USABLE_FRACTION * free - (fixed["params"] + fixed["optimizer"])
+    per_row = rollout_bytes(config, 1, prompt_len, max_new_tokens, bf16)["total"]  # linear in the rows
+    return int(min(limit, max(0, budget // per_row)))
+
+
 def gpu_free_bytes(device=None) -> int | None:
     """The visible GPU's free memory (torch.cuda.mem_get_info), None without CUDA."""
     if not torch.cuda.is_available():
@@ -350,16 +429,85 @@ def _table_row(config: GPTConfig, cards_gb, seq: int, lora: LoraShape | None) ->
     return f"| {name} | {_gb(static)} | {_gb(per_row)} | " + " | ".join(cells) + " |"
 
 
+def rl_table(depths=(20, 32), cards_gb=CARDS_GB, prompt_len: int = 512, max_new_tokens: int = 256,
+             samples_per_question: int = 16, lora_rank: int = 0) -> str:
+    """Markdown: for each published model (and, with lora_rank > 0, its LoRA run), the RL stage's
+    fixed memory, the rollout and update memory per row, and on each card the largest
+    --generation_batch_size / --device_batch_size (bf16 autocast, a card's memory taken as all free)."""
+    seq = prompt_len + max_new_tokens
+    lines = [f"RL: largest `--generation_batch_size` / `--device_batch_size` with prompts of {prompt_len} tokens "
+             f"and `--max_new_tokens {max_new_tokens}` (bf16 autocast, {USABLE_FRACTION:.0%} of the card usable; "
+             f"a generation batch of {samples_per_question} rows is one question's "
+             f"`--samples_per_question {samples_per_question}`):", "",
+             "| model | weights + grads + optimizer | rollout per row (KV cache + prefill) | update per row | "
+             + " | ".join(f"{g} GB card" for g in cards_gb) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(cards_gb)]
+    for depth in depths:
+        config = PUBLISHED[depth] if depth in PUBLISHED else config_for_depth(depth)
+        for lora in (None, LoraShape(lora_rank)) if lora_rank > 0 else (None,):
+            one = rl_plan(config, 1, 1, prompt_len, max_new_tokens, lora=lora)
+            static = one["params"] + one["grads"] + one["optimizer"]
+            update_row = (activation_bytes(config, 2, seq, lora=lora)["blocks"]
+                          - activation_bytes(config, 1, seq, lora=lora)["blocks"])
+            cells = []
+            for g in cards_gb:
+                p = rl_plan(config, 1, 1, prompt_len, max_new_tokens, free=g * GB, lora=lora)
+                generation, device = p["max_generation_batch"], p["max_device_batch"]
+                cells.append(f"{generation} / {device}" if generation and device else "does not fit")
+            name = f"d{config.n_layer} ({one['params_count'] / 1e6:.0f}M)" + (f", LoRA r={lora.rank}" if lora else "")
+            lines.append(f"| {name} | {_gb(static)} | {_gb(one['kv_cache'])} + {_gb(one['prefill'])} | "
+                         f"{_gb(update_row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_rl_plan(plan: dict) -> str:
+    """An RL plan as a small markdown table (and its verdict)."""
+    lines = [f"RL, d{plan['n_layer']} (n_embd {plan['n_embd']}, vocab {plan['vocab_size']:,}, "
+             f"{plan['params_count']:,} parameters), prompts of {plan['prompt_len']} + {plan['max_new_tokens']} new "
+             f"tokens, {'bf16 autocast' if plan['bf16'] else 'fp32'}", *_lora_lines(plan), "",
+             "| | memory |", "|---|---:|", *_static_rows(plan),
+             f"| rollout: KV cache of {plan['generation_batch_size']} rows | {_gb(plan['kv_cache'])} |",
+             f"| rollout: prefill transient (logits of every prompt position) | {_gb(plan['prefill'])} |",
+             f"| rollout: one decode step's logits | {_gb(plan['decode_logits'])} |",
+             f"| update: activations of {plan['device_batch_size']} rows | {_gb(plan['activations'])} |",
+             f"| rollout peak (weights, optimizer, cache, prefill) | {_gb(plan['rollout_total'])} |",
+             f"| update peak (weights, gradients, optimizer, activations) | {_gb(plan['update_total'])} |",
+             f"| **total (the larger peak)** | **{_gb(plan['total'])}** |"]
+    if plan["free"] is None:
+        lines += ["", "no GPU visible: free memory unknown, so no verdict (`--rl --table` lists the cards)"]
+    else:
+        lines += [f"| GPU free memory | {_gb(plan['free'])} (usable {USABLE_FRACTION:.0%}) |", "",
+                  f"fits: {'yes' if plan['fits'] else 'NO'}; largest --generation_batch_size: "
+                  f"{plan['max_generation_batch']}, largest --device_batch_size: {plan['max_device_batch']}"]
+    return "\n".join(lines)
+
+
 @dataclasses.dataclass
 class PlanCommand:
     table: bool = setting(False, "only the d20 / d32 table on 16, 24, 40, 80 GB cards (markdown)")
     seq: int = setting(2048, "positions per row", at_least=16, at_most=MAX_POSITIONS)
     lora_rank: int = setting(16, "rank of the LoRA rows (0: full fine-tuning only)", at_least=0, at_most=MAX_LORA_RANK)
+    rl: bool = setting(False, "the RL stage's plan (sciassist.train.rl) instead of fine-tuning's")
+    prompt_len: int = setting(512, "--rl: prompt tokens per row (the longest prompt of a batch)", at_least=1,
+                              at_most=MAX_POSITIONS)
+    max_new_tokens: int = setting(256, "--rl: reply tokens per row", at_least=1, at_most=MAX_POSITIONS)
+    samples_per_question: int = setting(16, "--rl: replies per question (k)", at_least=1, at_most=4096)
+    generation_batch_size: int = setting(32, "--rl: rows decoded together, for the d20 plan", at_least=1,
+                                         at_most=4096)
+    device_batch_size: int = setting(8, "--rl: rows per forward/backward, for the d20 plan", at_least=1,
+                                     at_most=4096)
 
 
 def main(argv=None) -> int:
     parser = settings_parser(PlanCommand, "python -m sciassist.train.plan", __doc__)
     args = settings_from_namespace(PlanCommand, parser.parse_args(argv))
+    if args.rl:
+        print(rl_table(prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
+                       samples_per_question=args.samples_per_question, lora_rank=args.lora_rank))
+        if not args.table:
+            print("\n" + format_rl_plan(rl_plan(PUBLISHED[20], args.generation_batch_size, args.device_batch_size,
+                                               args.prompt_len, args.max_new_tokens, free=gpu_free_bytes())))
+        return 0
     print(readme_table(seq=args.seq, lora_rank=args.lora_rank))
     if not args.table:
         lora = LoraShape(args.lora_rank) if args.lora_rank > 0 else None
