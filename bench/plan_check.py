@@ -2,7 +2,7 @@
 The memory planner's activation model (sciassist.train.plan.activation_bytes) against measured
 peaks on CPU (fp32, as training runs there), for full fine-tuning and for LoRA.
 
-    python bench/plan_check.py [--threads 2] [--only full|lora|all] [--append]
+    python bench/plan_check.py [--threads 2] [--only full|lora|rl|all] [--append]
     python bench/plan_check.py --d20          the planner beside bench_lora.py's measured d20 step
 
 Each configuration runs in its own process: a random GPT (bench/random_model.py) whose gradients
@@ -18,6 +18,13 @@ after the first large free and keeps freed forward transients resident: peft's f
 of them, the base output and the adapter's path per Linear). --append adds the tables to
 bench/RESULTS.md. --d20 runs nothing heavy: it prints the planner's figures for the d20 step that
 `bench_lora.py memory --depth 20 --rank 16` measured (quoted from bench/RESULTS.md, minutes to re-run).
+
+--only rl checks the RL stage's plan (sciassist.train.plan.rl_plan) the same way, each case in its own
+process on a random GPT: the update (one forward + backward of the policy gradient, sciassist.train.rl_step's
+objective: rows of prompt + reply, targets -1 on the prompt, loss_reduction="none" weighted by an advantage
+per row; gradients pre-allocated) against activation_bytes of those rows, and the rollout (one
+Engine.generate_multi call in fp32 of `rows` prompts decoding every one of max_new_tokens tokens, the
+stop tokens outside the vocabulary) against rollout_bytes (KV cache + prefill transient).
 """
 
 import argparse
@@ -39,7 +46,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 from random_model import random_gpt  # noqa: E402
 
 from nanochat.gpt import config_for_depth  # noqa: E402
-from sciassist.train.plan import LoraShape, activation_bytes, memory_plan  # noqa: E402
+from sciassist.train.plan import LoraShape, activation_bytes, memory_plan, rollout_bytes  # noqa: E402
 from sciassist.train.settings import LORA_TARGETS  # noqa: E402
 
 # (depth, vocab, batch, row length): depth 4-8, vocab 4,096-65,536, rows 256-1024; the last one
@@ -54,6 +61,9 @@ LORA_CONFIGS = [(4, 4096, 2, 1024, 0, "", 0.0), (4, 4096, 2, 1024, 16, ALL_TARGE
                 (4, 65536, 1, 512, 16, ALL_TARGETS, 0.0)]
 # bench_lora.py memory --depth 20 --rank 16 (bench/RESULTS.md "LoRA vs full fine-tuning"): fp32, 1 x 256
 # tokens, one step with the optimizers' step, ru_maxrss; the LoRA row's adapters had AdamW then.
+# (depth, vocab, rows, prompt, reply): the RL stage's rows; rollout rows are a generation batch, update
+# rows a device batch.
+RL_CONFIGS = [(4, 4096, 8, 256, 128), (4, 16384, 4, 384, 128), (6, 32768, 8, 256, 64), (6, 65536, 2, 512, 256)]
 LIVE_TENSORS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # no dynamic threshold: frees return pages
 D20_MEASURED_GIB = {"full": {"model": 2.40, "peak": 7.78, "step": 5.37},
                     "lora": {"model": 2.47, "peak": 3.71, "step": 1.24}}
@@ -110,6 +120,87 @@ def measure_case(depth, vocab, batch, seq, threads, rank=0, targets="", dropout=
     loss.backward()
     seconds = time.perf_counter() - t0
     print(json.dumps({"measured": peak_rss() - before, "step_s": seconds, "reset": reset}))
+
+
+class StopOutsideVocab:
+    """What Engine needs of a tokenizer, its stop tokens outside the vocabulary (never sampled)."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def encode_special(self, name):
+        return self.vocab + 1
+
+    def get_bos_token_id(self):
+        return self.vocab + 2
+
+
+def measure_rl_case(part, depth, vocab, rows, prompt, reply, threads):
+    """In a child process: one JSON line {measured, step_s, reset} of the RL update or rollout."""
+    from nanochat.engine import Engine
+    torch.set_num_threads(threads)
+    model = random_gpt(config_for_depth(depth, vocab_size=vocab, sequence_len=max(prompt + reply, 256)), "cpu")
+    torch.manual_seed(1)
+    ids = torch.randint(0, vocab, (rows, prompt + reply))
+    if part == "update":
+        model.train()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+        targets[:, :prompt - 1] = -1
+        advantages = torch.linspace(-1, 1, rows)
+    else:
+        model.eval()
+        engine = Engine(model, StopOutsideVocab(vocab), torch.float32)
+        prompts = ids[:, :prompt].tolist()
+    reset = reset_peak()
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    if part == "update":
+        neg_logp = model(inputs, targets, loss_reduction="none")
+        (neg_logp * advantages.unsqueeze(1)).sum().backward()
+    else:
+        replies = engine.generate_multi(prompts, max_tokens=reply, temperature=1.0, top_k=50)
+        assert all(len(r) == reply for r in replies)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"measured": peak_rss() - before, "step_s": seconds, "reset": reset}))
+
+
+def check_rl(configs=RL_CONFIGS, threads=2):
+    """The RL cases: update and rollout, estimate vs measured."""
+    rows_out = []
+    for depth, vocab, rows, prompt, reply in configs:
+        config = config_for_depth(depth, vocab_size=vocab, sequence_len=max(prompt + reply, 256))
+        estimates = {"update": activation_bytes(config, rows, prompt + reply - 1, bf16=False)["total"],
+                     "rollout": rollout_bytes(config, rows, prompt, reply, bf16=False)["total"]}
+        for part, estimate in estimates.items():
+            out = subprocess.run([sys.executable, __file__, "_rl_case", part, str(depth), str(vocab), str(rows),
+                                  str(prompt), str(reply), str(threads)],
+                                 check=True, capture_output=True, text=True).stdout
+            got = json.loads(out.strip().splitlines()[-1])
+            rows_out.append({"part": part, "depth": depth, "n_embd": config.n_embd, "vocab": vocab, "rows": rows,
+                             "prompt": prompt, "reply": reply, "estimate": estimate, "measured": got["measured"],
+                             "step_s": got["step_s"], "ratio": estimate / got["measured"]})
+    return rows_out
+
+
+def rl_check_table(rows, threads):
+    mib = 2**20
+    lines = [f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads), "
+             "fp32, random GPTs; update = one forward + backward of the policy gradient (targets -1 on the "
+             "prompt, loss_reduction none x an advantage per row, gradients pre-allocated) vs activation_bytes; "
+             "rollout = one generate_multi call (every row decodes all its tokens) vs rollout_bytes (KV cache + "
+             "prefill); measured = peak RSS in it - RSS before it", "",
+             "| part | depth | n_embd | vocab | rows x (prompt + reply) | estimate | measured | estimate / measured "
+             "| time |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['part']} | {r['depth']} | {r['n_embd']} | {r['vocab']:,} | {r['rows']} x ({r['prompt']} "
+                     f"+ {r['reply']}) | {r['estimate'] / mib:.0f} MiB | {r['measured'] / mib:.0f} MiB | "
+                     f"{r['ratio']:.2f} | {r['step_s']:.1f} s |")
+    worst = {part: max(abs(r["ratio"] - 1) for r in rows if r["part"] == part) for part in ("update", "rollout")}
+    lines += ["", f"largest deviation: update {worst['update']:.0%}, rollout {worst['rollout']:.0%} (goal: within "
+                  "20-30%)"]
+    return "\n".join(lines)
 
 
 def run_case(depth, vocab, batch, seq, threads, rank=0, targets="", dropout=0.0, env=None):
@@ -203,12 +294,14 @@ def table(rows, threads):
 
 
 def main():
+    if sys.argv[1:2] == ["_rl_case"]:
+        return measure_rl_case(sys.argv[2], *map(int, sys.argv[3:9]))
     if sys.argv[1:2] == ["_case"]:
         ints, (targets, dropout) = list(map(int, sys.argv[2:8])), sys.argv[8:10]
         return measure_case(*ints, targets="" if targets == "-" else targets, dropout=float(dropout))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", choices=("full", "lora", "all"), default="all")
+    parser.add_argument("--only", choices=("full", "lora", "rl", "all"), default="all")
     parser.add_argument("--d20", action="store_true", help="only the planner beside the quoted d20 measurement")
     parser.add_argument("--append", action="store_true", help="append the tables to bench/RESULTS.md")
     args = parser.parse_args()
@@ -219,6 +312,8 @@ def main():
         texts.append(("", table(check(threads=args.threads), args.threads)))
     if args.only in ("lora", "all"):
         texts.append((" with LoRA", lora_table(check_lora(threads=args.threads), args.threads)))
+    if args.only in ("rl", "all"):
+        texts.append((", the RL stage", rl_check_table(check_rl(threads=args.threads), args.threads)))
     for heading, text in texts:
         print(text + "\n")
         if args.append:
