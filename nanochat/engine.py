@@ -54,7 +54,8 @@ MIN_SAMPLING_TEMPERATURE = 1e-3
 
 
 def sample_next(logits, generator, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B, 1). Temperatures below MIN_SAMPLING_TEMPERATURE (0 included) are greedy."""
+    """logits (B, V) -> (B, 1). Temperatures below MIN_SAMPLING_TEMPERATURE (0 included) are greedy.
+    generator: one torch.Generator for the batch, or a list of B, row i drawing from the i-th."""
     if not temperature >= 0:  # negative or NaN
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if temperature < MIN_SAMPLING_TEMPERATURE:
@@ -62,9 +63,15 @@ def sample_next(logits, generator, temperature=1.0, top_k=None):
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
         probs = torch.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=generator)
-        return indices.gather(-1, choice)
+        return indices.gather(-1, _draw(probs, generator))
     probs = torch.softmax(logits / temperature, dim=-1)
+    return _draw(probs, generator)
+
+
+def _draw(probs, generator):
+    """One index per row of probs (B, V) -> (B, 1), from one generator or one per row."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator)
 
 
@@ -149,13 +156,16 @@ class Engine:
         return sequences, masks
 
     @torch.inference_mode()
-    def generate_multi(self, prompts, max_tokens=256, temperature=0.0, top_k=None, seed=42):
+    def generate_multi(self, prompts, max_tokens=256, temperature=0.0, top_k=None, seed=42, seeds=None):
         """Continue many prompts of different lengths at once. Returns the generated tokens of
-        each prompt (stop token excluded)."""
+        each prompt (stop token excluded). seeds: one per prompt, each row sampling from its own
+        generator (then `seed` is not used); else one generator seeded with `seed` for all rows."""
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate_multi() needs non-empty prompts")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"generate_multi() got {len(seeds)} seeds for {len(prompts)} prompts")
         device = self.model.get_device()
         B, longest = len(prompts), max(len(p) for p in prompts)
         max_tokens = min(max_tokens, self.model.rotary_seq_len - longest)
@@ -169,7 +179,8 @@ class Engine:
             doc_ids[i, longest - len(p):] = 0
         ids, doc_ids = ids.to(device), doc_ids.to(device)
         cache = self._new_cache(B, longest + max_tokens)
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = (torch.Generator(device=device).manual_seed(seed) if seeds is None else
+                     [torch.Generator(device=device).manual_seed(int(s)) for s in seeds])
         stop_ids = self._stop_ids()
         logits = self._forward(ids, cache, doc_ids)
         step_doc_ids = torch.zeros(B, 1, dtype=torch.long, device=device)

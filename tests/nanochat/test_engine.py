@@ -74,6 +74,23 @@ def test_generate_multi_equals_one_by_one():
         assert out == alone == expected[:cut]
 
 
+def test_a_row_with_its_own_seed_samples_the_same_whatever_rows_are_beside_it():
+    model = tiny_model(seed=4).eval()
+    engine = Engine(model, StubTokenizer())
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23], [12, 13]]
+    seeds = [11, 12, 13, 14]
+    together = engine.generate_multi(prompts, max_tokens=8, temperature=1.0, top_k=20, seeds=seeds)
+    for i, prompt in enumerate(prompts):
+        assert engine.generate_multi([prompt], max_tokens=8, temperature=1.0, top_k=20, seeds=[seeds[i]])[0] \
+            == together[i]
+    halves = (engine.generate_multi(prompts[:1], max_tokens=8, temperature=1.0, top_k=20, seeds=seeds[:1])
+              + engine.generate_multi(prompts[1:], max_tokens=8, temperature=1.0, top_k=20, seeds=seeds[1:]))
+    assert halves == together
+    assert together[1] != together[3]  # the same prompt, another seed: another reply
+    with pytest.raises(ValueError, match="got 1 seeds for 4 prompts"):
+        engine.generate_multi(prompts, max_tokens=8, temperature=1.0, seeds=[1])
+
+
 def test_generation_stops_at_stop_token():
     model = tiny_model(seed=5).eval()
     plain_forward = model.forward
