@@ -25,7 +25,7 @@ from pathlib import Path
 from nanochat.checkpoint import meta_path, model_path, optim_path, save_checkpoint
 from nanochat.files import remove_partial_files
 from sciassist.plots import plot_loss_curve
-from sciassist.train.lora import ADAPTER_DIR, lora_meta, merged_state_dict, save_adapter
+from sciassist.train.lora import ADAPTER_DIR, lora_meta, save_lora_checkpoint
 from sciassist.train.settings import TrainError
 from sciassist.train.state import RESUME_DIR, temp_path
 
@@ -57,11 +57,10 @@ class BestCheckpointWriter:
 
         def write():
             try:
-                weights = state_dict
                 if self.lora is not None:
-                    save_adapter(self.run_dir / ADAPTER_DIR, model, state_dict, self.lora)
-                    weights = merged_state_dict(state_dict, model.config, self.lora)
-                save_checkpoint(self.run_dir, step, weights, meta)
+                    save_lora_checkpoint(self.run_dir, step, model, state_dict, self.lora, meta)
+                else:
+                    save_checkpoint(self.run_dir, step, state_dict, meta)
                 if previous_step is not None and previous_step != step:
                     remove_checkpoint(self.run_dir, previous_step)
             except BaseException as e:  # reported by wait(), in the training thread

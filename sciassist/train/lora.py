@@ -1,4 +1,4 @@
-"""LoRA fine-tuning (--lora_rank R > 0), built on peft: low-rank adapters are injected into the
+"""LoRA fine-tuning and RL (--lora_rank R > 0), built on peft: low-rank adapters are injected into the
 block projections of the GPT (peft.inject_adapter_in_model, so the model stays our GPT with its
 config, loss and optimizer-free helpers), the base weights are frozen, and only the adapters train.
 
@@ -6,7 +6,7 @@ What a LoRA run writes differs from a full fine-tune only by additions:
   model_<step>.pt, meta_<step>.json  the MERGED model (W + alpha/r B A), exactly the keys and shapes
                                      of a full fine-tune, so chat, eval and export work unchanged;
                                      the meta gains "lora": {rank, alpha, dropout, targets}
-  adapter/                           the best checkpoint's adapter in peft's format
+  adapter/                           the best (RL: the latest) checkpoint's adapter in peft's format
                                      (adapter_model.safetensors + adapter_config.json), loadable by
                                      peft.PeftModel.from_pretrained / set_peft_model_state_dict
 The merge is done on CPU copies of the weights (in the checkpoint writer's thread), never on the
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import muon
 from sciassist.common import check_fields
@@ -115,6 +116,14 @@ def merged_state_dict(state_dict: dict, model_config: GPTConfig, config) -> dict
     # safe_merge: each merged weight is a new tensor (W + delta), `state_dict`'s stay as they were
     merged = tuner.merge_and_unload(progressbar=False, safe_merge=True)
     return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def save_lora_checkpoint(run_dir, step, model, state_dict: dict, config, meta: dict) -> None:
+    """What a LoRA run saves at `step`: the adapter to <run_dir>/adapter/ and the merged model as
+    model_<step>.pt + meta_<step>.json, from `state_dict`, a CPU copy of `model`'s (the live model
+    is not touched)."""
+    save_adapter(Path(run_dir) / ADAPTER_DIR, model, state_dict, config)
+    save_checkpoint(run_dir, step, merged_state_dict(state_dict, model.config, config), meta)
 
 
 def save_adapter(folder, model, state_dict: dict, config) -> Path:

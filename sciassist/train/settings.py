@@ -62,6 +62,29 @@ def lora_targets_problem(text: str) -> str | None:
     return None
 
 
+# The LoRA flags of fine-tuning and RL (sciassist.train.lora): (default, help, rules) of each,
+# declared once; lora_setting makes a class's field of one.
+LORA_FLAGS = {
+    "lora_rank": (0, "LoRA rank r of the adapters (0: every weight trains); with r > 0 only the adapters train, "
+                     "Muon at --lora_lr, and the run saves the merged model plus <run>/adapter/",
+                  dict(at_least=0, at_most=MAX_LORA_RANK)),
+    "lora_alpha": (None, "LoRA scaling alpha (the update is alpha/r x B A; default: 2 x --lora_rank)",
+                   dict(above=0, at_most=1e6)),
+    "lora_dropout": (0.0, "dropout on the adapters' input, a fraction in [0, 1)", dict(at_least=0, below=1)),
+    "lora_targets": (",".join(LORA_TARGETS), f"comma-separated block projections to adapt, of "
+                                             f"{', '.join(LORA_TARGETS)} (c_proj: attention and MLP)",
+                     dict(check=lora_targets_problem)),
+    "lora_lr": (0.1, "Muon learning rate of the LoRA adapters (x --init_lr_frac, like every lr; --matrix_lr, "
+                     "--embedding_lr and --unembedding_lr do not apply with LoRA)", dict(above=0, at_most=MAX_LR)),
+}
+
+
+def lora_setting(name: str):
+    """A new dataclass field of the LoRA flag `name` (LORA_FLAGS), for a settings class."""
+    default, help_text, rules = LORA_FLAGS[name]
+    return setting(default, help_text, **rules)
+
+
 def _steps_problem(value) -> str | None:
     return "must be -1 (from epochs) or > 0" if value == 0 else None
 
@@ -148,18 +171,11 @@ class TrainSettings(RunFields):
                                   "max_seq_len): attention is dense over a row, so shorter rows cost less",
                             at_least=1, at_most=MAX_POSITIONS)
     # LoRA (sciassist.train.lora, built on peft): only low-rank adapters train, the base weights are frozen
-    lora_rank: int = setting(0, "LoRA rank r of the adapters (0 = full fine-tuning); with r > 0 only the adapters "
-                                "train, Muon at --lora_lr, and the run saves the merged model plus <run>/adapter/",
-                             at_least=0, at_most=MAX_LORA_RANK)
-    lora_alpha: float | None = setting(None, "LoRA scaling alpha (the update is alpha/r x B A; default: 2 x "
-                                             "--lora_rank)", above=0, at_most=1e6)
-    lora_dropout: float = setting(0.0, "dropout on the adapters' input, a fraction in [0, 1)", at_least=0, below=1)
-    lora_targets: str = setting(",".join(LORA_TARGETS), f"comma-separated block projections to adapt, of "
-                                                        f"{', '.join(LORA_TARGETS)} (c_proj: attention and MLP)",
-                            check=lora_targets_problem)
-    lora_lr: float = setting(0.1, "Muon learning rate of the LoRA adapters (x --init_lr_frac, like every lr; "
-                                   "--matrix_lr, --embedding_lr and --unembedding_lr do not apply with LoRA)",
-                             above=0, at_most=MAX_LR)
+    lora_rank: int = lora_setting("lora_rank")
+    lora_alpha: float | None = lora_setting("lora_alpha")
+    lora_dropout: float = lora_setting("lora_dropout")
+    lora_targets: str = lora_setting("lora_targets")
+    lora_lr: float = lora_setting("lora_lr")
     # evaluation
     eval_every: int = setting(25, "validation loss every N steps (and at step 0 and the end; 0 = only those)",
                               at_least=0, at_most=MAX_STEPS)
