@@ -32,6 +32,7 @@ import torch
 
 from sciassist.eval.questions import prompts_for, question_pid
 from sciassist.eval.scoring import generate_answers
+from sciassist.eval.table import paired_changes
 
 DEFAULT_SIMILARITY_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 METRICS = ("bleu1", "bleu4", "rouge_l", "similarity")
@@ -224,12 +225,13 @@ def judge_explanations(out_dir, files, records, runs, indices, similarity_model_
     """Score each run's explanation replies (run["explanation_replies"], for the questions
     `indices`) and write explanations_<name>.jsonl (added to `files`). The similarity model is
     loaded once; its note, when it cannot be, is printed once. Returns ({name: averages and
-    counts}, info: which questions, how many, the similarity model and its note)."""
+    counts}, info: which questions, how many, the similarity model and its note, {name: the
+    per-question values}) (the last for paired_explanations)."""
     model, note = load_similarity_model(similarity_model_name) if indices else (None, None)
     if note:
         print(note, file=sys.stderr)
     references = [reference_text(records[i]) for i in indices]
-    summaries = {}
+    summaries, per_question = {}, {}
     for name, run in runs.items():
         replies = run.get("explanation_replies") or [""] * len(indices)
         explanations = [explanation_text(reply) for reply in replies]
@@ -238,8 +240,27 @@ def judge_explanations(out_dir, files, records, runs, indices, similarity_model_
         _write_rows(path, records, indices, replies, explanations, result)
         files[f"explanations_{name}"] = path.name
         summaries[name] = {k: v for k, v in result.items() if k != "per_question"}
+        per_question[name] = result["per_question"]
     info = {"requested": requested, "questions": len(indices), "evaluated": len(records),
             "with_solution": sum(1 for record in records if reference_text(record)),
             "pids": [question_pid(records[i], i) for i in indices],
             "similarity_model": similarity_model_name if model is not None else None, "similarity_note": note}
-    return summaries, info
+    return summaries, info, per_question
+
+
+def paired_explanations(per_question):
+    """The models' paired differences per explanation metric, x100, on the questions where
+    every model has a value (judge_explanations' per-question values {name: [row]}):
+    {"explanation_<metric>": {"values": {name: mean x100}, "changes": {comparison key:
+    paired_change}, "count": questions}}; a metric no question has is left out."""
+    names = list(per_question)
+    out = {}
+    for metric in METRICS:
+        rows = list(zip(*(per_question[name] for name in names), strict=True))
+        kept = [row for row in rows if all(r[metric] is not None for r in row)]
+        if not kept:
+            continue
+        values = {name: [row[k][metric] for row in kept] for k, name in enumerate(names)}
+        out[f"explanation_{metric}"] = {"values": {name: 100 * sum(v) / len(v) for name, v in values.items()},
+                                        "changes": paired_changes(values), "count": len(kept)}
+    return out

@@ -311,7 +311,11 @@ def _accuracy_section(summary):
 
 
 PAIRED_METRICS = {"scored": "{scoring} scoring accuracy", "generated": "greedy reply accuracy",
-                  "invalid": "invalid replies", "constrained": "constrained answer line accuracy"}
+                  "invalid": "invalid replies", "constrained": "constrained answer line accuracy",
+                  "explanation_bleu1": "explanation BLEU-1 (x100, {count} questions)",
+                  "explanation_bleu4": "explanation BLEU-4 (x100, {count} questions)",
+                  "explanation_rouge_l": "explanation ROUGE-L (x100, {count} questions)",
+                  "explanation_similarity": "explanation similarity (x100, {count} questions)"}
 
 
 def _paired_section(summary):
@@ -331,11 +335,13 @@ def _paired_section(summary):
         up, down = ("more", "fewer") if metric == "invalid" else ("better", "worse")
         cells = [f"{m['values'][n]:.2f}" for n in names]
         cells += [change_cell(m["changes"].get(comparison_key(*pair)), up, down) for pair in pairs]
-        lines.append(f"| {PAIRED_METRICS[metric].format(scoring=scoring)} | " + " | ".join(cells) + " |")
+        title = PAIRED_METRICS[metric].format(scoring=scoring, count=m.get("count"))
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     lines += ["", f"Each change is the later model minus the earlier on the same {summary['data']['count']} "
                   "questions, in points, with a 95% interval from the per-question differences (normal "
                   "approximation); \"within noise\" when the interval includes 0. Invalid replies count as wrong "
-                  "in the greedy reply's accuracy."]
+                  "in the greedy reply's accuracy. Explanation metrics (--explain): on the questions where every "
+                  "model has a value (ROUGE-L leaves out empty explanations)."]
     return lines
 
 

@@ -67,7 +67,12 @@ from sciassist.common import (
 from sciassist.data.answers import ANSWER_FORMATS, detect_answer_format, text_first_breakdown
 from sciassist.data.scienceqa import FormatOptions
 from sciassist.eval.benchmarks import load_benchmark, parse_benchmarks
-from sciassist.eval.explain import DEFAULT_SIMILARITY_MODEL, explain_indices, judge_explanations
+from sciassist.eval.explain import (
+    DEFAULT_SIMILARITY_MODEL,
+    explain_indices,
+    judge_explanations,
+    paired_explanations,
+)
 from sciassist.eval.models import model_info, run_models
 from sciassist.eval.questions import (
     PROMPT_STYLES,
@@ -390,8 +395,10 @@ def evaluate(settings, models=None):
         draw_benchmark_chart(out_dir / "benchmarks.png", summary["benchmarks"])
         files["benchmarks_chart"] = "benchmarks.png"
     if settings.explain:
-        summary["explanations"], summary["explanations_info"] = judge_explanations(
+        summary["explanations"], summary["explanations_info"], per_question = judge_explanations(
             out_dir, files, records, runs, options.explain_indices, settings.similarity_model, settings.explain)
+        if "rl" in runs:
+            summary["paired"].update(paired_explanations(per_question))
     summary["total_s"] = time.perf_counter() - started
     _write_summary_files(out_dir, files, summary, records, runs, settings, options)
     print(format_table_text(table))

@@ -41,11 +41,12 @@ def wilson_interval(correct, count, z=WILSON_Z):
 def paired_change(base_correct, finetuned_correct, z=WILSON_Z):
     """Fine-tuned minus base accuracy (any later model minus an earlier one) on the same
     questions, in percentage points, with a 95% interval from the per-question differences
-    (each -1, 0 or +1; normal approximation); beyond_noise when the interval excludes 0."""
+    (each -1, 0 or +1; normal approximation); beyond_noise when the interval excludes 0.
+    Per-question scores in [0, 1] (an explanation's BLEU) work the same way, x100."""
     n = len(base_correct)
     if n == 0 or n != len(finetuned_correct):
         return None
-    diffs = [int(f) - int(b) for b, f in zip(base_correct, finetuned_correct, strict=True)]
+    diffs = [float(f) - float(b) for b, f in zip(base_correct, finetuned_correct, strict=True)]
     mean = sum(diffs) / n
     variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     half = z * math.sqrt(variance / n)

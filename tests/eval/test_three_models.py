@@ -8,6 +8,7 @@ import pytest
 
 from sciassist.eval import run as ev
 from sciassist.eval import transfer
+from sciassist.eval.explain import paired_explanations
 from sciassist.eval.questions import EvaluationError
 from sciassist.eval.report import read_results_file
 from sciassist.eval.table import paired_change, paired_summary
@@ -45,6 +46,21 @@ def test_paired_summary_values_of_every_comparison():
     assert (invalid["difference"], invalid["improved"], invalid["worsened"]) == (-50.0, 0, 2)
     # two models: the one comparison they make
     assert list(paired_summary(records, {k: runs[k] for k in ("base", "rl")})["scored"]["changes"]) == ["rl_vs_base"]
+
+
+def test_paired_explanations_on_the_questions_every_model_has():
+    def rows(*bleu1):
+        return [{"bleu1": b, "bleu4": 0.0, "rouge_l": None, "similarity": None} for b in bleu1]
+    paired = paired_explanations({"base": rows(0.2, 0.4, None), "finetuned": rows(0.3, 0.5, 0.9),
+                                  "rl": rows(0.5, 0.5, 0.1)})
+    assert list(paired) == ["explanation_bleu1", "explanation_bleu4"]  # ROUGE-L and similarity: no values
+    bleu1 = paired["explanation_bleu1"]
+    assert bleu1["count"] == 2  # the third question has no value for base
+    assert bleu1["values"] == pytest.approx({"base": 30.0, "finetuned": 40.0, "rl": 50.0})
+    assert list(bleu1["changes"]) == COMPARED
+    change = bleu1["changes"]["rl_vs_finetuned"]
+    assert change["difference"] == pytest.approx(10.0) and (change["improved"], change["worsened"]) == (1, 0)
+    assert paired["explanation_bleu4"]["changes"]["rl_vs_base"]["difference"] == 0
 
 
 def test_benchmark_summary_and_tables_with_three_models():
@@ -171,16 +187,25 @@ def test_source_follows_the_chain_from_the_rl_run(runs, tmp_path):
 @pytest.mark.slow
 def test_rl_and_its_source_from_the_command_line(runs, tmp_path, capsys, one_thread):
     """--rl DIR --finetuned source: the fine-tune's loss curve comes from the run folder of
-    the checkpoint the RL run started from."""
+    the checkpoint the RL run started from; --explain's metrics get their paired differences."""
     _, finetuned, rl = runs
     out = tmp_path / "out"
     assert ev.main(["--rl", str(rl), "--finetuned", "source", "--scienceqa", "sample", "--limit", "3",
-                    "--no_generate", "--num_samples", "0", "--device", "cpu", "--out_dir", str(out)]) == 0
+                    "--no_generate", "--num_samples", "0", "--explain", "2", "--explain_max_tokens", "6",
+                    "--similarity_model", str(tmp_path / "no_such_model"), "--device", "cpu",
+                    "--out_dir", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert list(summary["models"]) == ["finetuned", "rl"]
     assert summary["models"]["finetuned"]["checkpoint_dir"] == str(finetuned)
     assert list(summary["paired"]["scored"]["changes"]) == ["rl_vs_finetuned"]
     assert summary["loss_curve"]["sources"] == [str(finetuned / "metrics.jsonl")]
+    assert set(summary["explanations"]) == {"finetuned", "rl"}
+    bleu1 = summary["paired"]["explanation_bleu1"]
+    assert bleu1["count"] == 2 and "explanation_similarity" not in summary["paired"]  # no similarity model
+    assert bleu1["values"]["rl"] == pytest.approx(100 * summary["explanations"]["rl"]["bleu1"])
+    assert bleu1["changes"]["rl_vs_finetuned"]["difference"] == pytest.approx(
+        100 * (summary["explanations"]["rl"]["bleu1"] - summary["explanations"]["finetuned"]["bleu1"]))
+    assert "| explanation BLEU-1 (x100, 2 questions) |" in (out / "report.md").read_text()
 
 
 def test_a_bad_rl_spec_is_one_error_line_and_leaves_no_output_folder(tmp_path, capsys):
