@@ -3,6 +3,8 @@ Reinforcement learning on the model's own answers (nanochat's chat_rl.py, for mu
 
     sciassist rl --checkpoint finetuned_model_checkpoint/finetuned      # = python -m sciassist.train.rl
     sciassist rl --checkpoint sft:d20 --data_path data/scienceqa_train.jsonl --num_steps 200
+    sciassist rl --checkpoint sft:d20 --lora_rank 16                    # LoRA adapters, the base frozen
+    torchrun --nproc_per_node=8 -m sciassist.train.rl --checkpoint sft:d20   # 8 processes, 2 questions each
 
 Each step asks questions_per_step questions (sciassist.train.rl_questions: chosen by (seed,
 step), options shuffled), samples samples_per_question replies to each, rewards every reply with
@@ -11,10 +13,24 @@ group-relative, token-normalised policy gradient (sciassist.train.rl_step) under
 precision policy and optimizers (Muon + AdamW, built by the same function), every learning rate
 x init_lr_frac, decayed linearly to zero over the run.
 
+Several processes (torchrun; NCCL on GPUs, gloo on CPUs, sciassist.train.setup.distributed_runtime):
+each rank samples and trains on its own equal share of every step's questions (questions_per_step
+must divide among them), every reply drawn with its own seed, so the ranks together sample what one
+process would; the samples are exchanged, the gradients summed, and every rank takes the same
+update: the one-process run's, up to float rounding (sciassist.train.rl_ranks). Validation is shared
+too. Rank 0 alone writes files.
+
+LoRA (--lora_rank R > 0, sciassist.train.lora, as fine-tuning has it): adapters in the block
+projections train, with Muon at --lora_lr x init_lr_frac; the base is frozen. The replies are sampled
+from the adapted model with dropout off (eval mode); the policy gradient runs in train mode, LoRA's
+dropout drawing from a generator seeded by (seed, step, rank).
+
 The run folder, <out_dir>/<output_tag>/ (sciassist.train.files keeps it as the fine-tune does):
 
   model_<step>.pt, meta_<step>.json  the model every --save_every steps and at the end, in
-                                     nanochat's layout (`sciassist chat/evaluate --checkpoint <folder>`)
+                                     nanochat's layout (`sciassist chat/evaluate --checkpoint <folder>`);
+                                     with LoRA the merged model, its meta with a "lora" entry
+  adapter/                           LoRA: the latest saved step's adapter in peft's format
   tokenizer/                         a copy of the tokenizer
   metrics.jsonl                      one line per step (step 0: the validation, if any); the
                                      validations' figures (sciassist.train.rl_validation) in the
@@ -25,7 +41,8 @@ The run folder, <out_dir>/<output_tag>/ (sciassist.train.files keeps it as the f
   run_summary.json                   written at the end
   resume/state.pt                    what --resume needs: weights, optimizer states, the step,
                                      the metrics, every random generator (torch, python, the
-                                     sampling generator), the settings; continues bit for bit on CPU
+                                     sampling generator), the settings (LoRA: the adapters and their
+                                     optimizer state); continues bit for bit on CPU
 
 Stopping: Ctrl-C (SIGINT) and SIGTERM save the resume point of the last completed step; the
 command exits 130 or 143, as fine-tuning does.
@@ -33,6 +50,7 @@ command exits 130 or 143, as fine-tuning does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -58,6 +76,7 @@ from sciassist.common import (
     print_error,
     settings_from_namespace,
     settings_parser,
+    use_threads,
     write_json,
 )
 from sciassist.data.answers import detect_answer_format
@@ -65,7 +84,8 @@ from sciassist.data.batching import steps_per_epoch
 from sciassist.plots import plot_rl_curves
 from sciassist.train import setup as train_setup
 from sciassist.train.files import METRICS_FILE, append_record, open_run_dir, remove_leftovers
-from sciassist.train.rl_questions import load_questions, step_generator, step_questions
+from sciassist.train.lora import adapter_optimizers, add_adapters, lora_meta, save_lora_checkpoint
+from sciassist.train.rl_questions import dropout_seed, load_questions, step_generator, step_questions
 from sciassist.train.rl_reward import load_reward_fn
 from sciassist.train.rl_settings import RL_TRAJECTORY_FIELDS, RLError, RLSettings, check_rl_settings
 from sciassist.train.rl_step import sample_and_accumulate, step_metrics
@@ -115,6 +135,7 @@ class RLRun:
     num_steps: int
     pad_id: int
     fingerprint: str  # ties a resume point to its questions
+    lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
 
     @property
     def device(self):
@@ -129,7 +150,8 @@ class RLRun:
         return self.run_dir / RESUME_DIR / RESUME_FILE
 
     def log(self, message):
-        tqdm.write(message)
+        if self.runtime.is_main:
+            tqdm.write(message)
 
 
 @dataclass
@@ -170,7 +192,8 @@ def rl(settings: RLSettings, on_step=None) -> dict:
         _describe(run)
         status = _loop(run, progress, on_step)
         summary = run_summary(run, progress, status)
-        write_json(run.run_dir / "run_summary.json", summary)
+        if runtime.is_main:
+            write_json(run.run_dir / "run_summary.json", summary)
     return summary
 
 
@@ -189,18 +212,24 @@ def prepare_rl_run(settings: RLSettings, runtime: Runtime, reward_fn) -> RLRun:
                       f"clears its folder; choose another --output_tag (or --out_dir)")
     model = model.float()  # fp32 master weights; autocast does the reduced-precision math
     model.train()
+    # LoRA: adapters injected into the model (the same object), the base frozen; A's random init
+    # follows the seed set above, the same on every rank
+    lora = add_adapters(model, settings) if settings.lora_rank > 0 else None
+    if lora is not None:
+        optimizers = adapter_optimizers(model, settings)
+    else:  # the fine-tune's optimizers, built by the same function (its settings' names are these)
+        optimizers = train_setup.build_optimizers(model, settings)
     precision = precision_for(runtime.device, settings.dtype)
     num_steps = settings.num_steps if settings.num_steps > 0 else steps_per_epoch(len(questions),
                                                                                  settings.questions_per_step)
     return RLRun(settings=settings, runtime=runtime, model=model, tokenizer=tokenizer,
-                 # the fine-tune's optimizers, built by the same function (its settings' names are these)
-                 optimizers=train_setup.build_optimizers(model, settings), precision=precision,
+                 optimizers=optimizers, precision=precision,
                  scaler=precision.grad_scaler(), engine=Engine(model, tokenizer, compute_dtype(runtime.device,
                                                                                               settings.dtype)),
                  questions=questions, val_questions=val_questions, answer_format=answer_format, reward_fn=reward_fn,
                  source=dict(source, answer_format=answer_format), num_steps=num_steps,
                  pad_id=tokenizer.encode_special("<|assistant_end|>"),
-                 fingerprint=questions_fingerprint(questions, val_questions))
+                 fingerprint=questions_fingerprint(questions, val_questions), lora=lora)
 
 
 def questions_fingerprint(*question_sets) -> str:
@@ -221,7 +250,10 @@ RESUME_FIELDS = {"model": dict, "optimizers": list, "grad_scaler": dict, "rng": 
 
 
 def save_resume(run: RLRun, progress: RLProgress) -> None:
-    """The resume point after progress.step steps, written atomically (a temp file, then a rename)."""
+    """The resume point after progress.step steps, written atomically (a temp file, then a rename)
+    by rank 0 (every rank holds the same weights and optimizer states)."""
+    if not run.runtime.is_main:
+        return
     state = {"model": run.model.state_dict(), "optimizers": [opt.state_dict() for opt in run.optimizers],
              "grad_scaler": run.scaler.state_dict() if run.scaler is not None else {},
              "rng": progress.step_rng or rng_state(),
@@ -287,22 +319,30 @@ def start_or_resume(run: RLRun) -> RLProgress:
 # ----------------------------------------------------------------------------- the loop
 
 def save_model(run: RLRun, progress: RLProgress) -> Path:
-    """model_<step>.pt + meta_<step>.json in nanochat's layout (atomically)."""
+    """model_<step>.pt + meta_<step>.json in nanochat's layout (atomically; rank 0). With LoRA the
+    merged model, and the adapter in <run>/adapter/."""
+    if not run.runtime.is_main:
+        return model_path(run.run_dir, progress.step)
     last = progress.metrics[-1] if progress.metrics else {}
     meta = {"model_config": dataclasses.asdict(run.model.config), "step": progress.step,
             "source_model": run.source["model_file"], "source_step": run.source["step"],
             "answer_format": run.answer_format,
             "rl": {key: last.get(key) for key in ("reward_mean", "accuracy", "invalid_rate", "val_accuracy")},
             "rl_settings": dataclasses.asdict(run.settings)}
-    save_checkpoint(run.run_dir, progress.step, run.model, meta)
+    if run.lora is not None:
+        meta["lora"] = lora_meta(run.settings)
+        state_dict = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        save_lora_checkpoint(run.run_dir, progress.step, run.model, state_dict, run.lora, meta)
+    else:
+        save_checkpoint(run.run_dir, progress.step, run.model, meta)
     return model_path(run.run_dir, progress.step)
 
 
 def _loop(run: RLRun, progress: RLProgress, on_step) -> str:
     """Steps from progress.step to the end; returns completed, interrupted (Ctrl-C or on_step raised
     KeyboardInterrupt) or terminated (SIGTERM)."""
-    bar = tqdm(total=run.num_steps, initial=progress.step, dynamic_ncols=True, mininterval=1.0, desc="rl",
-               file=sys.stderr)
+    bar = tqdm(total=run.num_steps, initial=progress.step, disable=not run.runtime.is_main, dynamic_ncols=True,
+               mininterval=1.0, desc="rl", file=sys.stderr)
     saved = []  # the steps whose resume point was saved
     status = "completed"
     try:
@@ -338,7 +378,8 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
         generator = progress.step_generator(s.seed)
         questions = step_questions(run.questions, progress.step, s.questions_per_step, s.seed,
                                    generator if s.shuffle_options else None)
-        work = sample_and_accumulate(run, questions, generator)
+        with dropout_generator(run, progress.step):
+            work = sample_and_accumulate(run, questions, generator)
         if not math.isfinite(work.loss):
             run.model.zero_grad(set_to_none=True)
             raise RLError(f"the policy-gradient loss is {work.loss} at step {progress.step + 1}; nothing was applied. "
@@ -373,10 +414,24 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
             on_step(record)
 
 
+@contextlib.contextmanager
+def dropout_generator(run: RLRun, step: int):
+    """torch's generator seeded by (seed, step, rank) for the block, then as it was: what LoRA's
+    dropout draws in a step's policy gradient is the same in a resumed run, on every rank."""
+    if run.lora is None or not run.settings.lora_dropout:
+        yield
+        return
+    cuda = run.device.type == "cuda"
+    devices = [run.device.index if run.device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(dropout_seed(run.settings.seed, step, run.runtime.rank))
+        yield
+
+
 def _keep(run: RLRun, progress: RLProgress, record: dict) -> None:
     progress.metrics.append(record)
     append_record(run, record)
-    if "val_accuracy" in record:
+    if "val_accuracy" in record and run.runtime.is_main:
         try:
             plot_rl_curves(run.run_dir / METRICS_FILE, run.run_dir / CURVES_FILE)
         except Exception as e:  # a plot must never stop training
@@ -387,14 +442,17 @@ def _validate(run: RLRun, step: int) -> dict:
     """The validation after `step` steps: its figures (returned), its replies to the first
     questions (appended to samples.jsonl) and one printed line."""
     metrics, lines = validate(run, step)
-    append_samples(run.run_dir / SAMPLES_FILE, lines)
+    if run.runtime.is_main:
+        append_samples(run.run_dir / SAMPLES_FILE, lines)
     run.log(validation_line(step, run.num_steps, metrics))
     return metrics
 
 
 def open_validation_files(run: RLRun, progress: RLProgress) -> None:
     """A fresh run removes an earlier run's samples file and curves; a resumed run keeps the
-    samples of the steps it resumes after."""
+    samples of the steps it resumes after (rank 0)."""
+    if not run.runtime.is_main:
+        return
     samples = run.run_dir / SAMPLES_FILE
     if run.settings.resume:
         keep_samples_until(samples, progress.step)
@@ -414,16 +472,22 @@ def reward_description(run: RLRun) -> str:
 def _describe(run: RLRun) -> None:
     s, model = run.settings, run.model
     run.log(f"model: {run.source['model_file']} (d{model.config.n_layer}, {model.num_params():,} params)")
-    if run.device.type == "cpu":
+    if run.lora is not None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        run.log(f"LoRA: rank {s.lora_rank}, alpha {run.lora.lora_alpha:g}, dropout {s.lora_dropout:g}, targets "
+                f"{s.lora_targets}; {trainable:,} trainable parameters, the rest frozen")
+    if run.device.type == "cpu" and run.runtime.is_main:
         announce_threads(s.threads)
+    elif run.device.type == "cpu":  # the other ranks set theirs without a word
+        use_threads(s.threads)
     run.log(f"precision: {run.precision.name} ({run.precision.reason}); fp32 master weights")
     run.log(f"questions: {len(run.questions):,} from {s.data_path}"
             f"{', options shuffled every step' if s.shuffle_options else ''}; validation: "
             f"{validation_description(run) if run.val_questions else 'none'}")
     run.log(f"reward: {reward_description(run)}")
     run.log(f"schedule: {run.num_steps} steps of {s.questions_per_step} questions x {s.samples_per_question} "
-            f"replies (T={s.temperature:g}, top-k {s.top_k or 'off'}, at most {s.max_new_tokens} tokens) on "
-            f"{run.device}")
+            f"replies (T={s.temperature:g}, top-k {s.top_k or 'off'}, at most {s.max_new_tokens} tokens), "
+            f"{run.runtime.world_size} process(es) on {run.device}")
 
 
 def validation_description(run: RLRun) -> str:
@@ -458,7 +522,9 @@ def run_summary(run: RLRun, progress: RLProgress, status: str) -> dict:
         "final_validation": {k: v for k, v in val[-1].items() if k.startswith("val_")} if val else None,
         "elapsed_s": round(progress.elapsed(), 3),
         "device": str(run.device),
+        "world_size": run.runtime.world_size,
         "precision": run.precision.name,
+        "lora": lora_meta(run.settings) if run.lora is not None else None,
         "source_model": run.source,
         "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,
         "settings": dataclasses.asdict(run.settings),

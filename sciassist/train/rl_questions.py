@@ -130,6 +130,14 @@ def val_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of torch's generator for the policy-gradient pass of step `step` on rank `rank`
+    (LoRA's dropout draws from it): a function of (seed, step, rank) alone, so a resumed run drops
+    what the uninterrupted one dropped on every rank."""
+    digest = hashlib.blake2b(f"sciassist-rl:{seed}:dropout:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def step_questions(questions: list[Question], step: int, per_step: int, seed: int, generator=None) -> list[Question]:
     """The questions of step `step` as shown: chosen by (seed, step), their options shuffled with
     `generator` when one is given."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
 from sciassist.common import DTYPES, THREADS_HELP, UserError, field_problems, resolve_device, setting
 from sciassist.data.answers import ANSWER_FORMATS
-from sciassist.train.settings import MAX_BATCH, MAX_LR, MAX_POSITIONS, MAX_STEPS, RunFields
+from sciassist.train.settings import MAX_BATCH, MAX_LR, MAX_POSITIONS, MAX_STEPS, RunFields, lora_setting
 
 # Settings that shape the run's trajectory: resuming with other values would silently make a
 # different run, so --resume refuses them.
@@ -23,7 +23,7 @@ RL_TRAJECTORY_FIELDS = (
     "samples_per_question", "max_new_tokens", "temperature", "top_k", "matrix_lr", "embedding_lr", "unembedding_lr",
     "weight_decay", "init_lr_frac", "shuffle_options", "answer_format", "invalid_reward", "format_bonus",
     "reward_fn", "token_normalization", "generation_batch_size", "device_batch_size", "eval_every", "eval_questions",
-    "val_questions", "val_samples", "seed",
+    "val_questions", "val_samples", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr",
 )
 # How the policy-gradient sum is normalised: by every sampled token of the step (nanochat: a step
 # in which few groups have a reward spread moves the weights less), or only by the tokens of the
@@ -83,8 +83,9 @@ class RLSettings(RunFields):
     # sampling
     num_steps: int = setting(-1, "optimizer steps; -1 = one pass over the questions (questions // "
                                  "questions_per_step)", at_least=-1, at_most=MAX_STEPS, check=_steps_problem)
-    questions_per_step: int = setting(16, "questions per step, chosen by (seed, step) from an order reshuffled "
-                                          "every pass", at_least=1, at_most=MAX_BATCH)
+    questions_per_step: int = setting(16, "questions per step over all processes (under torchrun each takes an "
+                                          "equal share), chosen by (seed, step) from an order reshuffled every "
+                                          "pass", at_least=1, at_most=MAX_BATCH)
     samples_per_question: int = setting(16, "replies sampled per question: the group whose mean reward is the "
                                             "baseline of its advantages", at_least=2, at_most=MAX_BATCH)
     max_new_tokens: int = setting(256, "longest reply in tokens; a reply cut there counts as truncated",
@@ -126,6 +127,13 @@ class RLSettings(RunFields):
                                   above=0, at_most=1)
     muon_dtype: str = setting("auto", "dtype of Muon's Newton-Schulz iteration: auto | bfloat16 | float32",
                               choices=["auto", "bfloat16", "float32"])
+    # LoRA (sciassist.train.lora, as fine-tuning has it): only low-rank adapters train, the base is frozen;
+    # the replies are sampled from the adapted model
+    lora_rank: int = lora_setting("lora_rank")
+    lora_alpha: float | None = lora_setting("lora_alpha")
+    lora_dropout: float = lora_setting("lora_dropout")
+    lora_targets: str = lora_setting("lora_targets")
+    lora_lr: float = lora_setting("lora_lr")
     # output
     out_dir: str = setting(DEFAULT_FINETUNED_DIR, "where runs are written")
     output_tag: str = setting("rl", "run name: files go to <out_dir>/<output_tag>/", check=_folder_name_problem)
@@ -145,7 +153,7 @@ class RLSettings(RunFields):
 def check_rl_settings(s: RLSettings) -> None:
     """Raise RLError naming the flag for any value that cannot work: each field's own rules, the
     reward's ordering (correct > wrong >= invalid, the format never outweighing correctness), the
-    device, and a single process (data-parallel RL is not there yet)."""
+    device, and under torchrun a --questions_per_step the processes can share equally."""
     problems = field_problems(s)
     if not problems and s.format_bonus - s.invalid_reward > 1 - s.format_bonus:
         problems.append(f"--format_bonus {s.format_bonus:g} with --invalid_reward {s.invalid_reward:g} would let the "
@@ -155,7 +163,9 @@ def check_rl_settings(s: RLSettings) -> None:
         resolve_device(s.device)
     except UserError as e:
         problems.append(str(e))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        problems.append("RL runs in one process for now; start it with python, not torchrun")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and s.questions_per_step % world_size:
+        problems.append(f"--questions_per_step {s.questions_per_step} cannot be shared equally by {world_size} "
+                        f"processes; make it a multiple of {world_size}")
     if problems:
         raise RLError("invalid settings: " + "; ".join(problems))

@@ -4,8 +4,11 @@ policy gradient; plus the step's metrics record.
 Sampling. Every question's prompt (the tokenizer's chat rendering for completion, as the
 evaluator renders it) is repeated samples_per_question times and the rows are decoded together
 with the KV-cache engine (nanochat.engine.Engine.generate_multi), generation_batch_size rows per
-call, each call seeded from the step's generator. A reply ends at <|assistant_end|> (not part of
-the reply, nor trained on, as in nanochat) or is cut at max_new_tokens (truncated).
+call, the model in eval mode (LoRA's dropout off). Every row of the step has its own seed, drawn
+from the step's generator (row_seeds), and its own random generator: a reply does not depend on
+the rows decoded beside it, nor on which rank of a torchrun run decodes it (sciassist.train.rl_ranks).
+A reply ends at <|assistant_end|> (not part of the reply, nor trained on, as in nanochat) or is cut
+at max_new_tokens (truncated).
 
 Policy gradient (on-policy REINFORCE, no KL, no clipping). With A the reply's advantage and
 log p the policy's log-probability of each sampled token, computed under the run's precision:
@@ -15,8 +18,9 @@ log p the policy's log-probability of each sampled token, computed under the run
 N is the number of sampled tokens of the step (--token_normalization all_samples, nanochat's
 token-level normalisation) or of the replies in groups with a reward spread (spread_groups).
 Groups without spread have zero advantages: they are not run through the model at all.
-Micro-batches of device_batch_size replies each add their share of the same sum, so the
-gradient does not depend on how the step is split.
+Micro-batches of device_batch_size replies each add their share of the same sum, and N counts
+the whole step's tokens on every rank, so the gradient does not depend on how the step is split
+into micro-batches or ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from sciassist.data.answers import LETTERS
+from sciassist.train.rl_ranks import all_reduce_gradients, gathered, share, summed
 from sciassist.train.rl_reward import custom_reward, group_advantages, parsed_answer, verifiable_reward
 
 INVALID = "invalid"  # the letter histogram's key for replies without an accepted answer
@@ -51,7 +56,7 @@ class Sample:
 
 @dataclass
 class StepWork:
-    """What one step's sampling and forward/backward did."""
+    """What one step's sampling and forward/backward did (all ranks together)."""
 
     samples: list
     questions: list
@@ -59,30 +64,43 @@ class StepWork:
     loss: float  # the step's loss (the normalised objective above)
     neg_logp: float | None  # mean -log p of the tokens trained on (None: no group had a spread)
     trained_tokens: int
-    sample_time_s: float
+    sample_time_s: float  # the slowest rank's
 
 
-def generation_seeds(generator: torch.Generator, num_rows: int, rows_per_call: int) -> list[int]:
-    """One seed per generate call of a step, drawn from the step's generator."""
-    calls = max(1, math.ceil(num_rows / rows_per_call))
-    return torch.randint(0, 2**62, (calls,), generator=generator).tolist()
+def row_seeds(generator: torch.Generator, num_rows: int) -> list[int]:
+    """One sampling seed per row of a step (question after question, its replies in a row), drawn
+    from the step's generator."""
+    return torch.randint(0, 2**62, (num_rows,), generator=generator).tolist()
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode for the block (dropout off), then in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def sample_rows(engine, rows, rows_per_call, seeds, max_tokens, temperature, top_k):
-    """(reply tokens, truncated) of every prompt in `rows`, decoded rows_per_call at a time."""
+    """(reply tokens, truncated) of every prompt in `rows`, row i sampled with seeds[i], decoded
+    rows_per_call at a time."""
     results = []
-    for call, start in enumerate(range(0, len(rows), rows_per_call)):
+    for start in range(0, len(rows), rows_per_call):
         chunk = rows[start:start + rows_per_call]
         outputs = engine.generate_multi(chunk, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                        seed=seeds[call])
+                                        seeds=seeds[start:start + rows_per_call])
         # generate_multi stops a row at its stop token or after this many tokens
         limit = min(max_tokens, engine.model.rotary_seq_len - max(len(p) for p in chunk))
         results.extend((tokens, len(tokens) >= limit) for tokens in outputs)
     return results
 
 
-def reward_samples(run, questions, prompts, sampled, k) -> tuple[list[Sample], list[bool]]:
-    """Samples with their rewards and group-relative advantages; per group whether it has a spread."""
+def reward_samples(run, questions, prompts, sampled, k, first_group=0) -> tuple[list[Sample], list[bool]]:
+    """Samples with their rewards and group-relative advantages; per group whether it has a spread.
+    first_group: the position in the step of questions[0] (a rank's share starts there)."""
     s, tokenizer = run.settings, run.tokenizer
     samples = []
     for row, (tokens, truncated) in enumerate(sampled):
@@ -95,8 +113,8 @@ def reward_samples(run, questions, prompts, sampled, k) -> tuple[list[Sample], l
         else:
             reward, predicted = verifiable_reward(text, question.choices, question.answer, run.answer_format,
                                                   s.invalid_reward, s.format_bonus)
-        samples.append(Sample(group=group, prompt=prompts[group], reply=tokens, truncated=truncated, text=text,
-                              reward=reward, predicted=predicted))
+        samples.append(Sample(group=first_group + group, prompt=prompts[group], reply=tokens, truncated=truncated,
+                              text=text, reward=reward, predicted=predicted))
     spread = []
     for group in range(len(questions)):
         members = samples[group * k:(group + 1) * k]
@@ -145,26 +163,37 @@ def accumulate_policy_gradient(model, trained, denominator, rows_per_pass, pad_i
 
 
 def sample_and_accumulate(run, questions, generator) -> StepWork:
-    """Sample the step's replies, reward them and accumulate the policy gradient (not applied)."""
-    s, k = run.settings, run.settings.samples_per_question
+    """Sample this rank's share of the step's replies, reward them, and accumulate the policy
+    gradient of the whole step, summed over the ranks (not applied). `questions` are the step's
+    (the same on every rank); the returned work is the whole step's."""
+    s, k, runtime = run.settings, run.settings.samples_per_question, run.runtime
     t0 = time.time()
-    prompts = [run.tokenizer.render_for_completion(q.messages) for q in questions]
+    seeds = row_seeds(generator, len(questions) * k)  # the whole step's: a row's seed is the same on any rank
+    mine = share(len(questions), runtime)
+    prompts = [run.tokenizer.render_for_completion(questions[i].messages) for i in mine]
     rows = [p for p in prompts for _ in range(k)]
-    seeds = generation_seeds(generator, len(rows), s.generation_batch_size)
-    sampled = sample_rows(run.engine, rows, s.generation_batch_size, seeds, s.max_new_tokens, s.temperature,
-                          s.top_k or None)
-    samples, spread = reward_samples(run, questions, prompts, sampled, k)
-    sample_time = time.time() - t0
-    trained = [x for x in samples if spread[x.group] and x.reply]
+    with evaluating(run.model):
+        sampled = sample_rows(run.engine, rows, s.generation_batch_size, seeds[mine.start * k:mine.stop * k],
+                              s.max_new_tokens, s.temperature, s.top_k or None)
+    own, own_spread = reward_samples(run, [questions[i] for i in mine], prompts, sampled, k, first_group=mine.start)
+    # every rank learns the whole step: its divisor and its metrics are those of one process
+    parts = gathered(runtime, [(own, own_spread, time.time() - t0)])
+    samples = [x for part_samples, _, _ in parts for x in part_samples]
+    spread = [has for _, part_spread, _ in parts for has in part_spread]
+    sample_time = max(seconds for _, _, seconds in parts)
     counted = samples if s.token_normalization == "all_samples" else [x for x in samples if spread[x.group]]
     denominator = max(1, sum(len(x.reply) for x in counted))
-    trained_tokens = sum(len(x.reply) for x in trained)
-    loss, neg_logp = 0.0, None
+    trained_tokens = sum(len(x.reply) for x in samples if spread[x.group])
+    trained = [x for x in own if spread[x.group] and x.reply]  # this rank's share of the gradient
+    loss, neg_logp_sum = 0.0, 0.0
     if trained:
         loss, neg_logp_sum = accumulate_policy_gradient(run.model, trained, denominator, s.device_batch_size,
                                                         run.pad_id, run.precision.autocast(), run.scaler)
-        neg_logp = neg_logp_sum / trained_tokens
-    return StepWork(samples=samples, questions=questions, spread=spread, loss=loss, neg_logp=neg_logp,
+    if trained_tokens:
+        all_reduce_gradients(run.model, runtime)
+        loss, neg_logp_sum = summed(runtime, [loss, neg_logp_sum])
+    return StepWork(samples=samples, questions=questions, spread=spread, loss=loss,
+                    neg_logp=neg_logp_sum / trained_tokens if trained_tokens else None,
                     trained_tokens=trained_tokens, sample_time_s=sample_time)
 
 

@@ -18,9 +18,11 @@ for k = 1, 2, 4, ... and n. Pass@k rising with k while pass@1 stays low says the
 within reach of sampling, which is what the policy gradient can reinforce; maj@k above greedy
 accuracy says the sampled answers carry more than the most likely one.
 
-The replies are drawn from a generator seeded from (seed, "val", step) alone
-(rl_questions.val_generator): validation reproduces, and it draws nothing from the generators
-of the training steps, so a run's trajectory does not depend on how often it validates.
+The replies' seeds are drawn from a generator seeded from (seed, "val", step) alone
+(rl_questions.val_generator), one per reply: validation reproduces, and it draws nothing from the
+generators of the training steps, so a run's trajectory does not depend on how often it validates.
+Under torchrun each rank decodes its share of the questions and the replies are gathered
+(sciassist.train.rl_ranks), so the figures are those of one process. The model is in eval mode.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 
 from sciassist.data.answers import LETTERS
 from sciassist.train.rl_questions import val_generator
-from sciassist.train.rl_step import generation_seeds, reward_samples, sample_rows
+from sciassist.train.rl_ranks import gathered, share
+from sciassist.train.rl_step import evaluating, reward_samples, row_seeds, sample_rows
 
 SAMPLES_FILE = "samples.jsonl"  # replies to the first SHOWN_QUESTIONS val questions at each validation
 CURVES_FILE = "rl_curves.png"
@@ -70,12 +73,15 @@ def sample_counts(n: int) -> list[int]:
 
 
 def greedy_validation(run) -> tuple[dict, list]:
-    """(metrics, samples) of greedy replies to run.val_questions."""
+    """(metrics, samples) of greedy replies to run.val_questions (this rank's share decoded here,
+    every rank's returned)."""
     s, questions = run.settings, run.val_questions
-    prompts = [run.tokenizer.render_for_completion(q.messages) for q in questions]
+    mine = share(len(questions), run.runtime)
+    prompts = [run.tokenizer.render_for_completion(questions[i].messages) for i in mine]
     sampled = sample_rows(run.engine, prompts, s.generation_batch_size, [0] * len(prompts), s.max_new_tokens, 0.0,
                           None)
-    samples, _ = reward_samples(run, questions, prompts, sampled, 1)
+    own, _ = reward_samples(run, [questions[i] for i in mine], prompts, sampled, 1, first_group=mine.start)
+    samples = gathered(run.runtime, own)
     n = len(samples)
     metrics = {"val_reward_mean": sum(x.reward for x in samples) / n,
                "val_accuracy": sum(x.predicted == questions[x.group].answer for x in samples) / n,
@@ -85,19 +91,21 @@ def greedy_validation(run) -> tuple[dict, list]:
 
 
 def sampled_validation(run, step: int) -> tuple[dict, list]:
-    """(metrics, samples) of val_samples replies to each of the first val_questions, drawn with
-    step `step`'s validation generator; empty when --val_questions is 0."""
+    """(metrics, samples) of val_samples replies to each of the first val_questions, their seeds
+    drawn from step `step`'s validation generator; empty when --val_questions is 0."""
     s = run.settings
     questions = run.val_questions[:s.val_questions]
     n = s.val_samples or s.samples_per_question
     if not questions:
         return {}, []
-    prompts = [run.tokenizer.render_for_completion(q.messages) for q in questions]
+    seeds = row_seeds(val_generator(s.seed, step), len(questions) * n)
+    mine = share(len(questions), run.runtime)
+    prompts = [run.tokenizer.render_for_completion(questions[i].messages) for i in mine]
     rows = [p for p in prompts for _ in range(n)]
-    seeds = generation_seeds(val_generator(s.seed, step), len(rows), s.generation_batch_size)
-    sampled = sample_rows(run.engine, rows, s.generation_batch_size, seeds, s.max_new_tokens, s.temperature,
-                          s.top_k or None)
-    samples, _ = reward_samples(run, questions, prompts, sampled, n)
+    sampled = sample_rows(run.engine, rows, s.generation_batch_size, seeds[mine.start * n:mine.stop * n],
+                          s.max_new_tokens, s.temperature, s.top_k or None)
+    own, _ = reward_samples(run, [questions[i] for i in mine], prompts, sampled, n, first_group=mine.start)
+    samples = gathered(run.runtime, own)
     answers = [[x.predicted for x in samples[i * n:(i + 1) * n]] for i in range(len(questions))]
     metrics = {"val_sampled_questions": len(questions), "val_samples_per_question": n,
                "val_sample_reward_mean": sum(x.reward for x in samples) / len(samples),
@@ -115,8 +123,9 @@ def sampled_validation(run, step: int) -> tuple[dict, list]:
 def validate(run, step: int) -> tuple[dict, list]:
     """The validation at `step`: (its metrics, the samples-file lines of the first SHOWN_QUESTIONS
     questions, greedy reply first, then the sampled ones)."""
-    greedy, greedy_samples = greedy_validation(run)
-    sampled, sampled_samples = sampled_validation(run, step)
+    with evaluating(run.model):
+        greedy, greedy_samples = greedy_validation(run)
+        sampled, sampled_samples = sampled_validation(run, step)
     lines = []
     for question_index, question in enumerate(run.val_questions[:SHOWN_QUESTIONS]):
         shown = [("greedy", 0, greedy_samples[question_index])]

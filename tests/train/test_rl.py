@@ -23,7 +23,7 @@ from sciassist.train.rl import EXIT_CODES, main, rl
 from sciassist.train.rl_questions import as_question, load_questions, shuffled, step_generator, val_generator
 from sciassist.train.rl_reward import custom_reward, group_advantages, load_reward_fn, verifiable_reward
 from sciassist.train.rl_settings import RLError, RLSettings, check_rl_settings
-from sciassist.train.rl_step import Sample, StepWork, accumulate_policy_gradient, generation_seeds, step_metrics
+from sciassist.train.rl_step import Sample, StepWork, accumulate_policy_gradient, row_seeds, step_metrics
 from sciassist.train.rl_validation import (
     maj_at_k,
     majority_answer,
@@ -32,6 +32,7 @@ from sciassist.train.rl_validation import (
     sampled_validation,
     validation_line,
 )
+from sciassist.train.setup import Runtime
 from tests.conftest import nontrivial_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -250,14 +251,15 @@ def test_the_majority_vote_ignores_invalid_replies_and_breaks_ties_by_first_answ
 
 
 class ScriptedEngine:
-    """generate_multi's stand-in: the next replies of a script, encoded; records each call's seed."""
+    """generate_multi's stand-in: the next replies of a script, encoded; records each row's seed."""
 
     def __init__(self, tokenizer, replies):
         self.tokenizer, self.replies, self.seeds = tokenizer, list(replies), []
         self.model = SimpleNamespace(rotary_seq_len=10_000)
 
-    def generate_multi(self, prompts, max_tokens, temperature, top_k, seed):
-        self.seeds.append(seed)
+    def generate_multi(self, prompts, max_tokens, temperature, top_k, seeds):
+        assert len(seeds) == len(prompts)
+        self.seeds.extend(seeds)
         return [self.tokenizer.encode(self.replies.pop(0)) for _ in prompts]
 
 
@@ -272,7 +274,7 @@ def test_sampled_validation_scores_pass_and_majority_by_hand(tiny_tokenizer):
     settings = RLSettings(val_questions=2, val_samples=4, generation_batch_size=3, max_new_tokens=100, seed=42,
                           device="cpu")
     run = SimpleNamespace(settings=settings, val_questions=questions, tokenizer=tiny_tokenizer, engine=engine,
-                          reward_fn=None, answer_format="letter_first")
+                          reward_fn=None, answer_format="letter_first", runtime=Runtime(device=torch.device("cpu")))
     metrics, samples = sampled_validation(run, 7)
     assert not engine.replies and len(samples) == 8  # the third question is past --val_questions
     assert [x.predicted for x in samples] == [0, 1, None, 1, None, None, 1, 0]
@@ -283,9 +285,9 @@ def test_sampled_validation_scores_pass_and_majority_by_hand(tiny_tokenizer):
     assert (metrics["val_maj@1"], metrics["val_maj@2"], metrics["val_maj@4"]) == (0.0, 0.0, 0.5)
     assert (metrics["val_sample_invalid_rate"], metrics["val_sample_reward_mean"]) == (3 / 8, 3 / 8)
     assert (metrics["val_sampled_questions"], metrics["val_samples_per_question"]) == (2, 4)
-    # the seeds come from (seed, "val", step) alone, apart from the training steps' generators
-    assert engine.seeds == generation_seeds(val_generator(42, 7), 8, 3)
-    assert engine.seeds != generation_seeds(step_generator(42, 7), 8, 3)
+    # one seed per reply, from (seed, "val", step) alone, apart from the training steps' generators
+    assert engine.seeds == row_seeds(val_generator(42, 7), 8) and len(set(engine.seeds)) == 8
+    assert engine.seeds != row_seeds(step_generator(42, 7), 8)
     line = validation_line(7, 10, dict(metrics, val_accuracy=0.5, val_invalid_rate=0.25))
     assert line == ("validation at step 7/10: greedy accuracy 0.500, invalid 0.250 | 2 questions x 4 samples: "
                     "pass@1 0.375 pass@2 0.667 pass@4 1.000, maj@4 0.500, invalid 0.375")
