@@ -20,6 +20,8 @@ class Recipe:
     eval_max_new_tokens: int = 16                 # letter_first: "The correct answer is X." fits in 16 tokens
     choice_scoring: bool = True                   # also score with --scoring choice (eval_<split>_choice/)
     explain: int = 0                              # questions whose explanation is judged (--explain N)
+    rl: dict = field(default_factory=dict)        # RLSettings overrides of the RL stage after the fine-tune
+                                                  # (paths are set here); empty: no RL stage
     tested: bool = True
 
 
@@ -96,7 +98,7 @@ class RecipeError(UserError, ValueError):
 
 def get_recipe(name, **overrides):
     """The preset `name`, with dataclass fields replaced and dict fields (tiny, train,
-    data) updated key by key: get_recipe("cpu", train={"num_iterations": 10})."""
+    data, rl) updated key by key: get_recipe("cpu", train={"num_iterations": 10})."""
     if name not in RECIPES:
         raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     recipe = RECIPES[name]

@@ -1,6 +1,6 @@
 """
-Recipes: the whole small-model pipeline (data -> tokenizer + tiny base -> fine-tune ->
-evaluation) as named presets, so a measured result can be reproduced with one call.
+Recipes: the whole small-model pipeline (data -> tokenizer + tiny base -> fine-tune -> RL,
+where the preset has that stage -> evaluation) as named presets, so a measured result can be reproduced with one call.
 
     python -m sciassist.pipelines.recipes --preset cpu --scienceqa ../shared/scienceqa --out_dir runs/cpu
     python -m sciassist.pipelines.recipes --preset cpu --scienceqa DIR --out_dir DIR2 --split test --evaluate_only
@@ -23,6 +23,12 @@ few data choices no other module makes:
   questions of the seeded permutation (seed 42, the rows the hub's shuffle picks) are the
   selection set that recipes are compared on; the next `sft_val_size` are the fine-tune's
   validation loss (which picks the kept checkpoint). Test is evaluated only when asked.
+
+- RL (a preset's `rl`, RLSettings overrides; sciassist.train.rl): after the fine-tune, the
+  model practises on the training questions, its own sampled replies rewarded by the
+  evaluator's strict parser, validated on the fine-tune's sft_val questions (never the
+  selection set). The evaluation then compares fine-tuned -> RL on the same questions, with
+  paired intervals (eval_<split>/report.md), and the headline gains an "rl" entry.
 
 - Scoring: the evaluation's default for the recipe's answer format (choice scoring for
   text_first answers, letter scoring for letter_first ones) in eval_<split>/; a letter_first
@@ -61,6 +67,8 @@ from sciassist.eval.run import SOURCE_MODEL, EvalSettings, evaluate, named_model
 from sciassist.pipelines.presets import RECIPES, RecipeError, get_recipe
 from sciassist.pipelines.tiny import MARKER_FILE, TinySettings, train_tiny
 from sciassist.train.loop import train
+from sciassist.train.rl import rl
+from sciassist.train.rl_settings import RLSettings
 from sciassist.train.settings import TrainSettings
 
 SPLITS_FOR_EVAL = ("val", "test")
@@ -206,7 +214,14 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
     training = train(settings, on_step=limit.check)
     timings["finetune_s"] = time.time() - t0
 
-    evaluations = _evaluate_splits(recipe, paths, settings.run_dir(), out_dir, splits, timings)
+    reinforced = None
+    if recipe.rl and not limit.reached:
+        t0 = time.time()
+        reinforced = rl(rl_settings(recipe, paths, settings.run_dir(), out_dir))
+        timings["rl_s"] = time.time() - t0
+
+    evaluations = _evaluate_splits(recipe, paths, settings.run_dir(), out_dir, splits, timings,
+                                   rl_dir=Path(reinforced["run_dir"]) if reinforced else None)
     timings["total_s"] = time.time() - started
     summary = {
         "recipe": dataclasses.asdict(recipe),
@@ -218,12 +233,15 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
                                                      "best_step", "best_val_loss", "train_conversations",
                                                      "truncated", "elapsed_s")},
                      "time_limited": limit.reached},
+        **({"rl": rl_headline(reinforced)} if reinforced else {}),
         "evaluation": evaluations,
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "minutes": round(timings["total_s"] / 60, 2),
         "out_dir": str(out_dir),
     }
     write_json(out_dir / "recipe_summary.json", summary)
+    if limit.reached and recipe.rl:
+        print("warning: the RL stage was left out: the fine-tune it starts from was cut short", file=sys.stderr)
     if limit.reached:
         print(f"warning: --max_minutes {max_minutes:g} stopped the fine-tune at step {training.get('steps_done')} of "
               f"{training.get('num_steps')}; this is not the {recipe.name} recipe's model (drop --max_minutes for it)",
@@ -265,13 +283,30 @@ class TimeLimit:
                   f"{(now - self.started) / 60 + left:.0f} min before its evaluation", flush=True)
 
 
-def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings):
-    """Evaluate the fine-tune in run_dir on each split's eval file; returns {split: headline}."""
+def rl_settings(recipe, paths, finetuned_dir, out_dir) -> RLSettings:
+    """The RL stage's settings: the kept fine-tuned checkpoint, the recipe's training questions,
+    the fine-tune's validation questions (disjoint from the selection set), out_dir/rl/<name>/."""
+    return RLSettings(**{"checkpoint": str(finetuned_dir), "data_path": str(paths["train"]),
+                         "val_path": str(paths["sft_val"]), "out_dir": str(Path(out_dir) / "rl"),
+                         "output_tag": recipe.name, **recipe.rl})
+
+
+def rl_headline(summary) -> dict:
+    """What the recipe summary keeps of an RL run's summary."""
+    keys = ("status", "run_dir", "final_checkpoint", "best_checkpoint", "best_step", "steps_done", "num_steps",
+            "initial_validation", "final_validation", "best_validation", "elapsed_s")
+    return {key: summary[key] for key in keys if key in summary}
+
+
+def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings, rl_dir=None):
+    """Evaluate the fine-tune in run_dir (and the RL run in rl_dir, on the same questions, with
+    paired differences) on each split's eval file; returns {split: headline}."""
     evaluations = {}
     for split in splits:
         t0 = time.time()
         # a recipe that judges explanations shows its base beside it (what pretraining alone writes)
-        eval_settings = EvalSettings(finetuned=str(run_dir), data_path=str(paths[f"eval_{split}"]),
+        eval_settings = EvalSettings(finetuned=str(run_dir), rl=None if rl_dir is None else str(rl_dir),
+                                     data_path=str(paths[f"eval_{split}"]),
                                      base=SOURCE_MODEL if recipe.explain else None,
                                      split=split, train_path=str(paths["train"]),
                                      out_dir=str(out_dir / f"eval_{split}"),
@@ -279,9 +314,12 @@ def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings):
                                      constrain_answers=True, explain=recipe.explain)
         result = evaluate(named_models(eval_settings))
         evaluations[split] = headline(result)
+        if rl_dir is not None:
+            evaluations[split]["rl"] = headline(result, "rl")
+            evaluations[split]["paired"] = result.get("paired", {})
         if recipe.choice_scoring and result["settings"]["scoring"] == "letter":
             choice_settings = replace(eval_settings, scoring="choice", generate=False, num_samples=0,
-                                      constrain_answers=False, explain=0, base=None,
+                                      constrain_answers=False, explain=0, base=None, rl=None,
                                       out_dir=str(out_dir / f"eval_{split}_choice"))
             evaluations[split].update(choice_headline(evaluate(choice_settings), result))
         timings[f"eval_{split}_s"] = time.time() - t0
@@ -289,7 +327,7 @@ def _evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings):
 
 
 # what decides the trained model and the evaluation files (not descriptions or timings)
-TRAINING_FIELDS = ("tiny", "train", "data", "shuffled_copies", "sft_val_size", "eval_limit")
+TRAINING_FIELDS = ("tiny", "train", "data", "shuffled_copies", "sft_val_size", "eval_limit", "rl")
 
 
 def _evaluate_finished(recipe, scienceqa_dir, out_dir, splits):
@@ -300,31 +338,36 @@ def _evaluate_finished(recipe, scienceqa_dir, out_dir, splits):
         raise RecipeError(f"{summary_path}: no finished recipe run here to evaluate (run it first, without "
                           f"--evaluate_only)")
     summary = json.loads(summary_path.read_text())
-    trained = {k: summary.get("recipe", {}).get(k) for k in TRAINING_FIELDS}
+    # (runs made before recipes had an RL stage have no "rl": they had none)
+    trained = {k: summary.get("recipe", {}).get(k, {} if k == "rl" else None) for k in TRAINING_FIELDS}
     if trained != json.loads(json.dumps({k: getattr(recipe, k) for k in TRAINING_FIELDS}, default=str)):
         raise RecipeError(f"{out_dir} holds a run of other recipe settings ({summary.get('recipe', {}).get('name')}); "
                           f"evaluate it with the settings it was trained with")
     run_dir = out_dir / "sft" / recipe.name
     if not any(run_dir.glob("model_*.pt")):
         raise RecipeError(f"{run_dir}: no fine-tuned checkpoint to evaluate")
+    rl_dir = out_dir / "rl" / recipe.name
+    if recipe.rl and not any(rl_dir.glob("model_*.pt")):
+        raise RecipeError(f"{rl_dir}: no RL checkpoint to evaluate")
     paths, counts = prepare_recipe_data(recipe, scienceqa_dir, out_dir / "data", splits)
     timings = {}
-    summary["evaluation"].update(_evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings))
+    summary["evaluation"].update(_evaluate_splits(recipe, paths, run_dir, out_dir, splits, timings,
+                                                  rl_dir=rl_dir if recipe.rl else None))
     summary["counts"].update(counts)
     summary["timings"].update({k: round(v, 1) for k, v in timings.items()})
     write_json(summary_path, summary)
     return summary
 
 
-def headline(result):
-    """The numbers a study row needs from an evaluate() summary: the scoring rule and its
-    accuracy (also under "<rule>_acc"), generated accuracy, agreement with the scored answer,
-    invalid share (fractions) and the question count."""
+def headline(result, model="finetuned"):
+    """The numbers a study row needs from an evaluate() summary of one model (finetuned or rl):
+    the scoring rule and its accuracy (also under "<rule>_acc"), generated accuracy, agreement
+    with the scored answer, invalid share (fractions) and the question count."""
     rows = {row["name"]: row for row in result["table"]["rows"]}
-    generation = result["generation"]["finetuned"] or {}
-    constrained = result.get("constrained", {}).get("finetuned") or {}
+    generation = result["generation"].get(model) or {}
+    constrained = result.get("constrained", {}).get(model) or {}
     scoring = result["settings"].get("scoring", "letter")
-    accuracy = rows["finetuned"]["cells"]["Avg"]["accuracy"] / 100
+    accuracy = rows[model]["cells"]["Avg"]["accuracy"] / 100
     return {
         "count": result["data"]["count"],
         "scoring": scoring,
@@ -336,7 +379,7 @@ def headline(result):
         **{key: generation[key] for key in ("names_an_option", "letter_matches_text") if key in generation},
         "constrained_acc": constrained.get("accuracy"),
         "constrained_agreement": constrained.get("agreement"),
-        **({"explanations": result["explanations"]} if result.get("explanations") else {}),
+        **({"explanations": result["explanations"]} if result.get("explanations") and model == "finetuned" else {}),
         "out_dir": result["settings"]["out_dir"],
     }
 

@@ -208,3 +208,34 @@ def test_the_fine_tune_time_is_estimated_from_its_first_steps(monkeypatch, capsy
     assert out == ("fine-tune: 0.50 s/step over steps 2-21 -> about 33 min for the other 3,979 steps; the recipe "
                    "will have taken about 34 min before its evaluation\n")
     assert not limit.reached
+
+
+def test_a_recipe_with_an_rl_stage_evaluates_fine_tuned_and_rl_on_the_same_questions(tmp_path, sample_dir,
+                                                                                       one_thread):
+    stage = dict(num_steps=2, questions_per_step=2, samples_per_question=2, max_new_tokens=8, eval_questions=2,
+                 val_questions=0, eval_every=0, generation_batch_size=4)
+    out = tmp_path / "run"
+    summary = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="val", **MINIATURE, rl=stage)
+    rl = summary["rl"]
+    assert rl["status"] == "completed" and rl["steps_done"] == 2
+    assert rl["run_dir"] == str(out / "rl" / "cpu")
+    settings = json.loads((out / "rl" / "cpu" / "run_summary.json").read_text())["settings"]
+    # practises on the training questions, validates on the fine-tune's validation questions
+    assert settings["data_path"] == str(out / "data" / "scienceqa_train.jsonl")
+    assert settings["val_path"] == str(out / "data" / "sft_val.jsonl")
+    assert settings["checkpoint"] == str(out / "sft" / "cpu")
+    val = summary["evaluation"]["val"]
+    assert val["rl"]["count"] == val["count"] == summary["counts"]["eval_val"]
+    assert 0.0 <= val["rl"]["accuracy"] <= 1.0 and 0.0 <= val["rl"]["invalid"] <= 1.0
+    changes = val["paired"]["generated"]["changes"]
+    assert set(val["paired"]["generated"]["values"]) == {"finetuned", "rl"} and changes
+    results = json.loads((out / "eval_val" / "results.json").read_text())
+    assert results["settings"]["rl"] == str(out / "rl" / "cpu")
+    # a finished run's test number covers both models; another RL stage is another recipe's run
+    overrides = {key: summary["recipe"][key] for key in ("tiny", "train", "shuffled_copies", "eval_limit",
+                                                         "sft_val_size", "eval_max_new_tokens", "rl")}
+    tested = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True, **overrides)
+    assert tested["evaluation"]["test"]["rl"]["count"] == tested["counts"]["eval_test"]
+    with pytest.raises(recipes.RecipeError, match="other recipe settings"):
+        recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True,
+                           **{**overrides, "rl": {**stage, "num_steps": 3}})
