@@ -211,7 +211,12 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
         "base_dir": str(base_dir), "out_dir": str(out_dir / "sft"), "output_tag": recipe.name,
         "num_epochs": 1, **recipe.train})
     limit = TimeLimit(max_minutes, started, num_steps=settings.num_iterations)
-    training = train(settings, on_step=limit.check)
+    training = finished_finetune(settings) if reused else None
+    if training is not None:
+        print(f"fine-tune: {settings.run_dir()} already holds this recipe's completed fine-tune (same settings, same "
+              f"base): kept, not trained again", flush=True)
+    else:
+        training = train(settings, on_step=limit.check)
     timings["finetune_s"] = time.time() - t0
 
     reinforced = None
@@ -247,6 +252,19 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
               f"{training.get('num_steps')}; this is not the {recipe.name} recipe's model (drop --max_minutes for it)",
               file=sys.stderr)
     return summary
+
+
+def finished_finetune(settings) -> dict | None:
+    """The run summary of a completed fine-tune in settings.run_dir() made with exactly these
+    settings (e.g. a recipe run again to add or change its RL stage), or None."""
+    path = settings.run_dir() / "run_summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = summary.get("settings") == json.loads(json.dumps(dataclasses.asdict(settings)))
+    kept = summary.get("best_checkpoint") and Path(summary["best_checkpoint"]).is_file()
+    return summary if summary.get("status") == "completed" and same and kept else None
 
 
 class TimeLimit:

@@ -239,3 +239,18 @@ def test_a_recipe_with_an_rl_stage_evaluates_fine_tuned_and_rl_on_the_same_quest
     with pytest.raises(recipes.RecipeError, match="other recipe settings"):
         recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True,
                            **{**overrides, "rl": {**stage, "num_steps": 3}})
+
+
+def test_a_completed_fine_tune_of_the_same_settings_is_kept(tmp_path, sample_dir, one_thread, capsys):
+    out = tmp_path / "run"
+    first = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split=None, **MINIATURE)
+    model = out / "sft" / "cpu" / "model_000003.pt"
+    stamp = model.stat().st_mtime_ns
+    capsys.readouterr()
+    again = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split=None, **MINIATURE)
+    assert "already holds this recipe's completed fine-tune" in capsys.readouterr().out
+    assert model.stat().st_mtime_ns == stamp and again["finetune"] == first["finetune"]
+    # other fine-tuning settings train again
+    recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split=None,
+                       **{**MINIATURE, "train": {**MINIATURE["train"], "init_lr_frac": 0.25}})
+    assert "already holds" not in capsys.readouterr().out and model.stat().st_mtime_ns != stamp
