@@ -27,8 +27,12 @@ dropout drawing from a generator seeded by (seed, step, rank).
 
 The run folder, <out_dir>/<output_tag>/ (sciassist.train.files keeps it as the fine-tune does):
 
-  model_<step>.pt, meta_<step>.json  the model every --save_every steps and at the end, in
-                                     nanochat's layout (`sciassist chat/evaluate --checkpoint <folder>`);
+  model_<step>.pt, meta_<step>.json  the run's model in nanochat's layout (`sciassist chat/evaluate
+                                     --checkpoint <folder>`): with --keep best (the default) and
+                                     --val_path, the weights of the validation with the highest greedy
+                                     accuracy (step 0's, the starting model, included: early stopping
+                                     on val), the folder's only model; else the final weights (and
+                                     every --save_every steps);
                                      with LoRA the merged model, its meta with a "lora" entry
   adapter/                           LoRA: the latest saved step's adapter in peft's format
   tokenizer/                         a copy of the tokenizer
@@ -64,7 +68,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanochat.checkpoint import CheckpointError, model_path, save_checkpoint
+from nanochat.checkpoint import CheckpointError, meta_path, model_path, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.files import load_tensors_file
 from sciassist.common import (
@@ -161,6 +165,7 @@ class RLProgress:
     elapsed_before: float = 0.0
     step_rng: dict | None = None  # the generators as the step in progress found them
     sampling: torch.Tensor | None = None  # a resumed run's sampling generator state for its first step
+    best: dict = field(default_factory=lambda: {"step": None, "val_accuracy": None})  # --keep best's model
     started: float = field(default_factory=time.time)
 
     def elapsed(self) -> float:
@@ -246,7 +251,7 @@ def questions_fingerprint(*question_sets) -> str:
 # what each part of a resume point must be (checked on loading: the file is untrusted input)
 RESUME_FIELDS = {"model": dict, "optimizers": list, "grad_scaler": dict, "rng": dict, "sampling": torch.Tensor,
                  "step": int, "metrics": list, "elapsed_s": float, "settings": dict, "num_steps": int,
-                 "fingerprint": str}
+                 "fingerprint": str, "best": dict}
 
 
 def save_resume(run: RLRun, progress: RLProgress) -> None:
@@ -260,7 +265,7 @@ def save_resume(run: RLRun, progress: RLProgress) -> None:
              "sampling": step_generator(run.settings.seed, progress.step).get_state(),
              "step": progress.step, "metrics": progress.metrics, "elapsed_s": float(progress.elapsed()),
              "settings": dataclasses.asdict(run.settings), "num_steps": run.num_steps,
-             "fingerprint": run.fingerprint}
+             "fingerprint": run.fingerprint, "best": dict(progress.best)}
     path = run.resume_path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -313,7 +318,7 @@ def start_or_resume(run: RLRun) -> RLProgress:
         raise RLError(f"{run.resume_path} does not fit this run ({reason}); {FRESH_START}") from e
     run.log(f"resuming {run.run_dir} at step {state['step']}/{run.num_steps}")
     return RLProgress(step=state["step"], metrics=list(state["metrics"]), elapsed_before=state["elapsed_s"],
-                      sampling=state["sampling"])
+                      sampling=state["sampling"], best=dict(state["best"]))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -361,9 +366,33 @@ def _loop(run: RLRun, progress: RLProgress, on_step) -> str:
     if status == "completed":
         with stopping():
             if saved[-1:] != [progress.step]:
-                save_model(run, progress)
+                if not keeps_best(run):
+                    save_model(run, progress)
                 save_resume(run, progress)
     return status
+
+
+def keeps_best(run: RLRun) -> bool:
+    """Whether the run's model is its best validation's (--keep best with validation questions)
+    rather than its final weights."""
+    return run.settings.keep == "best" and bool(run.val_questions)
+
+
+def keep_if_best(run: RLRun, progress: RLProgress, record: dict) -> None:
+    """--keep best: a validation whose greedy accuracy beats every earlier one writes the model
+    and removes the one it beats; the record says which step's model is kept."""
+    if not keeps_best(run):
+        return
+    best = progress.best
+    if best["val_accuracy"] is None or record["val_accuracy"] > best["val_accuracy"]:
+        previous = best["step"]
+        save_model(run, progress)
+        progress.best = best = {"step": progress.step, "val_accuracy": record["val_accuracy"]}
+        if previous is not None and previous != progress.step and run.runtime.is_main:
+            model_path(run.run_dir, previous).unlink(missing_ok=True)
+            meta_path(run.run_dir, previous).unlink(missing_ok=True)
+    record["best_step"] = best["step"]
+    record["best_val_accuracy"] = best["val_accuracy"]
 
 
 def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
@@ -371,6 +400,7 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
     if progress.step == 0 and not progress.metrics and run.val_questions:  # where a fresh run starts from
         with defer_interrupt():
             record = {"step": 0, **_validate(run, 0), "elapsed_s": round(progress.elapsed(), 3)}
+            keep_if_best(run, progress, record)
             _keep(run, progress, record)
     while progress.step < run.num_steps:
         t0 = time.time()
@@ -400,12 +430,14 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
             if run.val_questions and (progress.step == run.num_steps or
                                       (s.eval_every and progress.step % s.eval_every == 0)):
                 record.update(_validate(run, progress.step))
+                keep_if_best(run, progress, record)
             record["step_time_s"] = time.time() - t0
             record["elapsed_s"] = round(progress.elapsed(), 3)
             _keep(run, progress, record)
         if s.save_every and progress.step % s.save_every == 0:
             with defer_interrupt(SAVING_NOTICE):  # a signal now stops the run once this is saved
-                save_model(run, progress)
+                if not keeps_best(run):
+                    save_model(run, progress)
                 save_resume(run, progress)
                 saved.append(progress.step)
         bar.update(1)
@@ -504,6 +536,8 @@ def run_summary(run: RLRun, progress: RLProgress, status: str) -> dict:
     steps = [r for r in progress.metrics if "reward_mean" in r]
     val = [r for r in progress.metrics if "val_accuracy" in r]
     final = model_path(run.run_dir, progress.step)
+    best_step = progress.best["step"] if keeps_best(run) else (progress.step if final.is_file() else None)
+    best = next((r for r in val if r["step"] == best_step), None)
     return {
         "status": status,
         "run_dir": str(run.run_dir),
@@ -520,6 +554,10 @@ def run_summary(run: RLRun, progress: RLProgress, status: str) -> dict:
         "final_val_accuracy": val[-1]["val_accuracy"] if val else None,
         "initial_validation": {k: v for k, v in val[0].items() if k.startswith("val_")} if val else None,
         "final_validation": {k: v for k, v in val[-1].items() if k.startswith("val_")} if val else None,
+        "keep": run.settings.keep if keeps_best(run) else "last",
+        "best_checkpoint": str(model_path(run.run_dir, best_step)) if best_step is not None else None,
+        "best_step": best_step,
+        "best_validation": {k: v for k, v in best.items() if k.startswith("val_")} if best else None,
         "elapsed_s": round(progress.elapsed(), 3),
         "device": str(run.device),
         "world_size": run.runtime.world_size,

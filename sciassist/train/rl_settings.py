@@ -21,7 +21,7 @@ from sciassist.train.settings import MAX_BATCH, MAX_LR, MAX_POSITIONS, MAX_STEPS
 RL_TRAJECTORY_FIELDS = (
     "data_path", "val_path", "checkpoint", "source", "model_tag", "model_step", "num_steps", "questions_per_step",
     "samples_per_question", "max_new_tokens", "temperature", "top_k", "matrix_lr", "embedding_lr", "unembedding_lr",
-    "weight_decay", "init_lr_frac", "shuffle_options", "answer_format", "invalid_reward", "format_bonus",
+    "weight_decay", "init_lr_frac", "keep", "shuffle_options", "answer_format", "invalid_reward", "format_bonus",
     "reward_fn", "token_normalization", "generation_batch_size", "device_batch_size", "eval_every", "eval_questions",
     "val_questions", "val_samples", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr",
 )
@@ -137,8 +137,13 @@ class RLSettings(RunFields):
     # output
     out_dir: str = setting(DEFAULT_FINETUNED_DIR, "where runs are written")
     output_tag: str = setting("rl", "run name: files go to <out_dir>/<output_tag>/", check=_folder_name_problem)
-    save_every: int = setting(0, "write the model and a resume point every N steps (0 = only at the end / on "
-                                 "Ctrl-C)", at_least=0, at_most=MAX_STEPS)
+    keep: str = setting("best", "the model the run leaves: best = the weights of the validation with the highest "
+                                "greedy accuracy (the starting model's, at step 0, included; a tie keeps the "
+                                "earlier), written when it is reached and the folder's only model_<step>.pt; last = "
+                                "the final weights (also what best means without --val_path)",
+                        choices=["best", "last"])
+    save_every: int = setting(0, "write a resume point every N steps, and with --keep last the model too (0 = only "
+                                 "at the end / on Ctrl-C)", at_least=0, at_most=MAX_STEPS)
     resume: bool = setting(False, "continue the run in <out_dir>/<output_tag>/resume/ (same flags)")
     # runtime
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")

@@ -312,10 +312,12 @@ def read_metrics(run_dir):
 
 def test_a_run_writes_its_metrics_and_a_model_the_resolver_loads(tmp_path, rl_base_dir, question_file):
     settings = tiny_rl(rl_base_dir, question_file, tmp_path, val_path=str(question_file), eval_every=2,
-                       eval_questions=2)
+                       eval_questions=2, keep="last")
     summary = rl(settings)
     run_dir = settings.run_dir()
     assert (summary["status"], summary["steps_done"], summary["answer_format"]) == ("completed", 3, "letter_first")
+    assert (summary["keep"], summary["best_step"]) == ("last", 3)
+    assert summary["best_checkpoint"] == summary["final_checkpoint"]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert set(records[0]) == VAL_KEYS | {"step", "elapsed_s"}
@@ -334,6 +336,36 @@ def test_a_run_writes_its_metrics_and_a_model_the_resolver_loads(tmp_path, rl_ba
     final = torch.load(run_dir / "resume" / "state.pt", weights_only=True)["model"]
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, final[name].to(tensor.dtype)), name
+
+
+def test_keep_best_leaves_the_model_of_the_best_validation(tmp_path, rl_base_dir, question_file, monkeypatch):
+    from sciassist.train import rl as rl_module
+    accuracies = iter([0.25, 0.5, 0.5, 0.25])  # steps 0, 1, 2, 3: the best is first reached at step 1
+
+    states = {}  # the weights each validation saw
+
+    def scripted(run, step):
+        states[step] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        return {"val_accuracy": next(accuracies), "val_invalid_rate": 0.0}, []
+
+    monkeypatch.setattr(rl_module, "validate", scripted)
+    settings = tiny_rl(rl_base_dir, question_file, tmp_path, val_path=str(question_file), eval_every=1,
+                       eval_questions=2)
+    summary = rl(settings)
+    run_dir = settings.run_dir()
+    assert sorted(p.name for p in run_dir.glob("model_*.pt")) == ["model_000001.pt"]
+    assert sorted(p.name for p in run_dir.glob("meta_*.json")) == ["meta_000001.json"]
+    assert (summary["keep"], summary["best_step"]) == ("best", 1)
+    assert summary["best_checkpoint"] == str(run_dir / "model_000001.pt") and summary["final_checkpoint"] is None
+    assert summary["best_validation"] == {"val_accuracy": 0.5, "val_invalid_rate": 0.0}
+    records = read_metrics(run_dir)
+    assert [(r["best_step"], r["best_val_accuracy"]) for r in records] == [(0, 0.25), (1, 0.5), (1, 0.5), (1, 0.5)]
+    loaded = load_choice(choose_checkpoint(str(run_dir)), device="cpu")
+    assert loaded.choice.step == 1
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, states[1][name].to(tensor.dtype)), name
+    final = torch.load(run_dir / "resume" / "state.pt", weights_only=True)
+    assert final["step"] == 3 and final["best"] == {"step": 1, "val_accuracy": 0.5}
 
 
 def comparable(records):
@@ -411,7 +443,8 @@ def test_validation_writes_samples_and_curves_and_leaves_the_trajectory_alone(tm
     assert any(r["updated"] for r in b["metrics"])
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    without_val = [{k: v for k, v in r.items() if k not in VAL_KEYS} for r in validated[1:]]
+    without_val = [{k: v for k, v in r.items() if k not in VAL_KEYS | {"best_step", "best_val_accuracy"}}
+                   for r in validated[1:]]
     assert comparable(without_val) == comparable(plain)
 
     samples = read_jsonl(every_step.run_dir() / "samples.jsonl")
