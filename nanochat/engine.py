@@ -5,8 +5,8 @@ Generation with a KV cache: the prompt is run once (prefill), then one token per
 - Engine.generate_batch collects them into finished sequences.
 - Engine.generate_multi decodes many prompts of different lengths together: prompts are
   left-padded, and the padding gets its own document id so real tokens never attend to it
-  and rotary positions start at 0 at each prompt's first real token. The result equals
-  decoding each prompt alone.
+  and rotary positions start at 0 at each prompt's first real token; a prompt given for
+  several rows is prefilled once. The result equals decoding each prompt alone.
 """
 
 import torch
@@ -171,10 +171,14 @@ class Engine:
         max_tokens = min(max_tokens, self.model.rotary_seq_len - longest)
         if max_tokens <= 0:
             return [[] for _ in prompts]
+        # Rows that continue the same prompt (the replies of one RL question) share its prefill:
+        # each distinct prompt is run once, and its keys and values are copied to its rows.
+        distinct = {}
+        source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
         pad_id = self.tokenizer.get_bos_token_id()
-        ids = torch.full((B, longest), pad_id, dtype=torch.long)
-        doc_ids = torch.full((B, longest), -1, dtype=torch.long)
-        for i, p in enumerate(prompts):
+        ids = torch.full((len(distinct), longest), pad_id, dtype=torch.long)
+        doc_ids = torch.full((len(distinct), longest), -1, dtype=torch.long)
+        for i, p in enumerate(distinct):
             ids[i, longest - len(p):] = torch.tensor(p)
             doc_ids[i, longest - len(p):] = 0
         ids, doc_ids = ids.to(device), doc_ids.to(device)
@@ -182,7 +186,17 @@ class Engine:
         generator = (torch.Generator(device=device).manual_seed(seed) if seeds is None else
                      [torch.Generator(device=device).manual_seed(int(s)) for s in seeds])
         stop_ids = self._stop_ids()
-        logits = self._forward(ids, cache, doc_ids)
+        if len(distinct) == B:
+            logits = self._forward(ids, cache, doc_ids)
+        else:
+            prefill = self._new_cache(len(distinct), longest)
+            logits = self._forward(ids, prefill, doc_ids)
+            rows = torch.tensor(source, device=device)
+            cache.kv[:, :, :, :, :longest] = prefill.kv[:, :, rows]
+            cache.insert_doc_ids(prefill.doc_ids[rows])
+            cache.advance(longest)
+            logits = logits[rows]
+            del prefill
         step_doc_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         outputs = [[] for _ in prompts]
         finished = [False] * B

@@ -91,6 +91,30 @@ def test_a_row_with_its_own_seed_samples_the_same_whatever_rows_are_beside_it():
         engine.generate_multi(prompts, max_tokens=8, temperature=1.0, seeds=[1])
 
 
+def test_rows_of_the_same_prompt_share_one_prefill_and_sample_as_if_alone(monkeypatch):
+    model = tiny_model(seed=4).eval()
+    engine = Engine(model, StubTokenizer())
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [5, 6, 7, 8, 9, 10, 11], [12, 13], [12, 13]]
+    seeds = [21, 22, 23, 24, 25]
+    forward = model.forward
+    widths = []
+
+    def counting_forward(idx, **kw):
+        widths.append(tuple(idx.shape))
+        return forward(idx, **kw)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    together = engine.generate_multi(prompts, max_tokens=8, temperature=1.0, top_k=20, seeds=seeds)
+    assert widths[0] == (2, 7)  # the prefill: each distinct prompt once, left-padded to the longest
+    assert all(w == (5, 1) for w in widths[1:])  # then every row decodes
+    for prompt, seed, out in zip(prompts, seeds, together, strict=True):
+        assert engine.generate_multi([prompt], max_tokens=8, temperature=1.0, top_k=20, seeds=[seed])[0] == out
+    assert together[1] != together[3]  # the same prompt, another seed
+    greedy = engine.generate_multi(prompts, max_tokens=8)
+    assert greedy[0] == greedy[2] and greedy[1] == greedy[3] == greedy[4]
+    assert greedy[0] == engine.generate_multi(prompts[:1], max_tokens=8)[0]
+
+
 def test_generation_stops_at_stop_token():
     model = tiny_model(seed=5).eval()
     plain_forward = model.forward
