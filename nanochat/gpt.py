@@ -317,7 +317,9 @@ class GPT(nn.Module):
         """Logits (targets=None) or the loss. Packed rows: `layout` (attention.PackedLayout,
         what training passes) or `doc_ids` (B, T). supervised_index: the flat indices (into
         B*T) of the positions whose target is not -1, when the caller knows them on the host
-        (training): the loss then needs nothing read back from the device."""
+        (training): the loss then needs nothing read back from the device. With
+        loss_reduction "none" only those positions get logits (the others get 0, as ignored
+        targets do); without it "none" computes the logits of every position."""
         B, T = idx.shape
         positions, attn_mask = self._positions_and_mask(B, T, idx.device, kv_cache, doc_ids, layout)
         cos = self.cos[positions].unsqueeze(2)  # (B|1, T, 1, D/2)
@@ -340,7 +342,7 @@ class GPT(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         B, T, C = x.shape
         x, targets = x.reshape(B * T, C), targets.reshape(B * T)
-        if loss_reduction != "none":
+        if loss_reduction != "none" or supervised_index is not None:
             # Only supervised positions need logits: in chat fine-tuning about half of the
             # positions are prompts, so this halves the (large) lm_head work.
             if supervised_index is not None:
@@ -360,6 +362,8 @@ class GPT(nn.Module):
             per_token = torch.cat([self.chunk_loss(x[i:i + chunk], targets[i:i + chunk], self.lm_head.weight)
                                    for i in range(0, x.size(0), chunk)])
         if loss_reduction == "none":
+            if supervised_index is not None:
+                return per_token.new_zeros(B * T).index_copy(0, supervised_index, per_token).view(B, T)
             return per_token.view(B, T)  # 0 where the target is ignored
         total = per_token.sum()
         if loss_reduction == "sum":

@@ -126,25 +126,29 @@ def reward_samples(run, questions, prompts, sampled, k, first_group=0) -> tuple[
 
 
 def policy_batch(samples, pad_id, device) -> dict:
-    """Right-padded rows of prompt + reply: inputs, targets (-1 except at reply tokens) and each
-    row's advantage."""
+    """Right-padded rows of prompt + reply: inputs, targets (-1 except at reply tokens), the flat
+    indices of the reply positions (supervised_index) and each row's advantage."""
     width = max(len(x.prompt) + len(x.reply) for x in samples) - 1
     inputs = torch.full((len(samples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), width), -1, dtype=torch.long)
+    supervised = []
     for i, x in enumerate(samples):
         sequence = torch.tensor(x.prompt + x.reply, dtype=torch.long)
         inputs[i, :len(sequence) - 1] = sequence[:-1]
         targets[i, len(x.prompt) - 1:len(sequence) - 1] = sequence[len(x.prompt):]
+        supervised.append(torch.arange(i * width + len(x.prompt) - 1, i * width + len(sequence) - 1))
     advantages = torch.tensor([x.advantage for x in samples], dtype=torch.float32)
     return {"inputs": inputs.to(device), "targets": targets.to(device), "advantages": advantages.to(device),
-            "tokens": sum(len(x.reply) for x in samples)}
+            "supervised_index": torch.cat(supervised).to(device), "tokens": sum(len(x.reply) for x in samples)}
 
 
 def policy_objective(model, batch, autocast=None):
     """(sum over the batch's reply tokens of -A x log p, a tensor with gradient; the sum of -log p,
-    detached). The model's loss_reduction "none" gives -log p of each target (0 where ignored)."""
+    detached). The model's loss_reduction "none" gives -log p of each target (0 where ignored); given
+    the reply positions it computes logits only there (the prompt's would be ignored anyway)."""
     with autocast if autocast is not None else contextlib.nullcontext():
-        neg_logp = model(batch["inputs"], batch["targets"], loss_reduction="none")
+        neg_logp = model(batch["inputs"], batch["targets"], loss_reduction="none",
+                         supervised_index=batch["supervised_index"])
     neg_logp = neg_logp.float()
     return (neg_logp * batch["advantages"].unsqueeze(1)).sum(), neg_logp.detach().sum()
 

@@ -98,6 +98,13 @@ def test_forward_loss_and_reductions():
     assert total.item() == pytest.approx(manual.item() * 16, rel=1e-5)
     per_token = model(idx, targets, loss_reduction="none")
     assert per_token.shape == (2, 10) and per_token[0, :4].abs().max() == 0
+    # given the supervised positions, "none" computes logits only there: the same values
+    supervised = (targets.view(-1) != -1).nonzero().squeeze(1)
+    sparse = model(idx, targets, loss_reduction="none", supervised_index=supervised)
+    assert torch.allclose(sparse, per_token, atol=1e-6)
+    weights = torch.tensor([[1.0], [-0.5]])
+    grads = [torch.autograd.grad((x * weights).sum(), model.lm_head.weight)[0] for x in (per_token, sparse)]
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_all_ignored_targets_give_zero_not_nan():
