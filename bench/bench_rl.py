@@ -17,9 +17,10 @@ repeats; one untimed unit of each loop comes first (--warmup).
 
 "sciassist" is the project's step as sciassist.train.rl runs it: sciassist.train.rl_step's
 sample_and_accumulate (every question's k prompts decoded together by Engine.generate_multi,
---generation_batch_size rows per call; rewards; the policy gradient over micro-batches of
---device_batch_size replies of the groups whose rewards differ), then apply_update. The metrics
-record, validation and saving that rl.py adds around it are left out.
+--generation_batch_size rows per call, each row from its own seeded generator; rewards; the
+policy gradient over micro-batches of --device_batch_size replies of the groups whose rewards
+differ), then apply_update. The metrics record, validation and saving that rl.py adds around it
+are left out.
 
 "nanochat" is a stand-in of chat_rl.py's loop (karpathy/nanochat, scripts/chat_rl.py), written
 from its description, not copied:
@@ -77,7 +78,7 @@ from nanochat.gpt import GPTConfig  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.data.conversations import write_conversations  # noqa: E402
 from sciassist.train import setup as train_setup  # noqa: E402
-from sciassist.train.rl import prepare_rl_run  # noqa: E402
+from sciassist.train.rl import dropout_generator, prepare_rl_run  # noqa: E402
 from sciassist.train.rl_questions import step_generator, step_questions  # noqa: E402
 from sciassist.train.rl_reward import verifiable_reward  # noqa: E402
 from sciassist.train.rl_settings import RLSettings  # noqa: E402
@@ -135,7 +136,8 @@ def sciassist_unit(run, steps, clock) -> dict:
             generator = step_generator(s.seed, step)
             questions = step_questions(run.questions, step, s.questions_per_step, s.seed,
                                        generator if s.shuffle_options else None)
-            work = sample_and_accumulate(run, questions, generator)
+            with dropout_generator(run, step):
+                work = sample_and_accumulate(run, questions, generator)
             multiplier = lr_multiplier(step, steps)
             if work.trained_tokens:
                 apply_update(run.model, run.optimizers, multiplier, 0.0, run.scaler)
