@@ -56,6 +56,14 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     assert list(run_dir.glob("model_*.pt")) and (run_dir / "loss_curve.png").exists()
     assert (run_dir / "eval" / "report.md").exists() and (run_dir / "eval" / "accuracy_by_category.png").exists()
     assert "image/png" in text  # the loss curve and the accuracy chart were shown inline
+    # section 6 in miniature: RL from the fine-tune, then fine-tuned vs RL on the same questions
+    rl_dir = workdir / "notebook_smoke" / "runs" / "notebook_rl"
+    summary = json.loads((rl_dir / "run_summary.json").read_text())
+    assert (summary["status"], summary["steps_done"]) == ("completed", 2)
+    assert (workdir / summary["source_model"]["checkpoint_dir"]).resolve() == run_dir.resolve()
+    results = json.loads((rl_dir / "eval" / "results.json").read_text())
+    assert [row["name"] for row in results["table"]["rows"]][:2] == ["finetuned", "rl"]
+    assert (rl_dir / "rl_curves.png").exists() and (rl_dir / "eval" / "report.md").exists()
 
 
 def weights(path, key=None):
