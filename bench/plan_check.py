@@ -23,8 +23,9 @@ bench/RESULTS.md. --d20 runs nothing heavy: it prints the planner's figures for 
 process on a random GPT: the update (one forward + backward of the policy gradient, sciassist.train.rl_step's
 objective: rows of prompt + reply, targets -1 on the prompt, loss_reduction="none" weighted by an advantage
 per row; gradients pre-allocated) against activation_bytes of those rows, and the rollout (one
-Engine.generate_multi call in fp32 of `rows` prompts decoding every one of max_new_tokens tokens, the
-stop tokens outside the vocabulary) against rollout_bytes (KV cache + prefill transient).
+Engine.generate_multi call in fp32 of `rows` prompts, each distinct one given for k rows, decoding
+every one of max_new_tokens tokens, the stop tokens outside the vocabulary) against rollout_bytes
+(KV cache + prefill transient).
 """
 
 import argparse
@@ -61,9 +62,11 @@ LORA_CONFIGS = [(4, 4096, 2, 1024, 0, "", 0.0), (4, 4096, 2, 1024, 16, ALL_TARGE
                 (4, 65536, 1, 512, 16, ALL_TARGETS, 0.0)]
 # bench_lora.py memory --depth 20 --rank 16 (bench/RESULTS.md "LoRA vs full fine-tuning"): fp32, 1 x 256
 # tokens, one step with the optimizers' step, ru_maxrss; the LoRA row's adapters had AdamW then.
-# (depth, vocab, rows, prompt, reply): the RL stage's rows; rollout rows are a generation batch, update
-# rows a device batch.
-RL_CONFIGS = [(4, 4096, 8, 256, 128), (4, 16384, 4, 384, 128), (6, 32768, 8, 256, 64), (6, 65536, 2, 512, 256)]
+# (depth, vocab, rows, k, prompt, reply): the RL stage's rows; rollout rows are a generation batch of
+# rows / k distinct prompts, k rows each (k = 1: all different, then the update is measured too: a
+# device batch of those rows).
+RL_CONFIGS = [(4, 4096, 8, 1, 256, 128), (4, 16384, 4, 1, 384, 128), (6, 32768, 8, 1, 256, 64),
+              (6, 65536, 2, 1, 512, 256), (4, 16384, 16, 8, 384, 128), (6, 65536, 8, 4, 512, 128)]
 LIVE_TENSORS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # no dynamic threshold: frees return pages
 D20_MEASURED_GIB = {"full": {"model": 2.40, "peak": 7.78, "step": 5.37},
                     "lora": {"model": 2.47, "peak": 3.71, "step": 1.24}}
@@ -135,7 +138,7 @@ class StopOutsideVocab:
         return self.vocab + 2
 
 
-def measure_rl_case(part, depth, vocab, rows, prompt, reply, threads):
+def measure_rl_case(part, depth, vocab, rows, k, prompt, reply, threads):
     """In a child process: one JSON line {measured, step_s, reset} of the RL update or rollout."""
     from nanochat.engine import Engine
     torch.set_num_threads(threads)
@@ -152,7 +155,7 @@ def measure_rl_case(part, depth, vocab, rows, prompt, reply, threads):
     else:
         model.eval()
         engine = Engine(model, StopOutsideVocab(vocab), torch.float32)
-        prompts = ids[:, :prompt].tolist()
+        prompts = [p for p in ids[:rows // k, :prompt].tolist() for _ in range(k)]
     reset = reset_peak()
     before = rss_bytes()
     t0 = time.perf_counter()
@@ -169,18 +172,20 @@ def measure_rl_case(part, depth, vocab, rows, prompt, reply, threads):
 def check_rl(configs=RL_CONFIGS, threads=2):
     """The RL cases: update and rollout, estimate vs measured."""
     rows_out = []
-    for depth, vocab, rows, prompt, reply in configs:
+    for depth, vocab, rows, k, prompt, reply in configs:
         config = config_for_depth(depth, vocab_size=vocab, sequence_len=max(prompt + reply, 256))
-        estimates = {"update": activation_bytes(config, rows, prompt + reply - 1, bf16=False)["total"],
-                     "rollout": rollout_bytes(config, rows, prompt, reply, bf16=False)["total"]}
+        estimates = {}
+        if k == 1:
+            estimates["update"] = activation_bytes(config, rows, prompt + reply - 1, bf16=False)["total"]
+        estimates["rollout"] = rollout_bytes(config, rows, prompt, reply, bf16=False, distinct=rows // k)["total"]
         for part, estimate in estimates.items():
             out = subprocess.run([sys.executable, __file__, "_rl_case", part, str(depth), str(vocab), str(rows),
-                                  str(prompt), str(reply), str(threads)],
+                                  str(k), str(prompt), str(reply), str(threads)],
                                  check=True, capture_output=True, text=True).stdout
             got = json.loads(out.strip().splitlines()[-1])
             rows_out.append({"part": part, "depth": depth, "n_embd": config.n_embd, "vocab": vocab, "rows": rows,
-                             "prompt": prompt, "reply": reply, "estimate": estimate, "measured": got["measured"],
-                             "step_s": got["step_s"], "ratio": estimate / got["measured"]})
+                             "k": k, "prompt": prompt, "reply": reply, "estimate": estimate,
+                             "measured": got["measured"], "step_s": got["step_s"], "ratio": estimate / got["measured"]})
     return rows_out
 
 
@@ -191,11 +196,11 @@ def rl_check_table(rows, threads):
              "prompt, loss_reduction none x an advantage per row, gradients pre-allocated) vs activation_bytes; "
              "rollout = one generate_multi call (every row decodes all its tokens) vs rollout_bytes (KV cache + "
              "prefill); measured = peak RSS in it - RSS before it", "",
-             "| part | depth | n_embd | vocab | rows x (prompt + reply) | estimate | measured | estimate / measured "
-             "| time |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "| part | depth | n_embd | vocab | rows x (prompt + reply) | rows per prompt | estimate | measured | "
+             "estimate / measured | time |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['part']} | {r['depth']} | {r['n_embd']} | {r['vocab']:,} | {r['rows']} x ({r['prompt']} "
-                     f"+ {r['reply']}) | {r['estimate'] / mib:.0f} MiB | {r['measured'] / mib:.0f} MiB | "
+                     f"+ {r['reply']}) | {r['k']} | {r['estimate'] / mib:.0f} MiB | {r['measured'] / mib:.0f} MiB | "
                      f"{r['ratio']:.2f} | {r['step_s']:.1f} s |")
     worst = {part: max(abs(r["ratio"] - 1) for r in rows if r["part"] == part) for part in ("update", "rollout")}
     lines += ["", f"largest deviation: update {worst['update']:.0%}, rollout {worst['rollout']:.0%} (goal: within "
@@ -295,7 +300,7 @@ def table(rows, threads):
 
 def main():
     if sys.argv[1:2] == ["_rl_case"]:
-        return measure_rl_case(sys.argv[2], *map(int, sys.argv[3:9]))
+        return measure_rl_case(sys.argv[2], *map(int, sys.argv[3:10]))
     if sys.argv[1:2] == ["_case"]:
         ints, (targets, dropout) = list(map(int, sys.argv[2:8])), sys.argv[8:10]
         return measure_case(*ints, targets="" if targets == "-" else targets, dropout=float(dropout))

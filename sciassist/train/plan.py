@@ -46,9 +46,11 @@ or LoRA) throughout, and has two peaks that never overlap:
 - the rollout: nanochat.engine's KV cache of generation_batch_size rows x (prompt + max_new_tokens)
   positions x n_layer x 2 (keys, values) x n_kv_head x head_dim, in the compute dtype (2 bytes under
   bf16 autocast, 4 in fp32), plus the transient of the forward that produced the newest logits: the
-  prefill runs every prompt position of every row through lm_head (PREFILL_LOGIT_BYTES per logit, the
-  softcapped fp32 logits and their intermediates; a decode step's B x V logits are the small case);
-  the gradients were freed by the previous step (zero_grad(set_to_none=True)), so they do not count;
+  prefill runs every position of each distinct prompt of the call through lm_head
+  (PREFILL_LOGIT_BYTES per logit, the softcapped fp32 logits and their intermediates; a question's
+  k rows share one prefill, so a call of G rows holds about G / k prompts) and keeps their own KV
+  cache until it is copied to the rows; a decode step's B x V logits are the small case; the
+  gradients were freed by the previous step (zero_grad(set_to_none=True)), so they do not count;
 - the update: the fine-tuning plan of one micro-batch of device_batch_size rows x (prompt +
   max_new_tokens) positions, every position given logits (loss_reduction="none" computes them all),
   with the gradients.
@@ -266,34 +268,50 @@ def kv_cache_bytes(config: GPTConfig, rows: int, positions: int, bf16: bool = Tr
     return config.n_layer * 2 * rows * config.n_kv_head * positions * head_dim * (2 if bf16 else 4)
 
 
-def rollout_bytes(config: GPTConfig, rows: int, prompt_len: int, max_new_tokens: int, bf16: bool = True) -> dict:
-    """Bytes of generating rows replies at once (Engine.generate_multi, no autograd): {"kv_cache",
-    "prefill" (the prefill's transient: every prompt position's logits, the widest block tensors and the
-    (rows, T, T) boolean attention mask of left-padded rows), "decode_logits" (one decode step's), "total"}."""
+def prompts_per_call(rows: int, samples_per_question: int) -> int:
+    """The most distinct prompts in one generate call of `rows` consecutive rows of a step, whose
+    questions each fill samples_per_question rows in a row (calls start at multiples of rows)."""
+    k = samples_per_question
+    return min(rows, max((start + rows - 1) // k - start // k + 1 for start in range(0, math.lcm(rows, k), rows)))
+
+
+def rollout_bytes(config: GPTConfig, rows: int, prompt_len: int, max_new_tokens: int, bf16: bool = True,
+                  distinct: int | None = None) -> dict:
+    """Bytes of generating rows replies at once (Engine.generate_multi, no autograd) to `distinct`
+    different prompts (None: all different): {"kv_cache", "prefill" (the prefill's transient: the
+    logits of every position of each distinct prompt, the widest block tensors, the (T, T) boolean
+    attention mask of left-padded rows, and with shared prompts their own cache, copied to the rows),
+    "decode_logits" (one decode step's), "total"}."""
     a = 2 if bf16 else 4
+    distinct = rows if distinct is None else distinct
     kv = kv_cache_bytes(config, rows, prompt_len + max_new_tokens, bf16)
-    positions = rows * prompt_len
-    prefill = positions * (config.vocab_size * PREFILL_LOGIT_BYTES + BACKWARD_TRANSIENT * config.n_embd * a) \
-        + rows * prompt_len * prompt_len
+    positions = distinct * prompt_len
+    prefill = positions * (config.vocab_size * PREFILL_LOGIT_BYTES + BACKWARD_TRANSIENT * config.n_embd * a
+                           + prompt_len)
+    if distinct < rows:
+        prefill += kv_cache_bytes(config, distinct, prompt_len, bf16)
     decode_logits = rows * config.vocab_size * PREFILL_LOGIT_BYTES
     return {"kv_cache": int(kv), "prefill": int(prefill), "decode_logits": int(decode_logits),
             "total": int(kv + max(prefill, decode_logits))}
 
 
 def rl_plan(config: GPTConfig, generation_batch_size: int, device_batch_size: int, prompt_len: int,
-            max_new_tokens: int, bf16: bool = True, free: int | None = None, lora: LoraShape | None = None) -> dict:
+            max_new_tokens: int, samples_per_question: int = 16, bf16: bool = True, free: int | None = None,
+            lora: LoraShape | None = None) -> dict:
     """The RL stage's memory (bytes): the fixed weights and optimizer states, the rollout's and the
     update's peaks (see the module docstring), the total (the larger peak), and with `free` whether
     it fits and the largest generation and device batches that do."""
     fixed = fixed_bytes(config, lora)
     resident = fixed["params"] + fixed["optimizer"]
-    rollout = rollout_bytes(config, generation_batch_size, prompt_len, max_new_tokens, bf16)
+    distinct = prompts_per_call(generation_batch_size, samples_per_question)
+    rollout = rollout_bytes(config, generation_batch_size, prompt_len, max_new_tokens, bf16, distinct)
     seq = prompt_len + max_new_tokens
     update = activation_bytes(config, device_batch_size, seq, bf16, lora=lora)
     plan = {
         "n_layer": config.n_layer, "n_embd": config.n_embd, "vocab_size": config.vocab_size, "bf16": bf16,
         "params_count": count_params(config).total, "lora": lora, "trainable": fixed["trainable"],
         "generation_batch_size": generation_batch_size, "device_batch_size": device_batch_size,
+        "samples_per_question": samples_per_question, "prompts_per_call": distinct,
         "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
         "params": fixed["params"], "grads": fixed["grads"], "optimizer": fixed["optimizer"],
         "kv_cache": rollout["kv_cache"], "prefill": rollout["prefill"], "decode_logits": rollout["decode_logits"],
@@ -304,18 +322,26 @@ def rl_plan(config: GPTConfig, generation_batch_size: int, device_batch_size: in
     plan["total"] = max(plan["rollout_total"], plan["update_total"])
     if free is not None:
         plan["fits"] = plan["total"] <= USABLE_FRACTION * free
-        plan["max_generation_batch"] = max_generation_batch(config, prompt_len, max_new_tokens, free, bf16, lora=lora)
+        plan["max_generation_batch"] = max_generation_batch(config, prompt_len, max_new_tokens, free,
+                                                            samples_per_question, bf16, lora=lora)
         plan["max_device_batch"] = max_batch(config, seq, free, bf16, lora=lora)
     return plan
 
 
-def max_generation_batch(config: GPTConfig, prompt_len: int, max_new_tokens: int, free: int, bf16: bool = True,
-                         limit: int = 4096, lora: LoraShape | None = None) -> int:
-    """The most rows decoded together whose rollout fits USABLE_FRACTION x free bytes (0: not one)."""
+def max_generation_batch(config: GPTConfig, prompt_len: int, max_new_tokens: int, free: int,
+                         samples_per_question: int = 16, bf16: bool = True, limit: int = 4096,
+                         lora: LoraShape | None = None) -> int:
+    """The most rows decoded together whose rollout fits USABLE_FRACTION x free bytes (0: not one).
+    Rows are scanned one by one: the distinct prompts of a call do not grow evenly with its rows."""
     fixed = fixed_bytes(config, lora)
     budget = USABLE_FRACTION * free - (fixed["params"] + fixed["optimizer"])
-    per_row = rollout_bytes(config, 1, prompt_len, max_new_tokens, bf16)["total"]  # linear in the rows
-    return int(min(limit, max(0, budget // per_row)))
+    cache_per_row = kv_cache_bytes(config, 1, prompt_len + max_new_tokens, bf16)
+    best = 0
+    for rows in range(1, min(limit, int(budget // cache_per_row)) + 1):
+        distinct = prompts_per_call(rows, samples_per_question)
+        if rollout_bytes(config, rows, prompt_len, max_new_tokens, bf16, distinct)["total"] <= budget:
+            best = rows
+    return best
 
 
 def gpu_free_bytes(device=None) -> int | None:
@@ -439,23 +465,23 @@ def rl_table(depths=(20, 32), cards_gb=CARDS_GB, prompt_len: int = 512, max_new_
              f"and `--max_new_tokens {max_new_tokens}` (bf16 autocast, {USABLE_FRACTION:.0%} of the card usable; "
              f"a generation batch of {samples_per_question} rows is one question's "
              f"`--samples_per_question {samples_per_question}`):", "",
-             "| model | weights + grads + optimizer | rollout per row (KV cache + prefill) | update per row | "
+             "| model | weights + grads + optimizer | KV cache per row | prefill per prompt | update per row | "
              + " | ".join(f"{g} GB card" for g in cards_gb) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(cards_gb)]
+             "|---|---:|---:|---:|---:|" + "---:|" * len(cards_gb)]
     for depth in depths:
         config = PUBLISHED[depth] if depth in PUBLISHED else config_for_depth(depth)
         for lora in (None, LoraShape(lora_rank)) if lora_rank > 0 else (None,):
-            one = rl_plan(config, 1, 1, prompt_len, max_new_tokens, lora=lora)
+            one = rl_plan(config, 1, 1, prompt_len, max_new_tokens, samples_per_question, lora=lora)
             static = one["params"] + one["grads"] + one["optimizer"]
             update_row = (activation_bytes(config, 2, seq, lora=lora)["blocks"]
                           - activation_bytes(config, 1, seq, lora=lora)["blocks"])
             cells = []
             for g in cards_gb:
-                p = rl_plan(config, 1, 1, prompt_len, max_new_tokens, free=g * GB, lora=lora)
+                p = rl_plan(config, 1, 1, prompt_len, max_new_tokens, samples_per_question, free=g * GB, lora=lora)
                 generation, device = p["max_generation_batch"], p["max_device_batch"]
                 cells.append(f"{generation} / {device}" if generation and device else "does not fit")
             name = f"d{config.n_layer} ({one['params_count'] / 1e6:.0f}M)" + (f", LoRA r={lora.rank}" if lora else "")
-            lines.append(f"| {name} | {_gb(static)} | {_gb(one['kv_cache'])} + {_gb(one['prefill'])} | "
+            lines.append(f"| {name} | {_gb(static)} | {_gb(one['kv_cache'])} | {_gb(one['prefill'])} | "
                          f"{_gb(update_row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -467,7 +493,8 @@ def format_rl_plan(plan: dict) -> str:
              f"tokens, {'bf16 autocast' if plan['bf16'] else 'fp32'}", *_lora_lines(plan), "",
              "| | memory |", "|---|---:|", *_static_rows(plan),
              f"| rollout: KV cache of {plan['generation_batch_size']} rows | {_gb(plan['kv_cache'])} |",
-             f"| rollout: prefill transient (logits of every prompt position) | {_gb(plan['prefill'])} |",
+             f"| rollout: prefill transient ({plan['prompts_per_call']} distinct prompt(s) per call, logits of every "
+             f"position) | {_gb(plan['prefill'])} |",
              f"| rollout: one decode step's logits | {_gb(plan['decode_logits'])} |",
              f"| update: activations of {plan['device_batch_size']} rows | {_gb(plan['activations'])} |",
              f"| rollout peak (weights, optimizer, cache, prefill) | {_gb(plan['rollout_total'])} |",
@@ -506,7 +533,8 @@ def main(argv=None) -> int:
                        samples_per_question=args.samples_per_question, lora_rank=args.lora_rank))
         if not args.table:
             print("\n" + format_rl_plan(rl_plan(PUBLISHED[20], args.generation_batch_size, args.device_batch_size,
-                                               args.prompt_len, args.max_new_tokens, free=gpu_free_bytes())))
+                                               args.prompt_len, args.max_new_tokens, args.samples_per_question,
+                                               free=gpu_free_bytes())))
         return 0
     print(readme_table(seq=args.seq, lora_rank=args.lora_rank))
     if not args.table:

@@ -52,20 +52,35 @@ def test_rl_plan_adds_up_its_two_peaks():
     p = plan.rl_plan(config, 32, 8, 512, 256, free=80 * plan.GB)
     fixed = plan.fixed_bytes(config)
     assert (p["params"], p["grads"], p["optimizer"]) == (fixed["params"], fixed["grads"], fixed["optimizer"])
-    # the rollout: no gradients (freed by the previous step), the cache and the prefill's logits
+    # the rollout: no gradients (freed by the previous step), the cache and the prefill of the call's
+    # 2 distinct prompts (16 rows each): their logits, block tensors, mask, and their own cache
     assert p["kv_cache"] == plan.kv_cache_bytes(config, 32, 768)
-    assert p["prefill"] == 32 * 512 * (65536 * 12 + 8 * 1280 * 2) + 32 * 512 * 512
+    assert p["prompts_per_call"] == 2
+    assert p["prefill"] == 2 * 512 * (65536 * 12 + 8 * 1280 * 2 + 512) + plan.kv_cache_bytes(config, 2, 512)
     assert p["decode_logits"] == 32 * 65536 * 12
     assert p["rollout_total"] == p["params"] + p["optimizer"] + p["kv_cache"] + p["prefill"]
     # the update: fine-tuning's plan of 8 rows of prompt + reply, every position given logits
     assert p["activations"] == plan.activation_bytes(config, 8, 768)["total"]
     assert p["update_total"] == p["params"] + p["grads"] + p["optimizer"] + p["activations"]
-    assert p["total"] == max(p["rollout_total"], p["update_total"]) == p["rollout_total"]
+    assert p["total"] == max(p["rollout_total"], p["update_total"]) == p["update_total"]
     assert p["fits"] is True and p["max_device_batch"] == plan.max_batch(config, 768, 80 * plan.GB)
     edge = p["max_generation_batch"]
     assert plan.rl_plan(config, edge, 1, 512, 256, free=80 * plan.GB)["fits"]
-    assert not plan.rl_plan(config, edge + 1, 1, 512, 256, free=80 * plan.GB)["fits"]
+    assert not any(plan.rl_plan(config, edge + extra, 1, 512, 256, free=80 * plan.GB)["fits"] for extra in (1, 2, 16))
+    # all prompts different (k = 1, as greedy validation): every row has its own prefill
+    alone = plan.rl_plan(config, 32, 8, 512, 256, samples_per_question=1)
+    assert alone["prefill"] == 32 * 512 * (65536 * 12 + 8 * 1280 * 2 + 512) > 10 * p["prefill"]
     assert plan.rl_plan(config, 1, 1, 512, 256)["fits"] is None  # no free memory given: no verdict
+
+
+@pytest.mark.parametrize("rows, k, expected", [(32, 16, 2), (16, 16, 1), (8, 16, 1), (24, 16, 2), (40, 16, 3),
+                                               (17, 16, 2), (5, 1, 5), (6, 4, 2), (10, 4, 3), (3, 2, 2)])
+def test_prompts_per_call_counts_the_questions_a_call_can_straddle(rows, k, expected):
+    assert plan.prompts_per_call(rows, k) == expected
+    # by brute force: a step of many questions, k rows each, cut into calls of `rows`
+    questions = [i // k for i in range(rows * k * 4)]
+    calls = [questions[start:start + rows] for start in range(0, len(questions), rows)]
+    assert max(len(set(call)) for call in calls) == expected
 
 
 def test_lora_rl_plan_keeps_the_rollout_and_shrinks_the_fixed_memory():
@@ -81,7 +96,7 @@ def test_lora_rl_plan_keeps_the_rollout_and_shrinks_the_fixed_memory():
 def test_rl_table_and_command(capsys):
     table = plan.rl_table(lora_rank=16)
     full = plan.rl_plan(config_for_depth(20), 1, 1, 512, 256, free=80 * plan.GB)
-    assert f"| d20 (561M) | 7.40 GB | 0.08 GB + {full['prefill'] / plan.GB:.2f} GB |" in table
+    assert f"| d20 (561M) | 7.40 GB | 0.08 GB | {full['prefill'] / plan.GB:.2f} GB |" in table
     assert f"{full['max_generation_batch']} / {full['max_device_batch']} |" in table
     assert "| d20 (561M), LoRA r=16 |" in table and "| d32 (1879M) |" in table
     assert "| does not fit |" in table  # d32's 23.6 GB of fixed memory on a 16 GB card
