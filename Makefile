@@ -120,8 +120,10 @@ test-wheel: install ## build the wheel, install it with the core dependencies on
 bench: install ## CPU benchmarks (tables on stdout)
 	$(PY) bench/bench_gpt.py
 
-plan: install ## the memory plan of d20/d32, full and LoRA r=16, on 16/24/40/80 GB cards (a run's own: sciassist_train.py ... --dry_run)
+plan: install ## the memory plan of d20/d32, full and LoRA r=16, on 16/24/40/80 GB cards, fine-tuning then RL (a run's own: sciassist_train.py ... --dry_run)
 	$(PY) -m sciassist.train.plan --table
+	@echo
+	$(PY) -m sciassist.train.plan --rl --table
 
 bench-gpu: install ## the GPU benchmark on a CUDA machine, at most ~8 min (OUT=DIR)
 	$(PY) bench/gpu.py --out $(or $(OUT),bench_gpu) $(ARGS)
