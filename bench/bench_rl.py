@@ -18,9 +18,9 @@ repeats; one untimed unit of each loop comes first (--warmup).
 "sciassist" is the project's step as sciassist.train.rl runs it: sciassist.train.rl_step's
 sample_and_accumulate (every question's k prompts decoded together by Engine.generate_multi,
 --generation_batch_size rows per call, each row from its own seeded generator; rewards; the
-policy gradient over micro-batches of --device_batch_size replies of the groups whose rewards
-differ), then apply_update. The metrics record, validation and saving that rl.py adds around it
-are left out.
+policy gradient of the groups whose rewards differ: each group's prompt run once, then
+micro-batches of up to --device_batch_size of its replies), then apply_update. The metrics
+record, validation and saving that rl.py adds around it are left out.
 
 "nanochat" is a stand-in of chat_rl.py's loop (karpathy/nanochat, scripts/chat_rl.py), written
 from its description, not copied:
@@ -48,7 +48,8 @@ step (rewards, padding, forward/backward, the optimizer step). Both sample on th
 batching, so different random draws), so their replies differ in length: the table gives each
 loop's mean reply length and counts throughput in its own sampled tokens. "trained rows" are the
 replies run through forward/backward; "update positions" the positions those passes processed
-(rows x padded width), prompt positions included. On one CPU thread, times are the process's CPU
+(rows x padded width, prompt positions included; SciAssist's: each trained group's prompt once,
+plus rows x padded reply width). On one CPU thread, times are the process's CPU
 seconds (time.process_time: time other processes hold the core is not counted), with wall-clock
 totals beside them. A random model's replies earn nothing: no group has a reward spread, so the
 project's step skips its update while the stand-in runs every row; use a trained --checkpoint for
@@ -82,7 +83,7 @@ from sciassist.train.rl import dropout_generator, prepare_rl_run  # noqa: E402
 from sciassist.train.rl_questions import step_generator, step_questions  # noqa: E402
 from sciassist.train.rl_reward import verifiable_reward  # noqa: E402
 from sciassist.train.rl_settings import RLSettings  # noqa: E402
-from sciassist.train.rl_step import sample_and_accumulate  # noqa: E402
+from sciassist.train.rl_step import by_prompt, sample_and_accumulate  # noqa: E402
 from sciassist.train.setup import Runtime  # noqa: E402
 from sciassist.train.step import apply_update, lr_multiplier, set_learning_rates  # noqa: E402
 
@@ -122,10 +123,6 @@ class TimedEngine:
 
 # ----------------------------------------------------------------------------- the two loops
 
-def padded_width(rows):
-    return max(rows) - 1  # inputs drop the last token
-
-
 def sciassist_unit(run, steps, clock) -> dict:
     """`steps` of the project's RL step (as rl.py's loop runs them) from run's current weights."""
     s = run.settings
@@ -148,9 +145,11 @@ def sciassist_unit(run, steps, clock) -> dict:
             totals["reply_tokens"] += sum(len(x.reply) for x in work.samples)
             totals["reward"] += sum(x.reward for x in work.samples)
             totals["trained_rows"] += len(trained)
-            for start in range(0, len(trained), s.device_batch_size):  # rl_step.policy_batch's widths
-                chunk = trained[start:start + s.device_batch_size]
-                totals["update_positions"] += len(chunk) * padded_width([len(x.prompt) + len(x.reply) for x in chunk])
+            for members in by_prompt(trained):  # each prompt once (but its last token), then its replies' rows
+                totals["update_positions"] += len(members[0].prompt) - 1
+                for start in range(0, len(members), s.device_batch_size):
+                    chunk = members[start:start + s.device_batch_size]
+                    totals["update_positions"] += len(chunk) * max(len(x.reply) for x in chunk)
     finally:
         run.engine = engine
     return totals

@@ -24,7 +24,9 @@ nanochat.attention.PackedLayout built by whoever packed them) so several convers
 row without attending to each other (padding-free fine-tuning); `doc_ids` describe the same
 with ids (read back to the host once), also with a KV cache (batched generation of prompts of
 different lengths). Packed rows without a cache go through nanochat.attention (varlen / flex /
-dense / per-document kernels, each checked before use).
+dense / per-document kernels, each checked before use). A SharedPrefix (shared_prefix()) is a
+prefix run once whose keys and values, with their graph, every row of later passes continues:
+what RL's update uses to run a question's prompt once for all of its replies.
 """
 
 import math
@@ -96,13 +98,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.eager_attention = None  # set by GPT.compile_for_training: packed attention outside the graph
 
+    def keys_values(self, x, cos, sin):
+        """k (rotated, then normed) and v of x: each (B, T, n_kv_head, head_dim)."""
+        B, T, C = x.shape
+        k = norm(apply_rotary(self.c_k(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin))
+        return k, self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+
     def forward(self, x, cos, sin, kv_cache, attn_mask):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)
+        q = norm(apply_rotary(self.c_q(x).view(B, T, self.n_head, self.head_dim), cos, sin))
+        k, v = self.keys_values(x, cos, sin)
         if isinstance(attn_mask, attention.PackedRows):
             # Packed rows (no cache): causal attention within each document segment.
             y = (self.eager_attention or attention.packed_attention)(q, k, v, attn_mask)
@@ -150,6 +155,59 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
         x = x + self.mlp(norm(x))
         return x
+
+
+class SharedPrefix:
+    """The keys and values of every layer for one prefix (batch 1), kept with their autograd
+    graph, that every row of later forward passes continues (GPT.shared_prefix builds it; pass it
+    as kv_cache). Each layer's attention sees the prefix broadcast over the rows, then the row's
+    own positions, causally; rotary positions continue from the prefix's length. Unlike a
+    KVCache it does not grow: every forward continues the same prefix, so several batches of
+    rows can share one (detached() and backward_from() carry their gradients into it once)."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}  # layer -> (1, n_kv_head, P, head_dim)
+        self.pos = 0  # the prefix's length: the rows' first rotary position
+        self.doc_ids = None  # (what GPT.forward reads of a cache: rows are not packed)
+        self.sealed = False  # False while GPT.shared_prefix stores the prefix's own keys/values
+
+    def insert_kv(self, layer_idx, k, v):
+        if not self.sealed:
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+            return k, v
+        if layer_idx not in self.keys:  # an empty prefix
+            return k, v
+        B = k.size(0)
+        return (torch.cat([self.keys[layer_idx].expand(B, -1, -1, -1), k], dim=2),
+                torch.cat([self.values[layer_idx].expand(B, -1, -1, -1), v], dim=2))
+
+    def advance(self, T):
+        if not self.sealed:
+            self.pos += T
+
+    def seal(self):
+        self.sealed = True
+        return self
+
+    def tensors(self):
+        return [t for layer in sorted(self.keys) for t in (self.keys[layer], self.values[layer])]
+
+    def detached(self):
+        """The same prefix as leaves of the graph: backward passes through rows that continue it
+        stop there, their gradients adding up in the leaves' .grad (then backward_from())."""
+        copy = SharedPrefix()
+        for layer in self.keys:
+            copy.keys[layer] = self.keys[layer].detach().requires_grad_(self.keys[layer].requires_grad)
+            copy.values[layer] = self.values[layer].detach().requires_grad_(self.values[layer].requires_grad)
+        copy.pos = self.pos
+        return copy.seal()
+
+    def backward_from(self, detached):
+        """Backward through the prefix's graph of the gradients gathered by `detached` (a
+        detached() copy): with several batches of rows, the prefix's own backward runs once."""
+        pairs = [(t, d.grad) for t, d in zip(self.tensors(), detached.tensors(), strict=True) if d.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
 # Above this many logits (B*T*V) the loss is computed in chunks whose logits are recomputed
@@ -336,6 +394,27 @@ class GPT(nn.Module):
             logits = self.lm_head(x).float()
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
         return self._loss(x, targets, loss_reduction, supervised_index)
+
+    def shared_prefix(self, idx):
+        """A SharedPrefix of idx (1, P): its keys and values at every layer, with their graph
+        when gradients are on, for forward passes whose rows all continue it (the group of RL
+        replies of one prompt: the prompt runs once, not once per reply). Nothing beyond the
+        last layer's keys and values is computed (no logits)."""
+        B, P = idx.shape
+        if B != 1:
+            raise ValueError(f"a shared prefix is one row, got {B}")
+        prefix = SharedPrefix()
+        if P:
+            self._check_positions(P)
+            cos, sin = self.cos[:P][None, :, None], self.sin[:P][None, :, None]
+            x = norm(self.transformer.wte(idx))
+            *blocks, last = self.transformer.h
+            for block in blocks:
+                x = block(x, cos, sin, prefix, None)
+            k, v = last.attn.keys_values(norm(x), cos, sin)
+            prefix.insert_kv(last.attn.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
+            prefix.advance(P)
+        return prefix.seal()
 
     def _loss(self, x, targets, loss_reduction, supervised_index=None):
         if loss_reduction not in ("mean", "sum", "none"):

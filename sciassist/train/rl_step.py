@@ -18,9 +18,15 @@ log p the policy's log-probability of each sampled token, computed under the run
 N is the number of sampled tokens of the step (--token_normalization all_samples, nanochat's
 token-level normalisation) or of the replies in groups with a reward spread (spread_groups).
 Groups without spread have zero advantages: they are not run through the model at all.
-Micro-batches of device_batch_size replies each add their share of the same sum, and N counts
-the whole step's tokens on every rank, so the gradient does not depend on how the step is split
-into micro-batches or ranks.
+Each trained group's prompt runs once (nanochat.gpt.SharedPrefix: all of it but its last token,
+keys and values kept with their graph); a micro-batch is then up to device_batch_size replies of
+one group, each row its prompt's last token followed by the reply (right-padded), attending to
+the shared prompt. Micro-batches never mix prompts; the prompt's own backward runs once, after
+its group's micro-batches. The gradient equals running every reply after its own copy of the prompt
+(rounding aside), with one exception under LoRA dropout: the prompt's dropout mask is drawn once
+and shared by the group's replies. Micro-batches each add their share of the same sum, and N
+counts the whole step's tokens on every rank, so the gradient does not depend on how the step is
+split into micro-batches or ranks.
 """
 
 from __future__ import annotations
@@ -125,44 +131,64 @@ def reward_samples(run, questions, prompts, sampled, k, first_group=0) -> tuple[
     return samples, spread
 
 
+def by_prompt(trained) -> list[list]:
+    """The trained replies grouped by prompt (a question's replies share theirs), in order."""
+    groups = {}
+    for x in trained:
+        groups.setdefault(tuple(x.prompt), []).append(x)
+    return list(groups.values())
+
+
 def policy_batch(samples, pad_id, device) -> dict:
-    """Right-padded rows of prompt + reply: inputs, targets (-1 except at reply tokens), the flat
-    indices of the reply positions (supervised_index) and each row's advantage."""
-    width = max(len(x.prompt) + len(x.reply) for x in samples) - 1
+    """Rows of replies to one prompt that continue its shared prefix (the prompt but its last
+    token): inputs = the prompt's last token then the reply but its last token, targets = the
+    reply (-1 at the right padding); the flat indices of the reply positions (supervised_index)
+    and each row's advantage."""
+    width = max(len(x.reply) for x in samples)
     inputs = torch.full((len(samples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), width), -1, dtype=torch.long)
     supervised = []
     for i, x in enumerate(samples):
-        sequence = torch.tensor(x.prompt + x.reply, dtype=torch.long)
-        inputs[i, :len(sequence) - 1] = sequence[:-1]
-        targets[i, len(x.prompt) - 1:len(sequence) - 1] = sequence[len(x.prompt):]
-        supervised.append(torch.arange(i * width + len(x.prompt) - 1, i * width + len(sequence) - 1))
+        n = len(x.reply)
+        inputs[i, :n] = torch.tensor(x.prompt[-1:] + x.reply[:-1], dtype=torch.long)
+        targets[i, :n] = torch.tensor(x.reply, dtype=torch.long)
+        supervised.append(torch.arange(i * width, i * width + n))
     advantages = torch.tensor([x.advantage for x in samples], dtype=torch.float32)
     return {"inputs": inputs.to(device), "targets": targets.to(device), "advantages": advantages.to(device),
             "supervised_index": torch.cat(supervised).to(device), "tokens": sum(len(x.reply) for x in samples)}
 
 
-def policy_objective(model, batch, autocast=None):
+def policy_objective(model, prefix, batch, autocast=None):
     """(sum over the batch's reply tokens of -A x log p, a tensor with gradient; the sum of -log p,
-    detached). The model's loss_reduction "none" gives -log p of each target (0 where ignored); given
-    the reply positions it computes logits only there (the prompt's would be ignored anyway)."""
+    detached), the rows continuing `prefix` (a nanochat.gpt.SharedPrefix). The model's
+    loss_reduction "none" gives -log p of each target (0 where ignored); given the reply positions
+    it computes logits only there."""
     with autocast if autocast is not None else contextlib.nullcontext():
-        neg_logp = model(batch["inputs"], batch["targets"], loss_reduction="none",
+        neg_logp = model(batch["inputs"], batch["targets"], kv_cache=prefix, loss_reduction="none",
                          supervised_index=batch["supervised_index"])
     neg_logp = neg_logp.float()
     return (neg_logp * batch["advantages"].unsqueeze(1)).sum(), neg_logp.detach().sum()
 
 
 def accumulate_policy_gradient(model, trained, denominator, rows_per_pass, pad_id, autocast=None, scaler=None):
-    """Backward of the step's loss over `trained` in micro-batches; returns (loss, summed -log p)."""
+    """Backward of the step's loss over `trained` (replies with at least one token): per prompt
+    (a group's), the prompt once, then micro-batches of up to rows_per_pass of its replies; returns (loss, summed
+    -log p)."""
     loss_total, neg_logp_total = 0.0, 0.0
-    for start in range(0, len(trained), rows_per_pass):
-        batch = policy_batch(trained[start:start + rows_per_pass], pad_id, model.get_device())
-        objective, neg_logp = policy_objective(model, batch, autocast)
-        loss = objective / denominator
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_total += loss.item()
-        neg_logp_total += neg_logp.item()
+    device = model.get_device()
+    for members in by_prompt(trained):
+        with autocast if autocast is not None else contextlib.nullcontext():
+            prompt = torch.tensor([members[0].prompt[:-1]], dtype=torch.long, device=device)
+            prefix = model.shared_prefix(prompt)
+        leaves = prefix.detached()  # the micro-batches' gradients gather there
+        for start in range(0, len(members), rows_per_pass):
+            batch = policy_batch(members[start:start + rows_per_pass], pad_id, device)
+            objective, neg_logp = policy_objective(model, leaves, batch, autocast)
+            loss = objective / denominator
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_total += loss.item()
+            neg_logp_total += neg_logp.item()
+        prefix.backward_from(leaves)  # the prompt's backward, once per group
     return loss_total, neg_logp_total
 
 

@@ -209,3 +209,78 @@ def test_norms_keep_the_input_dtype_when_rms_norm_computes_in_fp32(monkeypatch):
     # The same numbers as an rms_norm that keeps bf16 (torch <= 2.11), within bf16 rounding.
     torch.testing.assert_close(model(idx, doc_ids=torch.tensor([[0] * 4 + [1] * 6, [0] * 10])), logits,
                                atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_rows_after_a_shared_prefix_equal_each_row_after_its_own_copy(n_kv_head):
+    model = tiny_model(seed=3, n_kv_head=n_kv_head)
+    g = torch.Generator().manual_seed(1)
+    prefix_ids = torch.randint(0, 97, (1, 9), generator=g)
+    rows = torch.randint(0, 97, (3, 5), generator=g)
+    full = torch.cat([prefix_ids.expand(3, -1), rows], dim=1)
+    # logits: every position after the prefix
+    with torch.no_grad():
+        expected = model(full)[:, 9:]
+        got = model(rows, kv_cache=model.shared_prefix(prefix_ids))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # gradients of a loss over the rows (one row of a single position too), through the prefix
+    targets = torch.randint(0, 97, (3, 5), generator=g)
+    targets[1, 1:] = -1
+    weights = torch.tensor([[0.5], [-1.0], [2.0]])
+    grads = []
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        if shared:
+            nll = model(rows, targets, kv_cache=model.shared_prefix(prefix_ids), loss_reduction="none")
+        else:
+            nll = model(full, torch.cat([torch.full((3, 9), -1), targets], dim=1), loss_reduction="none")[:, 9:]
+        (nll * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_shared_prefix_carries_several_batches_gradients_in_one_backward():
+    model = tiny_model(seed=4)
+    g = torch.Generator().manual_seed(2)
+    prefix_ids = torch.randint(0, 97, (1, 6), generator=g)
+    batches = [torch.randint(0, 97, (2, 4), generator=g), torch.randint(0, 97, (1, 7), generator=g)]
+    grads = []
+    for detached in (False, True):
+        model.zero_grad(set_to_none=True)
+        prefix = model.shared_prefix(prefix_ids)
+        if not detached:
+            sum(model(b, b, kv_cache=prefix, loss_reduction="sum") for b in batches).backward()
+        else:
+            leaves = prefix.detached()
+            assert leaves.pos == 6 and all(t.is_leaf and t.requires_grad for t in leaves.tensors())
+            for b in batches:
+                model(b, b, kv_cache=leaves, loss_reduction="sum").backward()
+            prefix.backward_from(leaves)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert prefix.pos == 6  # rows do not extend it
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_an_empty_shared_prefix_is_no_prefix():
+    model = tiny_model(seed=5)
+    rows = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        prefix = model.shared_prefix(torch.zeros(1, 0, dtype=torch.long))
+        assert prefix.pos == 0 and prefix.tensors() == []
+        torch.testing.assert_close(model(rows, kv_cache=prefix), model(rows), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="one row"):
+        model.shared_prefix(rows)
+
+
+def test_a_shared_prefix_under_bf16_autocast_matches_the_full_rows():
+    model = tiny_model(seed=6)
+    g = torch.Generator().manual_seed(4)
+    prefix_ids, rows = torch.randint(0, 97, (1, 8), generator=g), torch.randint(0, 97, (2, 3), generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        prefix = model.shared_prefix(prefix_ids)
+        assert all(t.dtype == torch.bfloat16 for t in prefix.tensors())
+        got = model(rows, kv_cache=prefix)
+        expected = model(torch.cat([prefix_ids.expand(2, -1), rows], dim=1))[:, 8:]
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)

@@ -225,6 +225,40 @@ def test_the_loss_is_token_normalised_and_does_not_depend_on_the_micro_batches(t
         torch.testing.assert_close(one_by_one, together, atol=1e-6, rtol=1e-5)
 
 
+def test_the_update_with_each_prompt_run_once_has_the_gradient_of_every_reply_after_its_own_prompt(tiny_tokenizer):
+    vocab = tiny_tokenizer.get_vocab_size()
+    model = nontrivial_gpt(vocab, seed=2, projection_std=0.2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (11, 6)]
+    lengths_advantages = [(0, 5, 0.5), (0, 1, -0.25), (0, 9, -0.75), (0, 3, 0.5),  # replies of different lengths
+                          (1, 2, 1.0)]  # a group with a single trained reply
+    samples = [Sample(group=group, prompt=prompts[group], reply=torch.randint(1, vocab, (n,), generator=g).tolist(),
+                      truncated=False, text="", reward=0.0, predicted=None, advantage=advantage)
+               for group, n, advantage in lengths_advantages]
+    denominator = 23.0
+    # the reference: every reply after its own copy of the prompt, right-padded rows, logits everywhere
+    width = max(len(x.prompt) + len(x.reply) for x in samples) - 1
+    inputs = torch.zeros((len(samples), width), dtype=torch.long)
+    targets = torch.full((len(samples), width), -1, dtype=torch.long)
+    for i, x in enumerate(samples):
+        sequence = torch.tensor(x.prompt + x.reply)
+        inputs[i, :len(sequence) - 1] = sequence[:-1]
+        targets[i, len(x.prompt) - 1:len(sequence) - 1] = sequence[len(x.prompt):]
+    model.zero_grad(set_to_none=True)
+    neg_logp = model(inputs, targets, loss_reduction="none")
+    advantages = torch.tensor([x.advantage for x in samples])
+    expected_loss = (neg_logp * advantages[:, None]).sum() / denominator
+    expected_loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    for rows in (1, 2, 3, 8):
+        model.zero_grad(set_to_none=True)
+        loss, neg_logp_sum = accumulate_policy_gradient(model, samples, denominator, rows, pad_id=0)
+        assert loss == pytest.approx(expected_loss.item(), rel=1e-5)
+        assert neg_logp_sum == pytest.approx(neg_logp.sum().item(), rel=1e-5)
+        for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 # --- validation
 
 def test_pass_at_k_is_the_unbiased_estimate():

@@ -83,7 +83,8 @@ def test_a_lora_run_moves_only_the_adapters_and_saves_the_merged_model(tmp_path,
     live.eval()
     idx = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (model(idx) - live(idx)).abs().max().item() < 1e-5  # the merge is the adapted model
+        # the merge is the adapted model: W + s B A against W x + s B (A x), fp32 rounding apart
+        torch.testing.assert_close(model(idx), live(idx), atol=1e-5, rtol=1e-5)
     # the adapter in peft's format
     config = json.loads((run_dir / "adapter" / ADAPTER_CONFIG).read_text())
     assert config["r"] == RANK and config["peft_type"] == "LORA"
