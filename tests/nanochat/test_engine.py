@@ -106,7 +106,8 @@ def test_rows_of_the_same_prompt_share_one_prefill_and_sample_as_if_alone(monkey
     monkeypatch.setattr(model, "forward", counting_forward)
     together = engine.generate_multi(prompts, max_tokens=8, temperature=1.0, top_k=20, seeds=seeds)
     assert widths[0] == (2, 7)  # the prefill: each distinct prompt once, left-padded to the longest
-    assert all(w == (5, 1) for w in widths[1:])  # then every row decodes
+    # then the rows decode, each until its reply ends (a row that drew the stop token at step s leaves)
+    assert widths[1:] == [(sum(len(out) > step for out in together), 1) for step in range(len(widths) - 1)]
     for prompt, seed, out in zip(prompts, seeds, together, strict=True):
         assert engine.generate_multi([prompt], max_tokens=8, temperature=1.0, top_k=20, seeds=[seed])[0] == out
     assert together[1] != together[3]  # the same prompt, another seed
@@ -157,3 +158,48 @@ def test_the_compute_dtype_is_the_callers():
     assert engine.compute_dtype == torch.bfloat16 and cache.kv.dtype == torch.bfloat16
     logits = engine._forward(torch.tensor([[1, 2, 3]]), None)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("top_k", [None, 20])
+def test_seeded_rows_sample_what_torch_multinomial_draws_row_by_row(top_k):
+    """Rows that end early leave the batch and the draws are batched; every row's reply is still
+    what decoding it alone with torch.multinomial and its seed gives (generate_batch, one sample)."""
+    model = tiny_model(seed=7).eval()
+    with torch.no_grad():  # make the stop token likely enough that replies end at many different steps
+        winners = model(torch.randint(0, 90, (4, 12), generator=torch.Generator().manual_seed(5))).argmax(-1)
+        model.lm_head.weight[ASSISTANT_END] = model.lm_head.weight[winners.flatten()].mean(0) * 2
+    engine = Engine(model, StubTokenizer())
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    rows = [p for p in prompts for _ in range(6)]
+    seeds = torch.randint(0, 2**62, (len(rows),), generator=g).tolist()
+    together = engine.generate_multi(rows, max_tokens=12, temperature=1.0, top_k=top_k, seeds=seeds)
+    lengths = {len(out) for out in together}
+    assert len(lengths) >= 4 and 12 in lengths  # replies of many lengths, some cut at the limit
+    for prompt, seed, out in zip(rows, seeds, together, strict=True):
+        alone, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=12, temperature=1.0, top_k=top_k, seed=seed)
+        assert alone[0][len(prompt):] == out
+
+
+def test_the_batched_draw_is_torch_multinomials():
+    from nanochat.engine import _draw
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(16, 50, generator=g) * 3, dim=-1)
+    seeds = torch.randint(0, 2**62, (16,), generator=g).tolist()
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    reference = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(20):
+        expected = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=r) for i, r in enumerate(reference)])
+        assert torch.equal(_draw(probs, generators), expected)
+
+
+def test_keep_rows_moves_the_kept_rows_to_the_front_in_place():
+    cache = KVCache(4, 2, 6, 3, 2, "cpu", torch.float32)
+    cache.kv.copy_(torch.randn_like(cache.kv))
+    cache.insert_doc_ids(torch.arange(4 * 5).view(4, 5))
+    cache.advance(5)
+    before, storage = cache.kv.clone(), cache.kv.untyped_storage().data_ptr()
+    cache.keep_rows([1, 3])
+    assert cache.kv.shape[2] == 2 and cache.kv.untyped_storage().data_ptr() == storage
+    assert torch.equal(cache.kv[..., :5, :], before[:, :, [1, 3], :, :5])
+    assert cache.doc_ids.tolist() == [[5, 6, 7, 8, 9, 0], [15, 16, 17, 18, 19, 0]]
