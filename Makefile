@@ -81,7 +81,7 @@ demo: install ## the whole pipeline in miniature, offline, on CPU (SCIENCEQA=sam
 notebook: install ## run the notebook in smoke mode with papermill (CPU, offline)
 	$(VENV)/bin/papermill sciassist-fine-tune.ipynb notebook_output.ipynb -p SMOKE True --cwd .
 
-recipe-cpu: install ## a CPU recipe end to end, budgeted in steps (SCIENCEQA=DIR, SPLIT=val|test|both, PRESET=cpu|cpu-lora|cpu-tutor)
+recipe-cpu: install ## a CPU recipe end to end, budgeted in steps (SCIENCEQA=DIR, SPLIT=val|test|both, PRESET=cpu|cpu-lora|cpu-tutor|cpu-rl)
 	$(PY) -m sciassist.pipelines.recipes --preset $(PRESET) --scienceqa $(SCIENCEQA) --out_dir runs/recipe-$(PRESET) --split $(SPLIT) $(ARGS)
 
 recipe-gpu: install ## the GPU recipe (from-scratch model on one GPU; untested on real hardware)

@@ -22,6 +22,8 @@ class Recipe:
     explain: int = 0                              # questions whose explanation is judged (--explain N)
     rl: dict = field(default_factory=dict)        # RLSettings overrides of the RL stage after the fine-tune
                                                   # (paths are set here); empty: no RL stage
+    sft_tag: str | None = None                    # the fine-tune's folder under sft/ (default: the name); a
+                                                  # variant that only adds a stage shares its recipe's fine-tune
     tested: bool = True
 
 
@@ -69,6 +71,23 @@ CPU_TUTOR = replace(
     data={**CPU.data, "include_explanation": True, "include_background": True}, shuffled_copies=3,
     explain=100_000)  # every evaluated question with a gold solution
 
+# The CPU recipe, then the RL stage (sciassist.train.rl) on its fine-tuned model: nanochat's
+# chat_rl update (group-relative advantages, token-normalised policy gradient, Muon + AdamW),
+# 32 training questions x 8 replies per step for 100 steps, every learning rate x 0.01, the
+# model of the best validation kept (the fine-tuned one when no step beats it). It shares the
+# CPU recipe's fine-tune (sft/cpu): run in a CPU recipe's folder, it trains only the stage. Chosen
+# on val (bench/RESULTS.md, "The RL stage on the CPU recipe's model"): at nanochat's learning
+# rates (x 0.05) this 1.1M-parameter model degrades within 100-200 steps; at x 0.01-0.02 it is
+# stable and its greedy accuracy does not move beyond noise, so this stage is a variant, not
+# part of the CPU recipe.
+CPU_RL = replace(
+    CPU, name="cpu-rl", sft_tag="cpu",
+    description="the CPU recipe, then 100 steps of RL on its own replies (32 training questions x 8 samples per "
+                "step, nanochat's update at a fifth of its learning rates), the best validation's model kept",
+    rl=dict(num_steps=100, questions_per_step=32, samples_per_question=8, max_new_tokens=128, init_lr_frac=0.01,
+            eval_every=20, eval_questions=256, val_questions=64, generation_batch_size=64, device_batch_size=32,
+            dtype="float32"))
+
 # A GPU preset: NOT RUN (no GPU was lent while the CPU recipe was measured); a starting
 # point, not a result. Depth 12 (768 wide, about 110M parameters with a 16k vocabulary) from
 # scratch. The train split is only about 1M tokens of text, so the budgets are in steps (about
@@ -89,7 +108,7 @@ GPU = Recipe(
     tested=False,
 )
 
-RECIPES = {r.name: r for r in (CPU, CPU_LORA, CPU_TUTOR, GPU)}
+RECIPES = {r.name: r for r in (CPU, CPU_LORA, CPU_TUTOR, CPU_RL, GPU)}
 
 
 class RecipeError(UserError, ValueError):

@@ -208,7 +208,7 @@ def run_recipe(name, scienceqa_dir, out_dir, evaluate_split="val", base_dir=None
     t0 = time.time()
     settings = TrainSettings(**{
         "data_path": str(paths["train"]), "val_path": str(paths["sft_val"]), "source": "base",
-        "base_dir": str(base_dir), "out_dir": str(out_dir / "sft"), "output_tag": recipe.name,
+        "base_dir": str(base_dir), "out_dir": str(out_dir / "sft"), "output_tag": recipe.sft_tag or recipe.name,
         "num_epochs": 1, **recipe.train})
     limit = TimeLimit(max_minutes, started, num_steps=settings.num_iterations)
     training = finished_finetune(settings) if reused else None
@@ -361,7 +361,7 @@ def _evaluate_finished(recipe, scienceqa_dir, out_dir, splits):
     if trained != json.loads(json.dumps({k: getattr(recipe, k) for k in TRAINING_FIELDS}, default=str)):
         raise RecipeError(f"{out_dir} holds a run of other recipe settings ({summary.get('recipe', {}).get('name')}); "
                           f"evaluate it with the settings it was trained with")
-    run_dir = out_dir / "sft" / recipe.name
+    run_dir = out_dir / "sft" / (recipe.sft_tag or recipe.name)
     if not any(run_dir.glob("model_*.pt")):
         raise RecipeError(f"{run_dir}: no fine-tuned checkpoint to evaluate")
     rl_dir = out_dir / "rl" / recipe.name

@@ -115,8 +115,9 @@ class RLSettings(RunFields):
     token_normalization: str = setting("all_samples", "the policy-gradient sum is divided by the sampled tokens of "
                                                       "all_samples (nanochat) or only of spread_groups, the groups "
                                                       "whose rewards differ", choices=list(TOKEN_NORMALIZATIONS))
-    device_batch_size: int = setting(8, "sequences per forward/backward micro-batch (gradients accumulate over the "
-                                        "step)", at_least=1, at_most=MAX_BATCH)
+    device_batch_size: int = setting(8, "replies of one question per forward/backward micro-batch, after the "
+                                        "question's prompt, run once (gradients accumulate over the step)",
+                                     at_least=1, at_most=MAX_BATCH)
     matrix_lr: float = setting(0.02, "Muon learning rate for the transformer matrices", above=0, at_most=MAX_LR)
     embedding_lr: float = setting(0.2, "AdamW learning rate for the token embedding (x (n_embd/768)^-0.5)", above=0,
                                   at_most=MAX_LR)

@@ -211,15 +211,20 @@ def test_the_fine_tune_time_is_estimated_from_its_first_steps(monkeypatch, capsy
 
 
 def test_a_recipe_with_an_rl_stage_evaluates_fine_tuned_and_rl_on_the_same_questions(tmp_path, sample_dir,
-                                                                                       one_thread):
+                                                                                       one_thread, capsys):
     stage = dict(num_steps=2, questions_per_step=2, samples_per_question=2, max_new_tokens=8, eval_questions=2,
                  val_questions=0, eval_every=0, generation_batch_size=4)
     out = tmp_path / "run"
-    summary = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="val", **MINIATURE, rl=stage)
+    recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split=None, **MINIATURE)
+    capsys.readouterr()
+    # cpu-rl is the CPU recipe and a stage: in a CPU recipe's folder it trains only the stage
+    summary = recipes.run_recipe("cpu-rl", str(sample_dir), out, evaluate_split="val", **MINIATURE, rl=stage)
+    assert "already holds this recipe's completed fine-tune" in capsys.readouterr().out
+    assert not (out / "sft" / "cpu-rl").exists()
     rl = summary["rl"]
     assert rl["status"] == "completed" and rl["steps_done"] == 2
-    assert rl["run_dir"] == str(out / "rl" / "cpu")
-    settings = json.loads((out / "rl" / "cpu" / "run_summary.json").read_text())["settings"]
+    assert rl["run_dir"] == str(out / "rl" / "cpu-rl")
+    settings = json.loads((out / "rl" / "cpu-rl" / "run_summary.json").read_text())["settings"]
     # practises on the training questions, validates on the fine-tune's validation questions
     assert settings["data_path"] == str(out / "data" / "scienceqa_train.jsonl")
     assert settings["val_path"] == str(out / "data" / "sft_val.jsonl")
@@ -230,14 +235,15 @@ def test_a_recipe_with_an_rl_stage_evaluates_fine_tuned_and_rl_on_the_same_quest
     changes = val["paired"]["generated"]["changes"]
     assert set(val["paired"]["generated"]["values"]) == {"finetuned", "rl"} and changes
     results = json.loads((out / "eval_val" / "results.json").read_text())
-    assert results["settings"]["rl"] == str(out / "rl" / "cpu")
+    assert results["settings"]["rl"] == str(out / "rl" / "cpu-rl")
     # a finished run's test number covers both models; another RL stage is another recipe's run
     overrides = {key: summary["recipe"][key] for key in ("tiny", "train", "shuffled_copies", "eval_limit",
                                                          "sft_val_size", "eval_max_new_tokens", "rl")}
-    tested = recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True, **overrides)
+    tested = recipes.run_recipe("cpu-rl", str(sample_dir), out, evaluate_split="test", evaluate_only=True,
+                                **overrides)
     assert tested["evaluation"]["test"]["rl"]["count"] == tested["counts"]["eval_test"]
     with pytest.raises(recipes.RecipeError, match="other recipe settings"):
-        recipes.run_recipe("cpu", str(sample_dir), out, evaluate_split="test", evaluate_only=True,
+        recipes.run_recipe("cpu-rl", str(sample_dir), out, evaluate_split="test", evaluate_only=True,
                            **{**overrides, "rl": {**stage, "num_steps": 3}})
 
 
