@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -85,6 +86,7 @@ from sciassist.common import (
 )
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import steps_per_epoch
+from sciassist.memory import card_of, first_line, is_out_of_memory, release_memory
 from sciassist.plots import plot_rl_curves
 from sciassist.train import setup as train_setup
 from sciassist.train.files import METRICS_FILE, append_record, open_run_dir, remove_leftovers
@@ -116,6 +118,35 @@ from sciassist.train.step import (
 
 # the exit codes of a run stopped by Ctrl-C (SIGINT) or SIGTERM, as fine-tuning's
 EXIT_CODES = {"completed": 0, "interrupted": 130, "terminated": 143}
+
+
+class RLOutOfMemory(RLError):
+    """A run stopped by out-of-memory; the message says what was saved and which flag to change.
+    The command exits with EXIT_CODE, as fine-tuning does."""
+
+    EXIT_CODE = 3
+
+
+class _OutOfMemory(Exception):
+    """An out-of-memory error in one part of a step (where: step = its sampling and policy gradient,
+    update, or validation)."""
+
+    def __init__(self, error: BaseException, where: str):
+        super().__init__(first_line(error))
+        self.where = where
+
+
+def guarded(run, work, where: str):
+    """work(), an out-of-memory error turned into _OutOfMemory with the step's gradients dropped."""
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is turned; the rest re-raised
+        if not is_out_of_memory(e):
+            raise
+        error = _OutOfMemory(e, where)
+    run.model.zero_grad(set_to_none=True)
+    release_memory(run.device)
+    raise error
 FRESH_START = "start a new run without --resume (or another --output_tag)"
 
 
@@ -165,6 +196,7 @@ class RLProgress:
     elapsed_before: float = 0.0
     step_rng: dict | None = None  # the generators as the step in progress found them
     sampling: torch.Tensor | None = None  # a resumed run's sampling generator state for its first step
+    updating: bool = False  # inside the optimizer update (cut short there, the weights may be half-updated)
     best: dict = field(default_factory=lambda: {"step": None, "val_accuracy": None})  # --keep best's model
     started: float = field(default_factory=time.time)
 
@@ -195,10 +227,14 @@ def rl(settings: RLSettings, on_step=None) -> dict:
         open_run_dir(run, progress.metrics)
         open_validation_files(run, progress)
         _describe(run)
-        status = _loop(run, progress, on_step)
+        status, error = _loop(run, progress, on_step)
         summary = run_summary(run, progress, status)
+        if error is not None:
+            summary["error"] = error
         if runtime.is_main:
             write_json(run.run_dir / "run_summary.json", summary)
+        if status == "out_of_memory":
+            raise RLOutOfMemory(error)
     return summary
 
 
@@ -343,15 +379,20 @@ def save_model(run: RLRun, progress: RLProgress) -> Path:
     return model_path(run.run_dir, progress.step)
 
 
-def _loop(run: RLRun, progress: RLProgress, on_step) -> str:
-    """Steps from progress.step to the end; returns completed, interrupted (Ctrl-C or on_step raised
-    KeyboardInterrupt) or terminated (SIGTERM)."""
+def _loop(run: RLRun, progress: RLProgress, on_step) -> tuple[str, str | None]:
+    """Steps from progress.step to the end; returns (status, error): completed, interrupted (Ctrl-C
+    or on_step raised KeyboardInterrupt), terminated (SIGTERM) or out_of_memory (with what to
+    say)."""
     bar = tqdm(total=run.num_steps, initial=progress.step, disable=not run.runtime.is_main, dynamic_ncols=True,
                mininterval=1.0, desc="rl", file=sys.stderr)
     saved = []  # the steps whose resume point was saved
-    status = "completed"
+    status, error = "completed", None
     try:
         _steps(run, progress, bar, on_step, saved)
+    except _OutOfMemory as e:
+        status = "out_of_memory"
+        with stopping():
+            error = _stop_out_of_memory(run, progress, e, saved)
     except KeyboardInterrupt as e:
         status = "terminated" if isinstance(e, Terminated) else "interrupted"
         with stopping():
@@ -369,7 +410,36 @@ def _loop(run: RLRun, progress: RLProgress, on_step) -> str:
                 if not keeps_best(run):
                     save_model(run, progress)
                 save_resume(run, progress)
-    return status
+    return status, error
+
+
+def _stop_out_of_memory(run: RLRun, progress: RLProgress, error: _OutOfMemory, saved: list) -> str:
+    """Save the resume point of the last whole step (unless the update was cut short, which can
+    leave the weights half-updated: then the last saved one stands); returns what to say."""
+    s = run.settings
+    resumable = True
+    if not progress.updating:
+        if saved[-1:] != [progress.step]:
+            save_resume(run, progress)
+        kept = f"resume point of step {progress.step} saved in {run.resume_path}"
+    elif run.resume_path.is_file() and saved:
+        kept = f"the update was cut short; the resume point of step {saved[-1]} in {run.resume_path} stands"
+    else:
+        kept, resumable = "the update was cut short, so no resume point could be saved", False
+    where = {"step": f"step {progress.step + 1} (its sampling or its policy gradient)",
+             "update": f"the update of step {progress.step + 1}",
+             "validation": f"the validation of step {progress.step} (the step itself is kept; that validation "
+                           f"is not redone)"}[error.where]
+    card = card_of(run.device)
+    device = card.describe() if card is not None else str(run.device)
+    smaller = [f"--{name} {value // 2}" for name, value in (("generation_batch_size", s.generation_batch_size),
+                                                           ("device_batch_size", s.device_batch_size)) if value > 1]
+    change = (" and ".join(smaller) if smaller
+              else f"a smaller --max_new_tokens (now {s.max_new_tokens}) or --lora_rank 16")
+    resume = " --resume" if resumable else ""
+    return (f"out of memory in {where} on {device} ({error}) with --generation_batch_size {s.generation_batch_size} "
+            f"and --device_batch_size {s.device_batch_size}; {kept}. Run again with the same flags{resume} and "
+            f"{change}")
 
 
 def keeps_best(run: RLRun) -> bool:
@@ -409,7 +479,7 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
         questions = step_questions(run.questions, progress.step, s.questions_per_step, s.seed,
                                    generator if s.shuffle_options else None)
         with dropout_generator(run, progress.step):
-            work = sample_and_accumulate(run, questions, generator)
+            work = guarded(run, functools.partial(sample_and_accumulate, run, questions, generator), "step")
         if not math.isfinite(work.loss):
             run.model.zero_grad(set_to_none=True)
             raise RLError(f"the policy-gradient loss is {work.loss} at step {progress.step + 1}; nothing was applied. "
@@ -418,7 +488,10 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
         with defer_interrupt():  # the weights, the optimizers and the records change together
             record = {"step": progress.step + 1, "lr_multiplier": multiplier, **step_metrics(work)}
             if work.trained_tokens:
-                update = apply_update(run.model, run.optimizers, multiplier, 0.0, run.scaler)
+                progress.updating = True
+                update = guarded(run, functools.partial(apply_update, run.model, run.optimizers, multiplier, 0.0,
+                                                        run.scaler), "update")
+                progress.updating = False
                 record["updated"] = not update.skipped
                 if update.loss_scale is not None:
                     record["loss_scale"] = update.loss_scale
@@ -427,13 +500,20 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
                 record["updated"] = False
             progress.step += 1
             progress.step_rng = None
+            cut = None
             if run.val_questions and (progress.step == run.num_steps or
                                       (s.eval_every and progress.step % s.eval_every == 0)):
-                record.update(_validate(run, progress.step))
-                keep_if_best(run, progress, record)
+                try:
+                    record.update(guarded(run, functools.partial(_validate, run, progress.step), "validation"))
+                    keep_if_best(run, progress, record)
+                except _OutOfMemory as e:  # the step stands: its record is kept, then the run stops
+                    record["validation"] = "out of memory"
+                    cut = e
             record["step_time_s"] = time.time() - t0
             record["elapsed_s"] = round(progress.elapsed(), 3)
             _keep(run, progress, record)
+            if cut is not None:
+                raise cut
         if s.save_every and progress.step % s.save_every == 0:
             with defer_interrupt(SAVING_NOTICE):  # a signal now stops the run once this is saved
                 if not keeps_best(run):
@@ -580,10 +660,14 @@ def build_parser():
 
 def main(argv=None) -> int:
     """0 when the run completed; 130 / 143 when Ctrl-C / SIGTERM stopped it (a resume point saved);
-    2 with one `error:` line on a problem the user can fix."""
+    3 with one `error:` line when it ran out of memory (what was saved, which flag to change); 2
+    with one `error:` line on a problem the user can fix."""
     settings = settings_from_namespace(RLSettings, build_parser().parse_args(argv))
     try:
         summary = rl(settings)
+    except RLOutOfMemory as e:
+        print_error(e)
+        return RLOutOfMemory.EXIT_CODE
     except (UserError, CheckpointError) as e:
         return print_error(e)
     except KeyboardInterrupt as e:  # before the first step: nothing to save yet

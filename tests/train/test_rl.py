@@ -553,3 +553,78 @@ def test_the_command_is_registered_and_maps_stops_to_exit_codes(monkeypatch, cap
     for status, code in (("terminated", 143), ("interrupted", 130), ("completed", 0)):
         monkeypatch.setattr(rl_module, "rl", lambda settings, on_step=None, status=status: {"status": status})
         assert main(["--device", "cpu"]) == code == EXIT_CODES[status]
+
+
+def out_of_memory_on_call(function, call):
+    """function, raising CUDA's out-of-memory error (as a card would) on its `call`-th call."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. (simulated)")
+        return function(*args, **kwargs)
+    return wrapped
+
+
+def test_out_of_memory_in_a_step_saves_the_last_whole_step_and_the_resume_is_bit_identical(
+        tmp_path, rl_base_dir, question_file, monkeypatch, capsys):
+    from sciassist.train import rl as rl_module
+    hook = "tests.train.test_rl:reply_length_reward"
+    whole = tiny_rl(rl_base_dir, question_file, tmp_path / "whole", reward_fn=hook)
+    assert rl(whole)["status"] == "completed"
+    flags = ["--data_path", str(question_file), "--base_dir", str(rl_base_dir), "--source", "base", "--out_dir",
+             str(tmp_path / "cut"), "--output_tag", "run", "--num_steps", "3", "--questions_per_step", "2",
+             "--samples_per_question", "3", "--max_new_tokens", "6", "--generation_batch_size", "4",
+             "--device_batch_size", "2", "--init_lr_frac", "1.0", "--matrix_lr", "0.05", "--embedding_lr", "0.5",
+             "--unembedding_lr", "0.05", "--device", "cpu", "--dtype", "float32", "--reward_fn", hook]
+    with monkeypatch.context() as patch:  # step 3's sampling runs out of memory
+        patch.setattr(rl_module, "sample_and_accumulate", out_of_memory_on_call(rl_module.sample_and_accumulate, 3))
+        capsys.readouterr()
+        assert rl_module.main(flags) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # (beside tqdm's bar)
+    assert len(err) == 1 and err[0].startswith("error: out of memory in step 3 (its sampling or its policy gradient)")
+    assert "resume point of step 2 saved" in err[0]
+    assert err[0].endswith("Run again with the same flags --resume and --generation_batch_size 2 and "
+                           "--device_batch_size 1")
+    cut_dir = tmp_path / "cut" / "run"
+    summary = json.loads((cut_dir / "run_summary.json").read_text())
+    assert (summary["status"], summary["steps_done"]) == ("out_of_memory", 2) and "out of memory" in summary["error"]
+    assert rl_module.main([*flags, "--resume"]) == 0
+    a = torch.load(whole.run_dir() / "resume" / "state.pt", weights_only=True)
+    b = torch.load(cut_dir / "resume" / "state.pt", weights_only=True)
+    assert any(r["updated"] for r in a["metrics"])
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizers"], b["optimizers"])
+    assert comparable(a["metrics"]) == comparable(b["metrics"])
+
+
+def test_out_of_memory_in_the_update_keeps_the_last_saved_point(tmp_path, rl_base_dir, question_file, monkeypatch):
+    from sciassist.train import rl as rl_module
+    hook = "tests.train.test_rl:reply_length_reward"
+    monkeypatch.setattr(rl_module, "apply_update", out_of_memory_on_call(rl_module.apply_update, 2))
+    with pytest.raises(rl_module.RLOutOfMemory, match=r"in the update of step 2 .*the update was cut short, so no "
+                                                       r"resume point could be saved\. Run again with the same flags "
+                                                       r"and --generation_batch_size 2"):
+        rl(tiny_rl(rl_base_dir, question_file, tmp_path / "a", reward_fn=hook))
+    assert not (tmp_path / "a" / "run" / "resume" / "state.pt").exists()
+    monkeypatch.setattr(rl_module, "apply_update", out_of_memory_on_call(step_module_apply_update(), 3))
+    with pytest.raises(rl_module.RLOutOfMemory, match=r"the resume point of step 2 .* stands\. Run again with the "
+                                                       r"same flags --resume"):
+        rl(tiny_rl(rl_base_dir, question_file, tmp_path / "b", reward_fn=hook, save_every=1))
+
+
+def step_module_apply_update():
+    from sciassist.train.step import apply_update
+    return apply_update
+
+
+def test_out_of_memory_in_a_validation_keeps_the_step(tmp_path, rl_base_dir, question_file, monkeypatch):
+    from sciassist.train import rl as rl_module
+    monkeypatch.setattr(rl_module, "_validate", out_of_memory_on_call(rl_module._validate, 3))  # step 0, 1, then 2
+    with pytest.raises(rl_module.RLOutOfMemory, match=r"in the validation of step 2 \(the step itself is kept"):
+        rl(tiny_rl(rl_base_dir, question_file, tmp_path, val_path=str(question_file), eval_every=1,
+                   eval_questions=2, val_questions=0))
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 1, 2] and records[-1]["validation"] == "out of memory"
+    assert torch.load(tmp_path / "run" / "resume" / "state.pt", weights_only=True)["step"] == 2
