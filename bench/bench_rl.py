@@ -80,6 +80,7 @@ from nanochat.tokenizer import Tokenizer  # noqa: E402
 from sciassist.data.conversations import write_conversations  # noqa: E402
 from sciassist.train import setup as train_setup  # noqa: E402
 from sciassist.train.rl import dropout_generator, prepare_rl_run  # noqa: E402
+from sciassist.train.rl_batch import CPU_GENERATION_ROWS, CPU_UPDATE_REPLIES  # noqa: E402
 from sciassist.train.rl_questions import step_generator, step_questions  # noqa: E402
 from sciassist.train.rl_reward import verifiable_reward  # noqa: E402
 from sciassist.train.rl_settings import RLSettings  # noqa: E402
@@ -371,8 +372,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=50)
-    parser.add_argument("--generation_batch_size", type=int, default=RLSettings.generation_batch_size)
-    parser.add_argument("--device_batch_size", type=int, default=RLSettings.device_batch_size)
+    # the sizes --generation_batch_size / --device_batch_size auto take on a CPU (sciassist.train.rl_batch)
+    parser.add_argument("--generation_batch_size", type=int, default=CPU_GENERATION_ROWS)
+    parser.add_argument("--device_batch_size", type=int, default=CPU_UPDATE_REPLIES)
     parser.add_argument("--dtype", default="float32", help="precision of both loops (float32: nanochat on CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)

@@ -73,6 +73,7 @@ from nanochat.checkpoint import CheckpointError, meta_path, model_path, save_che
 from nanochat.engine import Engine
 from nanochat.files import load_tensors_file
 from sciassist.common import (
+    AUTO,
     Precision,
     UserError,
     announce_threads,
@@ -91,6 +92,7 @@ from sciassist.plots import plot_rl_curves
 from sciassist.train import setup as train_setup
 from sciassist.train.files import METRICS_FILE, append_record, open_run_dir, remove_leftovers
 from sciassist.train.lora import adapter_optimizers, add_adapters, lora_meta, save_lora_checkpoint
+from sciassist.train.rl_batch import CPU_GENERATION_ROWS, CPU_UPDATE_REPLIES, RLBatches, rl_batches
 from sciassist.train.rl_questions import dropout_seed, load_questions, step_generator, step_questions
 from sciassist.train.rl_reward import load_reward_fn
 from sciassist.train.rl_settings import RL_TRAJECTORY_FIELDS, RLError, RLSettings, check_rl_settings
@@ -171,6 +173,7 @@ class RLRun:
     pad_id: int
     fingerprint: str  # ties a resume point to its questions
     lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
+    batches: RLBatches = field(default_factory=lambda: RLBatches(CPU_GENERATION_ROWS, CPU_UPDATE_REPLIES, "default"))
 
     @property
     def device(self):
@@ -247,6 +250,7 @@ def prepare_rl_run(settings: RLSettings, runtime: Runtime, reward_fn) -> RLRun:
                      if settings.val_path else [])
     answer_format = (detect_answer_format([q.record for q in questions]) if settings.answer_format == "auto"
                      else settings.answer_format)
+    card = card_of(runtime.device)  # its free memory before the weights load, for the auto batches
     model, tokenizer, source = load_source_model(settings, runtime.device)
     if not settings.resume and Path(source["checkpoint_dir"]).resolve() == settings.run_dir().resolve():
         raise RLError(f"the run folder {settings.run_dir()} is the folder of the model it starts from, and a new run "
@@ -261,6 +265,10 @@ def prepare_rl_run(settings: RLSettings, runtime: Runtime, reward_fn) -> RLRun:
     else:  # the fine-tune's optimizers, built by the same function (its settings' names are these)
         optimizers = train_setup.build_optimizers(model, settings)
     precision = precision_for(runtime.device, settings.dtype)
+    prompt_len = (max(len(tokenizer.render_for_completion(q.messages)) for q in [*questions, *val_questions])
+                  if card is not None and AUTO in (settings.generation_batch_size, settings.device_batch_size) else 0)
+    batches = rl_batches(settings, model.config, runtime.device, prompt_len, precision.name != "float32",
+                         card)
     num_steps = settings.num_steps if settings.num_steps > 0 else steps_per_epoch(len(questions),
                                                                                  settings.questions_per_step)
     return RLRun(settings=settings, runtime=runtime, model=model, tokenizer=tokenizer,
@@ -270,7 +278,7 @@ def prepare_rl_run(settings: RLSettings, runtime: Runtime, reward_fn) -> RLRun:
                  questions=questions, val_questions=val_questions, answer_format=answer_format, reward_fn=reward_fn,
                  source=dict(source, answer_format=answer_format), num_steps=num_steps,
                  pad_id=tokenizer.encode_special("<|assistant_end|>"),
-                 fingerprint=questions_fingerprint(questions, val_questions), lora=lora)
+                 fingerprint=questions_fingerprint(questions, val_questions), lora=lora, batches=batches)
 
 
 def questions_fingerprint(*question_sets) -> str:
@@ -432,13 +440,14 @@ def _stop_out_of_memory(run: RLRun, progress: RLProgress, error: _OutOfMemory, s
                            f"is not redone)"}[error.where]
     card = card_of(run.device)
     device = card.describe() if card is not None else str(run.device)
-    smaller = [f"--{name} {value // 2}" for name, value in (("generation_batch_size", s.generation_batch_size),
-                                                           ("device_batch_size", s.device_batch_size)) if value > 1]
+    batches = run.batches
+    smaller = [f"--{name} {value // 2}" for name, value in (("generation_batch_size", batches.generation),
+                                                           ("device_batch_size", batches.update)) if value > 1]
     change = (" and ".join(smaller) if smaller
               else f"a smaller --max_new_tokens (now {s.max_new_tokens}) or --lora_rank 16")
     resume = " --resume" if resumable else ""
-    return (f"out of memory in {where} on {device} ({error}) with --generation_batch_size {s.generation_batch_size} "
-            f"and --device_batch_size {s.device_batch_size}; {kept}. Run again with the same flags{resume} and "
+    return (f"out of memory in {where} on {device} ({error}) with --generation_batch_size {batches.generation} "
+            f"and --device_batch_size {batches.update}; {kept}. Run again with the same flags{resume} and "
             f"{change}")
 
 
@@ -597,6 +606,7 @@ def _describe(run: RLRun) -> None:
             f"{', options shuffled every step' if s.shuffle_options else ''}; validation: "
             f"{validation_description(run) if run.val_questions else 'none'}")
     run.log(f"reward: {reward_description(run)}")
+    run.log(run.batches.describe())
     run.log(f"schedule: {run.num_steps} steps of {s.questions_per_step} questions x {s.samples_per_question} "
             f"replies (T={s.temperature:g}, top-k {s.top_k or 'off'}, at most {s.max_new_tokens} tokens), "
             f"{run.runtime.world_size} process(es) on {run.device}")
@@ -643,6 +653,7 @@ def run_summary(run: RLRun, progress: RLProgress, status: str) -> dict:
         "world_size": run.runtime.world_size,
         "precision": run.precision.name,
         "lora": lora_meta(run.settings) if run.lora is not None else None,
+        "batches": {"generation": run.batches.generation, "update": run.batches.update, "reason": run.batches.reason},
         "source_model": run.source,
         "resume_point": str(run.resume_path) if run.resume_path.is_file() else None,
         "settings": dataclasses.asdict(run.settings),

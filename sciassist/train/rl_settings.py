@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from sciassist.checkpoints import DEFAULT_FINETUNED_DIR, SOURCES, SPEC_HELP
-from sciassist.common import DTYPES, THREADS_HELP, UserError, field_problems, resolve_device, setting
+from sciassist.common import AUTO, DTYPES, THREADS_HELP, UserError, field_problems, resolve_device, setting
 from sciassist.data.answers import ANSWER_FORMATS
 from sciassist.train.settings import MAX_BATCH, MAX_LR, MAX_POSITIONS, MAX_STEPS, RunFields, lora_setting
 
@@ -96,8 +96,11 @@ class RLSettings(RunFields):
     shuffle_options: bool = setting(True, "shuffle each question's options anew every step (the same order for the "
                                           "question's whole group), the gold letter moved with its option, so the "
                                           "policy cannot gain from a letter or position bias")
-    generation_batch_size: int = setting(32, "replies decoded together (rows of one KV cache)", at_least=1,
-                                         at_most=MAX_BATCH)
+    generation_batch_size: int | str = setting(AUTO, "replies decoded together (rows of one KV cache); auto: on a "
+                                                     "card the memory planner's largest for its free memory (at "
+                                                     "most a step's questions x replies), on a CPU or mps 32 "
+                                                     "(sciassist.train.rl_batch)", at_least=1, at_most=MAX_BATCH,
+                                               auto=True)
     # reward
     answer_format: str = setting("auto", "how replies state the answer, read by the evaluator's strict parser: "
                                          "letter_first | text_first | auto (read from the data's reference answers, "
@@ -115,9 +118,11 @@ class RLSettings(RunFields):
     token_normalization: str = setting("all_samples", "the policy-gradient sum is divided by the sampled tokens of "
                                                       "all_samples (nanochat) or only of spread_groups, the groups "
                                                       "whose rewards differ", choices=list(TOKEN_NORMALIZATIONS))
-    device_batch_size: int = setting(8, "replies of one question per forward/backward micro-batch, after the "
-                                        "question's prompt, run once (gradients accumulate over the step)",
-                                     at_least=1, at_most=MAX_BATCH)
+    device_batch_size: int | str = setting(AUTO, "replies of one question per forward/backward micro-batch, after "
+                                                 "the question's prompt, run once (gradients accumulate over the "
+                                                 "step); auto: on a card the planner's largest (at most "
+                                                 "--samples_per_question), on a CPU or mps 8", at_least=1,
+                                           at_most=MAX_BATCH, auto=True)
     matrix_lr: float = setting(0.02, "Muon learning rate for the transformer matrices", above=0, at_most=MAX_LR)
     embedding_lr: float = setting(0.2, "AdamW learning rate for the token embedding (x (n_embd/768)^-0.5)", above=0,
                                   at_most=MAX_LR)

@@ -203,7 +203,7 @@ def sample_and_accumulate(run, questions, generator) -> StepWork:
     prompts = [run.tokenizer.render_for_completion(questions[i].messages) for i in mine]
     rows = [p for p in prompts for _ in range(k)]
     with evaluating(run.model):
-        sampled = sample_rows(run.engine, rows, s.generation_batch_size, seeds[mine.start * k:mine.stop * k],
+        sampled = sample_rows(run.engine, rows, run.batches.generation, seeds[mine.start * k:mine.stop * k],
                               s.max_new_tokens, s.temperature, s.top_k or None)
     own, own_spread = reward_samples(run, [questions[i] for i in mine], prompts, sampled, k, first_group=mine.start)
     # every rank learns the whole step: its divisor and its metrics are those of one process
@@ -217,7 +217,7 @@ def sample_and_accumulate(run, questions, generator) -> StepWork:
     trained = [x for x in own if spread[x.group] and x.reply]  # this rank's share of the gradient
     loss, neg_logp_sum = 0.0, 0.0
     if trained:
-        loss, neg_logp_sum = accumulate_policy_gradient(run.model, trained, denominator, s.device_batch_size,
+        loss, neg_logp_sum = accumulate_policy_gradient(run.model, trained, denominator, run.batches.update,
                                                         run.pad_id, run.precision.autocast(), run.scaler)
     if trained_tokens:
         all_reduce_gradients(run.model, runtime)

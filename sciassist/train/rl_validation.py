@@ -78,7 +78,7 @@ def greedy_validation(run) -> tuple[dict, list]:
     s, questions = run.settings, run.val_questions
     mine = share(len(questions), run.runtime)
     prompts = [run.tokenizer.render_for_completion(questions[i].messages) for i in mine]
-    sampled = sample_rows(run.engine, prompts, s.generation_batch_size, [0] * len(prompts), s.max_new_tokens, 0.0,
+    sampled = sample_rows(run.engine, prompts, run.batches.generation, [0] * len(prompts), s.max_new_tokens, 0.0,
                           None)
     own, _ = reward_samples(run, [questions[i] for i in mine], prompts, sampled, 1, first_group=mine.start)
     samples = gathered(run.runtime, own)
@@ -102,7 +102,7 @@ def sampled_validation(run, step: int) -> tuple[dict, list]:
     mine = share(len(questions), run.runtime)
     prompts = [run.tokenizer.render_for_completion(questions[i].messages) for i in mine]
     rows = [p for p in prompts for _ in range(n)]
-    sampled = sample_rows(run.engine, rows, s.generation_batch_size, seeds[mine.start * n:mine.stop * n],
+    sampled = sample_rows(run.engine, rows, run.batches.generation, seeds[mine.start * n:mine.stop * n],
                           s.max_new_tokens, s.temperature, s.top_k or None)
     own, _ = reward_samples(run, [questions[i] for i in mine], prompts, sampled, n, first_group=mine.start)
     samples = gathered(run.runtime, own)

@@ -20,6 +20,7 @@ from sciassist.data.conversations import write_conversations
 from sciassist.plots import plot_rl_curves
 from sciassist.train import rl as rl_module
 from sciassist.train.rl import EXIT_CODES, main, rl
+from sciassist.train.rl_batch import RLBatches
 from sciassist.train.rl_questions import as_question, load_questions, shuffled, step_generator, val_generator
 from sciassist.train.rl_reward import custom_reward, group_advantages, load_reward_fn, verifiable_reward
 from sciassist.train.rl_settings import RLError, RLSettings, check_rl_settings
@@ -308,7 +309,8 @@ def test_sampled_validation_scores_pass_and_majority_by_hand(tiny_tokenizer):
     settings = RLSettings(val_questions=2, val_samples=4, generation_batch_size=3, max_new_tokens=100, seed=42,
                           device="cpu")
     run = SimpleNamespace(settings=settings, val_questions=questions, tokenizer=tiny_tokenizer, engine=engine,
-                          reward_fn=None, answer_format="letter_first", runtime=Runtime(device=torch.device("cpu")))
+                          reward_fn=None, answer_format="letter_first", runtime=Runtime(device=torch.device("cpu")),
+                          batches=RLBatches(3, 8, "as set"))
     metrics, samples = sampled_validation(run, 7)
     assert not engine.replies and len(samples) == 8  # the third question is past --val_questions
     assert [x.predicted for x in samples] == [0, 1, None, 1, None, None, 1, 0]
