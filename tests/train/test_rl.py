@@ -101,6 +101,15 @@ def reply_length_reward(prompt, reply, record):
     ("The correct answer is steam (B).", "text_first", (1.0, 1)),
     ("blah " * 20_000 + "The correct answer is B.", "letter_first", (1.0, 1)),  # huge, answer at the end
     ("steam " * 20_000, "letter_first", (-0.5, None)),
+    ("The correct answer is \u0412. steam", "letter_first", (-0.5, None)),  # a Cyrillic look-alike of B
+    ("The correct answer is \u200bB. steam", "letter_first", (-0.5, None)),  # a zero-width space before it
+    ("The correct answer is B/C.", "letter_first", (-0.5, None)),  # hedging between options
+    ("The correct answer is B or C.", "letter_first", (-0.5, None)),
+    ("The correct answer is B, C and A.", "letter_first", (1.0, 1)),  # a list: its first letter is the answer
+    ("The correct answer is\nB.", "letter_first", (-0.5, None)),  # the letter on another line
+    ("Answer: B", "letter_first", (-0.5, None)),  # not the trained phrase
+    ("The correct answer is steam (B) or snow (C).", "text_first", (-0.5, None)),
+    ("The correct answer is STEAM (B).", "text_first", (1.0, 1)),  # the option's text, case aside
 ])
 def test_the_reward_is_the_parsers_verdict(reply, answer_format, expected):
     choices = ["ice", "steam", "snow"]
