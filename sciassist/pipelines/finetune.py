@@ -18,7 +18,6 @@ from pathlib import Path
 from nanochat.checkpoint import CheckpointError
 from sciassist.common import (
     AUTO,
-    UserError,
     precision_for,
     print_error,
     resolve_device,
@@ -30,14 +29,12 @@ from sciassist.common import (
 from sciassist.eval.run import evaluate_after_training
 from sciassist.train import plan
 from sciassist.train.batch import CPU_POSITIONS, MPS_ROWS
-from sciassist.train.loop import TrainOutOfMemory, train
+from sciassist.train.loop import train
 from sciassist.train.settings import RENAMED_FLAGS, TrainError, TrainSettings, check_settings
 from sciassist.train.setup import source_choice
-from sciassist.train.step import Terminated
+from sciassist.train.step import command_exit
 
 RECIPES_HINT = "recipes are their own command: python -m sciassist.pipelines.recipes --preset NAME ..."
-# the exit codes of a run stopped by Ctrl-C (SIGINT) or SIGTERM, as a shell reports a process killed by them
-EXIT_CODES = {"completed": 0, "interrupted": 130, "terminated": 143}
 
 
 @dataclass
@@ -134,21 +131,13 @@ def main(argv=None) -> int:
         return print_error(TrainError(RECIPES_HINT))
     command = command_from_args(args)
     settings = command.train_settings()
-    try:
+
+    def run():
         if command.dry_run:
             dry_run(settings)
-            return 0
-        summary = finetune(settings)
-    except TrainOutOfMemory as e:
-        print_error(e)
-        return TrainOutOfMemory.EXIT_CODE
-    except (UserError, CheckpointError) as e:
-        return print_error(e)
-    except KeyboardInterrupt as e:  # before the first step or after the last: nothing more to save
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"{how} while the run was starting or finishing; nothing more was saved", file=sys.stderr)
-        return EXIT_CODES["terminated" if isinstance(e, Terminated) else "interrupted"]
-    return EXIT_CODES.get(summary["status"], 0)
+            return None
+        return finetune(settings)
+    return command_exit(run)
 
 
 if __name__ == "__main__":

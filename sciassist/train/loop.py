@@ -44,7 +44,6 @@ from tqdm import tqdm
 from nanochat.optim import muon_dtype_of
 from sciassist.common import announce_threads, synchronize, use_threads, write_json
 from sciassist.data.batching import step_examples
-from sciassist.memory import first_line, is_out_of_memory, release_memory
 from sciassist.train.files import (
     BestCheckpointWriter,
     append_record,
@@ -57,11 +56,15 @@ from sciassist.train.setup import Run, distributed_runtime, prepare_run
 from sciassist.train.state import Progress, ResumeState, resume_path, rng_state, start_or_resume
 from sciassist.train.step import (
     SAVING_NOTICE,
+    RunOutOfMemory,
+    StepOutOfMemory,
     Terminated,
     apply_update,
     defer_interrupt,
     evaluate_loss,
     forward_backward,
+    guarded,
+    keep_after_out_of_memory,
     lr_multiplier,
     step_record,
     stop_signals,
@@ -74,19 +77,8 @@ class _Diverged(Exception):
     pass
 
 
-class _OutOfMemory(Exception):
-    """The device ran out of memory in a step (where: "step", "update" or "validation")."""
-
-    def __init__(self, error: BaseException, where: str):
-        super().__init__(first_line(error))
-        self.where = where
-
-
-class TrainOutOfMemory(TrainError):
-    """A run stopped by out-of-memory; the message says what was saved and which flag to change.
-    sciassist_train.py exits with EXIT_CODE."""
-
-    EXIT_CODE = 3
+class TrainOutOfMemory(TrainError, RunOutOfMemory):
+    """A fine-tune stopped by out-of-memory; sciassist_train.py exits with EXIT_CODE."""
 
 
 def train(settings: TrainSettings, on_step=None) -> dict:
@@ -154,10 +146,9 @@ def _loop(run: Run, progress: Progress, on_step) -> tuple[str, str | None]:
             writer.wait()
     except _Diverged as e:
         status, error = "diverged", str(e)
-    except _OutOfMemory as e:
+    except StepOutOfMemory as e:
         status = "out_of_memory"
-        with stopping():
-            release_memory(run.device)
+        with stopping():  # (guarded released the allocator's cache)
             error = _stop_out_of_memory(run, progress, e, saved)
             writer.wait()
     finally:
@@ -189,14 +180,14 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
         synchronize(device)
         t0 = time.time()  # from here: batching, forward/backward, update (what a step costs)
         progress.step_rng = rng_state()
-        work = _guarded(run, functools.partial(forward_backward, run, progress.step), "step")
+        work = guarded(learner.model, functools.partial(forward_backward, run, progress.step), "step")
         if not math.isfinite(work.train_loss):
             raise _Diverged(f"training loss is {work.train_loss} at step {progress.step + 1}")
         multiplier = lr_multiplier(progress.step, run.num_steps, settings.warmup_steps)
         with defer_interrupt():  # the weights, the optimizers and the records change together
             progress.updating = True
-            update = _guarded(run, functools.partial(apply_update, learner.model, learner.optimizers, multiplier,
-                                                     settings.grad_clip, learner.scaler), "update")
+            update = guarded(learner.model, functools.partial(apply_update, learner.model, learner.optimizers,
+                                                              multiplier, settings.grad_clip, learner.scaler), "update")
             synchronize(device)
             seconds = max(time.time() - t0, 1e-9)
             progress.step += 1
@@ -208,8 +199,8 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
                                  update)
             try:
                 if run.is_eval_step(progress.step):
-                    _guarded(run, functools.partial(_validate, run, progress, writer, record), "validation")
-            except _OutOfMemory:
+                    guarded(learner.model, functools.partial(_validate, run, progress, writer, record), "validation")
+            except StepOutOfMemory:
                 _keep(run, progress, record)  # the step stands, without its validation
                 raise
             _keep(run, progress, record)
@@ -224,32 +215,11 @@ def _steps(run: Run, progress: Progress, writer: BestCheckpointWriter, bar, on_s
             on_step(record)
 
 
-def _guarded(run: Run, work, where: str):
-    """work(), with an out-of-memory error turned into _OutOfMemory (the gradients of a step cut
-    short are dropped: the resume point holds none)."""
-    try:
-        return work()
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is turned; the rest re-raised
-        if not is_out_of_memory(e):
-            raise
-        error = _OutOfMemory(e, where)
-    run.learner.model.zero_grad(set_to_none=True)
-    raise error
-
-
-def _stop_out_of_memory(run: Run, progress: Progress, error: _OutOfMemory, saved: list) -> str:
-    """Save the resume point of the last whole step (unless the update was cut short, which can
-    leave the weights half-updated: then the last saved one stands); returns what to say."""
+def _stop_out_of_memory(run: Run, progress: Progress, error: StepOutOfMemory, saved: list) -> str:
+    """Keep what can be kept (step.keep_after_out_of_memory); returns what to say."""
     batch = run.batch
-    resumable = True
-    if not progress.updating:
-        if saved[-1:] != [progress.step]:
-            _save_resume(run, progress)
-        kept = f"resume point of step {progress.step} saved in {run.resume_path}"
-    elif run.resume_path.is_file() and saved:
-        kept = f"the update was cut short; the resume point of step {saved[-1]} in {run.resume_path} stands"
-    else:
-        kept, resumable = "the update was cut short, so no resume point could be saved", False
+    kept, resumable = keep_after_out_of_memory(progress, saved, run.resume_path,
+                                               functools.partial(_save_resume, run, progress))
     where = {"step": f"step {progress.step + 1}", "update": f"the update of step {progress.step + 1}",
              "validation": f"the validation of step {progress.step}"}[error.where]
     card = run.card.describe() if run.card is not None else str(run.device)

@@ -75,11 +75,9 @@ from nanochat.files import load_tensors_file
 from sciassist.common import (
     AUTO,
     Precision,
-    UserError,
     announce_threads,
     compute_dtype,
     precision_for,
-    print_error,
     settings_from_namespace,
     settings_parser,
     use_threads,
@@ -87,7 +85,7 @@ from sciassist.common import (
 )
 from sciassist.data.answers import detect_answer_format
 from sciassist.data.batching import steps_per_epoch
-from sciassist.memory import card_of, first_line, is_out_of_memory, release_memory
+from sciassist.memory import card_of
 from sciassist.plots import plot_rl_curves
 from sciassist.train import setup as train_setup
 from sciassist.train.files import METRICS_FILE, append_record, open_run_dir, remove_leftovers
@@ -105,55 +103,35 @@ from sciassist.train.rl_validation import (
     validate,
     validation_line,
 )
-from sciassist.train.setup import Runtime, distributed_runtime, load_source_model
+from sciassist.train.setup import RunPlaces, Runtime, distributed_runtime, load_source_model
 from sciassist.train.state import RESUME_DIR, RESUME_FILE, rng_state, set_rng_state, temp_path
 from sciassist.train.step import (
+    EXIT_CODES,  # noqa: F401 - the command's exit codes, fine-tuning's
     SAVING_NOTICE,
+    RunOutOfMemory,
+    StepOutOfMemory,
     Terminated,
     apply_update,
+    command_exit,
     defer_interrupt,
+    guarded,
+    keep_after_out_of_memory,
     lr_multiplier,
     set_learning_rates,
     stop_signals,
     stopping,
 )
 
-# the exit codes of a run stopped by Ctrl-C (SIGINT) or SIGTERM, as fine-tuning's
-EXIT_CODES = {"completed": 0, "interrupted": 130, "terminated": 143}
+
+class RLOutOfMemory(RLError, RunOutOfMemory):
+    """An RL run stopped by out-of-memory; the command exits with EXIT_CODE, as fine-tuning does."""
 
 
-class RLOutOfMemory(RLError):
-    """A run stopped by out-of-memory; the message says what was saved and which flag to change.
-    The command exits with EXIT_CODE, as fine-tuning does."""
-
-    EXIT_CODE = 3
-
-
-class _OutOfMemory(Exception):
-    """An out-of-memory error in one part of a step (where: step = its sampling and policy gradient,
-    update, or validation)."""
-
-    def __init__(self, error: BaseException, where: str):
-        super().__init__(first_line(error))
-        self.where = where
-
-
-def guarded(run, work, where: str):
-    """work(), an out-of-memory error turned into _OutOfMemory with the step's gradients dropped."""
-    try:
-        return work()
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is turned; the rest re-raised
-        if not is_out_of_memory(e):
-            raise
-        error = _OutOfMemory(e, where)
-    run.model.zero_grad(set_to_none=True)
-    release_memory(run.device)
-    raise error
 FRESH_START = "start a new run without --resume (or another --output_tag)"
 
 
 @dataclass
-class RLRun:
+class RLRun(RunPlaces):
     """An RL run ready for its first step."""
 
     settings: RLSettings
@@ -174,22 +152,6 @@ class RLRun:
     fingerprint: str  # ties a resume point to its questions
     lora: object = None  # the peft LoraConfig of a LoRA run (--lora_rank > 0), else None
     batches: RLBatches = field(default_factory=lambda: RLBatches(CPU_GENERATION_ROWS, CPU_UPDATE_REPLIES, "default"))
-
-    @property
-    def device(self):
-        return self.runtime.device
-
-    @property
-    def run_dir(self) -> Path:
-        return self.settings.run_dir()
-
-    @property
-    def resume_path(self) -> Path:
-        return self.run_dir / RESUME_DIR / RESUME_FILE
-
-    def log(self, message):
-        if self.runtime.is_main:
-            tqdm.write(message)
 
 
 @dataclass
@@ -397,7 +359,7 @@ def _loop(run: RLRun, progress: RLProgress, on_step) -> tuple[str, str | None]:
     status, error = "completed", None
     try:
         _steps(run, progress, bar, on_step, saved)
-    except _OutOfMemory as e:
+    except StepOutOfMemory as e:
         status = "out_of_memory"
         with stopping():
             error = _stop_out_of_memory(run, progress, e, saved)
@@ -421,19 +383,11 @@ def _loop(run: RLRun, progress: RLProgress, on_step) -> tuple[str, str | None]:
     return status, error
 
 
-def _stop_out_of_memory(run: RLRun, progress: RLProgress, error: _OutOfMemory, saved: list) -> str:
-    """Save the resume point of the last whole step (unless the update was cut short, which can
-    leave the weights half-updated: then the last saved one stands); returns what to say."""
+def _stop_out_of_memory(run: RLRun, progress: RLProgress, error: StepOutOfMemory, saved: list) -> str:
+    """Keep what can be kept (step.keep_after_out_of_memory); returns what to say."""
     s = run.settings
-    resumable = True
-    if not progress.updating:
-        if saved[-1:] != [progress.step]:
-            save_resume(run, progress)
-        kept = f"resume point of step {progress.step} saved in {run.resume_path}"
-    elif run.resume_path.is_file() and saved:
-        kept = f"the update was cut short; the resume point of step {saved[-1]} in {run.resume_path} stands"
-    else:
-        kept, resumable = "the update was cut short, so no resume point could be saved", False
+    kept, resumable = keep_after_out_of_memory(progress, saved, run.resume_path,
+                                               functools.partial(save_resume, run, progress))
     where = {"step": f"step {progress.step + 1} (its sampling or its policy gradient)",
              "update": f"the update of step {progress.step + 1}",
              "validation": f"the validation of step {progress.step} (the step itself is kept; that validation "
@@ -488,7 +442,7 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
         questions = step_questions(run.questions, progress.step, s.questions_per_step, s.seed,
                                    generator if s.shuffle_options else None)
         with dropout_generator(run, progress.step):
-            work = guarded(run, functools.partial(sample_and_accumulate, run, questions, generator), "step")
+            work = guarded(run.model, functools.partial(sample_and_accumulate, run, questions, generator), "step")
         if not math.isfinite(work.loss):
             run.model.zero_grad(set_to_none=True)
             raise RLError(f"the policy-gradient loss is {work.loss} at step {progress.step + 1}; nothing was applied. "
@@ -498,7 +452,7 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
             record = {"step": progress.step + 1, "lr_multiplier": multiplier, **step_metrics(work)}
             if work.trained_tokens:
                 progress.updating = True
-                update = guarded(run, functools.partial(apply_update, run.model, run.optimizers, multiplier, 0.0,
+                update = guarded(run.model, functools.partial(apply_update, run.model, run.optimizers, multiplier, 0.0,
                                                         run.scaler), "update")
                 progress.updating = False
                 record["updated"] = not update.skipped
@@ -513,9 +467,9 @@ def _steps(run: RLRun, progress: RLProgress, bar, on_step, saved: list) -> None:
             if run.val_questions and (progress.step == run.num_steps or
                                       (s.eval_every and progress.step % s.eval_every == 0)):
                 try:
-                    record.update(guarded(run, functools.partial(_validate, run, progress.step), "validation"))
+                    record.update(guarded(run.model, functools.partial(_validate, run, progress.step), "validation"))
                     keep_if_best(run, progress, record)
-                except _OutOfMemory as e:  # the step stands: its record is kept, then the run stops
+                except StepOutOfMemory as e:  # the step stands: its record is kept, then the run stops
                     record["validation"] = "out of memory"
                     cut = e
             record["step_time_s"] = time.time() - t0
@@ -674,18 +628,7 @@ def main(argv=None) -> int:
     3 with one `error:` line when it ran out of memory (what was saved, which flag to change); 2
     with one `error:` line on a problem the user can fix."""
     settings = settings_from_namespace(RLSettings, build_parser().parse_args(argv))
-    try:
-        summary = rl(settings)
-    except RLOutOfMemory as e:
-        print_error(e)
-        return RLOutOfMemory.EXIT_CODE
-    except (UserError, CheckpointError) as e:
-        return print_error(e)
-    except KeyboardInterrupt as e:  # before the first step: nothing to save yet
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"{how} while the run was starting; nothing was saved", file=sys.stderr)
-        return EXIT_CODES["terminated" if isinstance(e, Terminated) else "interrupted"]
-    return EXIT_CODES[summary["status"]]
+    return command_exit(lambda: rl(settings))
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def accumulate_policy_gradient(model, trained, denominator, rows_per_pass, pad_i
     """Backward of the step's loss over `trained` (replies with at least one token): per prompt
     (a group's), the prompt once, then micro-batches of up to rows_per_pass of its replies; returns (loss, summed
     -log p)."""
-    loss_total, neg_logp_total = 0.0, 0.0
+    loss_total, neg_logp_total = [], []  # summed once at the end: one device sync per step, not per pass
     device = model.get_device()
     for members in by_prompt(trained):
         with autocast if autocast is not None else contextlib.nullcontext():
@@ -186,10 +186,12 @@ def accumulate_policy_gradient(model, trained, denominator, rows_per_pass, pad_i
             objective, neg_logp = policy_objective(model, leaves, batch, autocast)
             loss = objective / denominator
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_total += loss.item()
-            neg_logp_total += neg_logp.item()
+            loss_total.append(loss.detach())
+            neg_logp_total.append(neg_logp)
         prefix.backward_from(leaves)  # the prompt's backward, once per group
-    return loss_total, neg_logp_total
+    if not loss_total:
+        return 0.0, 0.0
+    return torch.stack(loss_total).double().sum().item(), torch.stack(neg_logp_total).double().sum().item()
 
 
 def sample_and_accumulate(run, questions, generator) -> StepWork:

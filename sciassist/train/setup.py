@@ -193,23 +193,9 @@ class RunData:
     mix: dict | None = None  # --mix: {"sources": [...], "origins": origin of each train example}, else None
 
 
-@dataclass
-class Run:
-    """A run ready for its first step: its settings and processes, the learner, the data, and
-    where the model came from."""
-
-    settings: TrainSettings
-    runtime: Runtime
-    learner: Learner
-    data: RunData
-    tokenizer: object
-    source: dict  # the checkpoint started from (+ the data's answer_format)
-    num_steps: int
-    flops_per_token: float
-    peak: float | None  # dense bf16 peak FLOP/s of the GPU (None: no MFU)
-    batch: DeviceBatch | None = None  # the micro-batch (sciassist.train.batch)
-    card: Card | None = None  # the GPU the run is on, as sized before loading (None: CPU, mps)
-    tracker: Tracker = field(default_factory=Tracker)  # --report_to (set once the start step is known)
+class RunPlaces:
+    """What a run (fine-tuning's Run, the RL stage's RLRun) knows of itself from its settings and
+    runtime: its device, its folder, its resume point, and a log line from the main process."""
 
     @property
     def device(self):
@@ -226,6 +212,25 @@ class Run:
     def log(self, message):
         if self.runtime.is_main:
             tqdm.write(message)  # above the progress bar while there is one
+
+
+@dataclass
+class Run(RunPlaces):
+    """A run ready for its first step: its settings and processes, the learner, the data, and
+    where the model came from."""
+
+    settings: TrainSettings
+    runtime: Runtime
+    learner: Learner
+    data: RunData
+    tokenizer: object
+    source: dict  # the checkpoint started from (+ the data's answer_format)
+    num_steps: int
+    flops_per_token: float
+    peak: float | None  # dense bf16 peak FLOP/s of the GPU (None: no MFU)
+    batch: DeviceBatch | None = None  # the micro-batch (sciassist.train.batch)
+    card: Card | None = None  # the GPU the run is on, as sized before loading (None: CPU, mps)
+    tracker: Tracker = field(default_factory=Tracker)  # --report_to (set once the start step is known)
 
     def is_eval_step(self, step):
         periodic = self.settings.eval_every and step % self.settings.eval_every == 0

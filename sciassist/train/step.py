@@ -27,7 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint import CheckpointError
+from sciassist.common import UserError, print_error
 from sciassist.data.batching import arrange_step, step_batches, step_examples
+from sciassist.memory import first_line, is_out_of_memory, release_memory
 
 SAVING_NOTICE = "saving the resume point, one moment"
 
@@ -102,6 +105,71 @@ def evaluate_loss(model, batches, autocast=None, distributed=False):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (schedulers, `timeout`, `docker stop`, Colab): it stops a run as Ctrl-C does."""
+
+
+# a training command's exit codes: completed, stopped by Ctrl-C (SIGINT) or SIGTERM with a resume
+# point saved; RunOutOfMemory.EXIT_CODE after out of memory, 2 on a problem the user can fix
+EXIT_CODES = {"completed": 0, "interrupted": 130, "terminated": 143}
+
+
+class RunOutOfMemory(UserError):
+    """A run (fine-tuning, RL) stopped by out-of-memory; the message says what was saved and which
+    flag to change. Its command exits with EXIT_CODE."""
+
+    EXIT_CODE = 3
+
+
+class StepOutOfMemory(Exception):
+    """The device ran out of memory in one part of a step (where: "step", "update", "validation")."""
+
+    def __init__(self, error: BaseException, where: str):
+        super().__init__(first_line(error))
+        self.where = where
+
+
+def guarded(model, work, where: str):
+    """work(), with an out-of-memory error turned into StepOutOfMemory: the gradients of a step cut
+    short are dropped (a resume point holds none) and the allocator's cache is released."""
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is turned; the rest re-raised
+        if not is_out_of_memory(e):
+            raise
+        error = StepOutOfMemory(e, where)
+    model.zero_grad(set_to_none=True)
+    release_memory(model.get_device())
+    raise error
+
+
+def keep_after_out_of_memory(progress, saved: list, resume_path, save_resume) -> tuple[str, bool]:
+    """After out-of-memory: save the resume point of the last whole step (save_resume()) unless the
+    update was cut short (progress.updating), which can leave the weights half-updated: then the
+    last saved one stands. Returns (what was kept, in words; whether --resume can continue)."""
+    if not progress.updating:
+        if saved[-1:] != [progress.step]:
+            save_resume()
+        return f"resume point of step {progress.step} saved in {resume_path}", True
+    if resume_path.is_file() and saved:
+        return f"the update was cut short; the resume point of step {saved[-1]} in {resume_path} stands", True
+    return "the update was cut short, so no resume point could be saved", False
+
+
+def command_exit(run) -> int:
+    """A training command's exit code for run() (its summary, or None when there is nothing to
+    run): EXIT_CODES by the summary's status; RunOutOfMemory.EXIT_CODE or 2 with one `error:` line;
+    130 / 143 with one line when Ctrl-C / SIGTERM came before the first step or after the last."""
+    try:
+        summary = run()
+    except RunOutOfMemory as e:
+        print_error(e)
+        return RunOutOfMemory.EXIT_CODE
+    except (UserError, CheckpointError) as e:
+        return print_error(e)
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{how} while the run was starting or finishing; nothing more was saved", file=sys.stderr)
+        return EXIT_CODES["terminated" if isinstance(e, Terminated) else "interrupted"]
+    return EXIT_CODES.get(summary["status"], 0) if summary is not None else 0
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

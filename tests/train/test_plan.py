@@ -50,9 +50,9 @@ def test_table_and_formatted_plan():
     assert "optimizer states" in text and "total" in text and "no GPU visible" in text
 
 
-def saved_bytes(model, B, T):
-    """Bytes of the unique storages autograd saves in one forward + backward of `model` on packed
-    rows (4 documents each), parameters excluded (a saved-tensors hook)."""
+def autograd_saved_bytes(model, forward):
+    """Bytes of the unique storages autograd saves while forward() runs (a saved-tensors hook),
+    the model's parameters excluded; forward() returns the scalar to run backward from."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -62,12 +62,17 @@ def saved_bytes(model, B, T):
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    idx = torch.randint(0, model.config.vocab_size, (B, T))
-    doc_ids = (torch.arange(T) * 4 // T).expand(B, T).contiguous()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(idx, idx, loss_reduction="sum", doc_ids=doc_ids)
+        loss = forward()
     loss.backward()
     return sum(seen.values())
+
+
+def saved_bytes(model, B, T):
+    """Bytes autograd saves in one forward + backward of `model` on packed rows (4 documents each)."""
+    idx = torch.randint(0, model.config.vocab_size, (B, T))
+    doc_ids = (torch.arange(T) * 4 // T).expand(B, T).contiguous()
+    return autograd_saved_bytes(model, lambda: model(idx, idx, loss_reduction="sum", doc_ids=doc_ids))
 
 
 SAVED_CONFIG = GPTConfig(sequence_len=512, vocab_size=4096, n_layer=4, n_head=2, n_kv_head=2, n_embd=128)

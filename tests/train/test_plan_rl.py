@@ -8,6 +8,7 @@ import torch
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig, config_for_depth
 from sciassist.train import plan
+from tests.train.test_plan import autograd_saved_bytes
 
 TINY_GQA = GPTConfig(sequence_len=256, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -109,24 +110,13 @@ def test_rl_table_and_command(capsys):
 
 
 def saved_policy_gradient_bytes(model, rows, prompt, reply):
-    """Unique storages autograd saves in one forward + backward of the RL objective (targets -1 on
-    the prompt, loss_reduction none x an advantage per row), parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    """Bytes autograd saves in one forward + backward of the RL objective (targets -1 on the
+    prompt, loss_reduction none x an advantage per row)."""
     ids = torch.randint(0, model.config.vocab_size, (rows, prompt + reply))
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
     targets[:, :prompt - 1] = -1
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        neg_logp = model(inputs, targets, loss_reduction="none")
-    (neg_logp * torch.linspace(-1, 1, rows).unsqueeze(1)).sum().backward()
-    return sum(seen.values())
+    advantages = torch.linspace(-1, 1, rows).unsqueeze(1)
+    return autograd_saved_bytes(model, lambda: (model(inputs, targets, loss_reduction="none") * advantages).sum())
 
 
 def test_the_updates_activation_estimate_covers_what_autograd_saves(one_thread):
