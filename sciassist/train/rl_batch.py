@@ -9,7 +9,7 @@ in the rollout (--generation_batch_size) and replies per forward/backward micro-
   the run's questions and --max_new_tokens; the rollout at most a step's questions x replies,
   the update at most one question's replies (a micro-batch never mixes questions). When not one
   row fits, the run stops before its first step, naming the card and what to change.
-- On a CPU or mps: 32 rows and 8 replies, the sizes bench/bench_rl.py measures.
+- On a CPU or mps: 32 rows and 8 replies, the sizes bench/bench_rl.py times (not tuned per CPU).
 
 Under torchrun each process plans for its own card; the sizes only split the work (each reply has
 its own seed, and the gradients are summed), so processes whose sizes differ still take the same
@@ -51,7 +51,7 @@ def rl_batches(settings, config, device, prompt_len: int, bf16: bool, card: Card
         return RLBatches(CPU_GENERATION_ROWS if generation == AUTO else generation,
                          CPU_UPDATE_REPLIES if update == AUTO else update,
                          f"auto on {device.type}: {CPU_GENERATION_ROWS} rows and {CPU_UPDATE_REPLIES} replies, the "
-                         f"sizes measured in bench/bench_rl.py")
+                         f"sizes bench/bench_rl.py times")
     k = settings.samples_per_question
     lora = plan.LoraShape.of(settings)
     planned = plan.rl_plan(config, 1, 1, prompt_len, settings.max_new_tokens, samples_per_question=k, bf16=bf16,
